@@ -1,0 +1,96 @@
+"""Validated settings of the engine (pydantic).
+
+`MSAConfig` gathers what decides how documents are encoded, routed and attended to. It is saved
+with every memory bank, so a bank knows the settings it was built with.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .errors import InvalidInputError
+
+HeadReduce = Literal["mean", "max"]
+QueryReduce = Literal["max", "mean", "last"]
+ChunkReduce = Literal["max", "mean"]
+Normalization = Literal["cosine", "scaled_dot"]
+LayerAggregate = Literal["mean", "max"]
+StorageDtype = Literal["float32", "float16", "bfloat16"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RoutingConfig(_Strict):
+    """How a question picks documents (paper Eq. 2 and the design's retrieval ranking)."""
+
+    layers: list[int] | None = Field(
+        default=None, description="Routing layer indices; None means the upper half of the backbone."
+    )
+    top_k: int = Field(default=16, ge=1, description="Documents attended to per routing layer.")
+    head_reduce: HeadReduce = "mean"
+    query_reduce: QueryReduce = "max"
+    chunk_reduce: ChunkReduce = "max"
+    normalization: Normalization = "cosine"
+    layer_aggregate: LayerAggregate = Field(
+        default="mean", description="How per-layer document scores become one retrieval score."
+    )
+    position_offset: int | Literal["top_k"] = Field(
+        default="top_k",
+        description="First RoPE position of the question: the paper's k ('top_k') or a fixed integer.",
+    )
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_sorted_unique(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("routing layers must not be empty; use None for the upper half")
+        if any(i < 0 for i in v):
+            raise ValueError(f"routing layer indices must be >= 0, got {v}")
+        return sorted(set(v))
+
+    @field_validator("position_offset")
+    @classmethod
+    def _offset_non_negative(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError(f"position_offset must be >= 0, got {v}")
+        return v
+
+
+class EncodeConfig(_Strict):
+    """How documents are turned into pooled memory."""
+
+    chunk_size: int = Field(default=64, ge=1, description="P: tokens per pooled chunk.")
+    max_doc_tokens: int = Field(
+        default=2048, ge=1, description="Longer documents are split into parts sharing a parent id."
+    )
+    batch_size: int = Field(default=16, ge=1, description="Most documents per forward pass.")
+    max_tokens_per_batch: int = Field(
+        default=8192, ge=1, description="Most padded tokens (batch x longest) per forward pass."
+    )
+    storage_dtype: StorageDtype = "float16"
+
+
+class MSAConfig(_Strict):
+    """All engine settings; saved in bank manifests."""
+
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    encode: EncodeConfig = Field(default_factory=EncodeConfig)
+
+    def resolve_routing_layers(self, num_layers: int) -> list[int]:
+        """Routing layers for a backbone of `num_layers` layers (default: the upper half)."""
+        layers = self.routing.layers
+        if layers is None:
+            return list(range(num_layers // 2, num_layers))
+        bad = [i for i in layers if i >= num_layers]
+        if bad:
+            raise InvalidInputError(
+                f"routing layers {bad} do not exist in a backbone of {num_layers} layers "
+                f"(valid: 0..{num_layers - 1})"
+            )
+        return list(layers)

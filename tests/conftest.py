@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import save_tiny_model  # noqa: E402
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "integration: uses the real embedded default model (slow)")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
+    """Factory: tiny_model_dir(family, **kw) -> folder with a random checkpoint and tokenizer."""
+    made: dict[tuple, Path] = {}
+
+    def make(family: str = "llama", **kw) -> Path:
+        key = (family, repr(sorted(kw.items())))
+        if key not in made:
+            made[key] = save_tiny_model(tmp_path_factory.mktemp(f"tiny-{family}"), family, **kw)
+        return made[key]
+
+    return make

@@ -1,0 +1,104 @@
+"""Our decoder reproduces transformers' logits (fp32, <= 1e-4) for prefill and 16 decode steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from msa_core.backbone import load_backbone
+from msa_core.errors import ModelLoadError
+
+ROPES = {
+    "default": None,
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 128},
+}
+
+
+def _run_ours(model, ids: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    b, t = ids.shape
+    caches = model.new_caches(b, capacity=8)  # small on purpose: exercises cache growth
+    pos = torch.arange(t).expand(b, t)
+    logits = [model.logits(model(ids, pos, caches=caches))[:, -1]]
+    for step in range(steps):
+        nxt = logits[-1].argmax(-1, keepdim=True)
+        pos = torch.full((b, 1), t + step)
+        logits.append(model.logits(model(nxt, pos, caches=caches))[:, -1])
+    return logits
+
+
+def _run_hf(hf, ids: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    out = hf(ids, use_cache=True)
+    logits, past = [out.logits[:, -1].float()], out.past_key_values
+    for _ in range(steps):
+        nxt = logits[-1].argmax(-1, keepdim=True)
+        out = hf(nxt, past_key_values=past, use_cache=True)
+        logits.append(out.logits[:, -1].float())
+        past = out.past_key_values
+    return logits
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("rope", list(ROPES))
+def test_prefill_and_decode_match_transformers(tiny_model_dir, family, rope):
+    if rope == "dynamic" and family != "llama":
+        pytest.skip("dynamic NTK is a Llama-family option")
+    path = tiny_model_dir(family, rope=ROPES[rope])
+    ours, _ = load_backbone(path)
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    torch.manual_seed(1)
+    ids = torch.randint(3, ours.args.vocab_size, (2, 11))
+    with torch.no_grad():
+        a, b = _run_ours(ours, ids, 16), _run_hf(hf, ids, 16)
+    for step, (x, y) in enumerate(zip(a, b)):
+        assert (x - y).abs().max().item() <= 1e-4, f"step {step}"
+
+
+def test_dynamic_rope_beyond_trained_length(tiny_model_dir):
+    path = tiny_model_dir("llama", rope=ROPES["dynamic"], max_position_embeddings=16)
+    ours, _ = load_backbone(path)
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    ids = torch.randint(3, ours.args.vocab_size, (1, 40))
+    with torch.no_grad():
+        x = ours.logits(ours(ids, torch.arange(40)[None]))
+        y = hf(ids).logits.float()
+    assert (x - y).abs().max().item() <= 1e-4
+
+
+def test_left_padded_batch_equals_single_rows(tiny_model_dir):
+    ours, _ = load_backbone(tiny_model_dir("qwen3"))
+    torch.manual_seed(2)
+    long, short = torch.randint(3, 300, (1, 9)), torch.randint(3, 300, (1, 5))
+    ids = torch.cat([long, torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1)])
+    valid = ids != 0
+    valid[0] = True
+    pos = (valid.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        batched = ours.logits(ours(ids, pos, valid=valid, caches=ours.new_caches(2)))[:, -1]
+        single_long = ours.logits(ours(long, torch.arange(9)[None]))[:, -1]
+        single_short = ours.logits(ours(short, torch.arange(5)[None]))[:, -1]
+    assert torch.allclose(batched[0], single_long[0], atol=1e-5)
+    assert torch.allclose(batched[1], single_short[0], atol=1e-5)
+    assert torch.isfinite(batched).all()
+
+
+def test_missing_folder_and_unsupported_family(tmp_path):
+    with pytest.raises(ModelLoadError, match="config.json"):
+        load_backbone(tmp_path / "nope")
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "vocab_size": 10}')
+    with pytest.raises(ModelLoadError):
+        load_backbone(tmp_path)
+
+
+def test_fingerprint_is_stable_and_sensitive(tiny_model_dir):
+    path = tiny_model_dir("llama")
+    a, _ = load_backbone(path)
+    b, _ = load_backbone(path)
+    assert a.fingerprint() == b.fingerprint()
+    with torch.no_grad():
+        b.layers[0].mlp.up_proj.weight[0, 0] += 1.0
+    assert a.fingerprint() != b.fingerprint()
