@@ -1,0 +1,163 @@
+"""Stage 1: encode documents into pooled memory (paper §3.1, spec §2.1–2.2).
+
+Every document part goes through the decoder on its own, causally, with positions from 0
+(document-wise RoPE). Many parts share one forward: they are sorted by length and right-padded, so
+causal attention alone keeps pads out of every real token's view. In each routing layer we pool
+chunks of P tokens: keys after k_norm and RoPE, values, and the normed hidden state, from which the
+routing keys follow by linearity (mean(W x) = W mean(x)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .backbone import Backbone
+from .config import EncodeConfig
+from .encoded import EncodedDocuments
+from .errors import InvalidInputError
+from .router import RouterProjectors
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class DocumentPart:
+    id: str
+    parent_id: str
+    part_index: int
+    text: str
+    token_ids: list[int]
+    metadata: dict[str, Any]
+
+
+def split_documents(tokenizer: Any, texts: Sequence[str], ids: Sequence[str],
+                    metadatas: Sequence[dict[str, Any]], max_doc_tokens: int) -> list[DocumentPart]:
+    """Tokenize documents; those longer than max_doc_tokens become parts '<id>#<n>' of one parent."""
+    parts: list[DocumentPart] = []
+    for text, doc_id, meta in zip(texts, ids, metadatas):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        tokens, offsets = enc["input_ids"], enc["offset_mapping"]
+        if not tokens:
+            raise InvalidInputError(f"document {doc_id!r} has no tokens; remove it or give it text")
+        if len(tokens) <= max_doc_tokens:
+            parts.append(DocumentPart(doc_id, doc_id, 0, text, list(tokens), meta))
+            continue
+        for n, start in enumerate(range(0, len(tokens), max_doc_tokens)):
+            end = min(start + max_doc_tokens, len(tokens))
+            # Part texts come from the token offsets, so joining the parts gives the document back.
+            char_start = offsets[start][0] if n else 0
+            char_end = offsets[end][0] if end < len(tokens) else len(text)
+            parts.append(DocumentPart(f"{doc_id}#{n}", doc_id, n, text[char_start:char_end],
+                                      list(tokens[start:end]), meta))
+    return parts
+
+
+def plan_batches(lengths: Sequence[int], batch_size: int, max_tokens: int) -> list[list[int]]:
+    """Group part indices, longest first, so each batch has <= batch_size parts and
+    <= max_tokens padded tokens (a single part longer than max_tokens gets a batch of its own)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]
+        if current and (len(current) == batch_size or longest * (len(current) + 1) > max_tokens):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def pool_chunks(x: torch.Tensor, lengths: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Mean over chunks of chunk_size tokens, in fp32: x [B, T, ...] -> [B, ceil(T/P), ...].
+
+    Padding (t >= length) is excluded, so a short tail chunk is averaged over its real tokens.
+    Chunks past a document's end come out as zeros and are dropped by the caller.
+    """
+    b, t = x.shape[:2]
+    n_chunks = -(-t // chunk_size)
+    pad = n_chunks * chunk_size - t
+    real = (torch.arange(t, device=x.device)[None, :] < lengths[:, None]).to(torch.float32)
+    x = x.float() * real.view(b, t, *([1] * (x.dim() - 2)))
+    if pad:
+        x = torch.cat([x, x.new_zeros(b, pad, *x.shape[2:])], dim=1)
+        real = torch.cat([real, real.new_zeros(b, pad)], dim=1)
+    sums = x.view(b, n_chunks, chunk_size, *x.shape[2:]).sum(2)
+    counts = real.view(b, n_chunks, chunk_size).sum(2).clamp(min=1)
+    return sums / counts.view(b, n_chunks, *([1] * (x.dim() - 2)))
+
+
+class _Pooler:
+    """Capture hook: pools K, V and the normed hidden state of routing layers for one batch."""
+
+    def __init__(self, layers: list[int], lengths: torch.Tensor, chunk_size: int) -> None:
+        self.layers, self.lengths, self.p = set(layers), lengths, chunk_size
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        self.x: dict[int, torch.Tensor] = {}
+
+    def __call__(self, layer: int, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        if layer not in self.layers:
+            return
+        self.x[layer] = pool_chunks(x, self.lengths, self.p)  # [B, C, hidden]
+        self.k[layer] = pool_chunks(k.transpose(1, 2), self.lengths, self.p)  # [B, C, kv, D]
+        self.v[layer] = pool_chunks(v.transpose(1, 2), self.lengths, self.p)
+
+
+@torch.no_grad()
+def encode_parts(backbone: Backbone, router: RouterProjectors, layers: list[int],
+                 parts: Sequence[DocumentPart], config: EncodeConfig, *, pad_id: int = 0,
+                 show_progress_bar: bool | None = None) -> EncodedDocuments:
+    """Pooled memory of `parts`, in the order given."""
+    if not parts:
+        raise InvalidInputError("nothing to encode: the list of documents is empty")
+    p, dev = config.chunk_size, backbone.device
+    lengths = [len(part.token_ids) for part in parts]
+    n_chunks = [-(-n // p) for n in lengths]
+    pooled: dict[int, tuple[list, list, list]] = {}  # part index -> per-layer k, v, kr
+    batches = plan_batches(lengths, config.batch_size, config.max_tokens_per_batch)
+    bar = tqdm(total=sum(lengths), unit="tok", desc="encoding", disable=_no_bar(show_progress_bar, len(parts)))
+    for batch in batches:
+        t = lengths[batch[0]]
+        ids = torch.full((len(batch), t), pad_id, dtype=torch.long)
+        for row, i in enumerate(batch):
+            ids[row, : lengths[i]] = torch.tensor(parts[i].token_ids)
+        lens = torch.tensor([lengths[i] for i in batch], device=dev)
+        pooler = _Pooler(layers, lens, p)
+        ids = ids.to(dev)
+        backbone(ids, torch.arange(t, device=dev).expand_as(ids), capture=pooler, last_layer=max(layers))
+        for row, i in enumerate(batch):
+            c = n_chunks[i]
+            pooled[i] = (
+                [pooler.k[l][row, :c] for l in layers],
+                [pooler.v[l][row, :c] for l in layers],
+                [router.project_keys(l, pooler.x[l][row, :c].to(router_dtype(router))).float() for l in layers],
+            )
+        bar.update(int(lens.sum()))
+    bar.close()
+    dtype = _DTYPES[config.storage_dtype]
+
+    def stack(j: int) -> torch.Tensor:  # [L, C, kv, D] in part order
+        per_layer = [torch.cat([pooled[i][j][li] for i in range(len(parts))]) for li in range(len(layers))]
+        return torch.stack(per_layer).to(dtype).cpu()
+
+    return EncodedDocuments(
+        ids=[x.id for x in parts], parent_ids=[x.parent_id for x in parts], texts=[x.text for x in parts],
+        metadatas=[x.metadata for x in parts], n_tokens=lengths, n_chunks=n_chunks, layers=list(layers),
+        k_bar=stack(0), v_bar=stack(1), kr_bar=stack(2), part_index=[x.part_index for x in parts],
+    )
+
+
+def router_dtype(router: RouterProjectors) -> torch.dtype:
+    return next(router.parameters()).dtype
+
+
+def _no_bar(show: bool | None, n: int) -> bool:
+    """tqdm's `disable`: show for long jobs unless told otherwise."""
+    return not show if show is not None else n < 64
