@@ -1,0 +1,270 @@
+"""Stage 2 and 3: route the question's prefill to memory, then decode with a KV cache.
+
+In a routing layer the question's normed hidden states become routing queries; the bank's pooled
+routing keys are scored (paper Eq. 2), each row keeps its top-k documents *for this layer*, and their
+pooled K/V are placed in front of the question's own keys. Lower layers see local context only.
+Routing happens once, in the prefill; decode steps reuse the caches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .backbone import Backbone, Memory
+from .config import RoutingConfig
+from .errors import InvalidInputError
+from .memory import MemoryBank
+from .router import RouterProjectors, reduce_to_docs, score_chunks, select_top_k
+
+_QUESTION_SLOT = "\u2063MSA_QUESTION\u2063"  # an invisible marker no real question contains
+
+
+@dataclass
+class Prompt:
+    """Token ids of one prompt and which of them are routing tokens (the question itself)."""
+
+    ids: list[int]
+    routing: list[bool]
+
+
+def build_prompt(tokenizer: Any, question: str, *, chat: bool = True, system: str | None = None) -> Prompt:
+    """Wrap `question` in the backbone's chat template; only the question's tokens route.
+
+    The template's own text (system prompt, role tags) would otherwise dominate the max over query
+    tokens (spec §6.7), so we tokenize the three spans separately and mark the middle one.
+    """
+    if not question or not question.strip():
+        raise InvalidInputError("the question is empty; pass some text")
+    prefix, suffix = "", ""
+    if chat and getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": _QUESTION_SLOT}]
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prefix, _, suffix = rendered.partition(_QUESTION_SLOT)
+    spans = [tokenizer(s, add_special_tokens=False)["input_ids"] if s else [] for s in (prefix, question, suffix)]
+    ids = spans[0] + spans[1] + spans[2]
+    routing = [False] * len(spans[0]) + [True] * len(spans[1]) + [False] * len(spans[2])
+    return Prompt(ids, routing)
+
+
+def left_pad(prompts: Sequence[Prompt], pad_id: int, device: torch.device):
+    """Batch prompts with left padding: ids, valid, routing mask [B, T]."""
+    t = max(len(p.ids) for p in prompts)
+    ids = torch.full((len(prompts), t), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(prompts), t, dtype=torch.bool)
+    routing = torch.zeros_like(valid)
+    for row, p in enumerate(prompts):
+        n = len(p.ids)
+        ids[row, t - n:] = torch.tensor(p.ids, dtype=torch.long)
+        valid[row, t - n:] = True
+        routing[row, t - n:] = torch.tensor(p.routing)
+    return ids.to(device), valid.to(device), routing.to(device)
+
+
+@dataclass
+class LayerRouting:
+    """What one routing layer decided for a batch."""
+
+    doc_scores: torch.Tensor  # [B, N] every part row's score (-inf where filtered out)
+    selected: torch.Tensor  # [B, k] part rows attended to, best first
+    selected_scores: torch.Tensor  # [B, k]
+
+
+class MemoryRouter:
+    """Memory hook for `Backbone.forward`: routes in routing layers, returns the chosen K/V."""
+
+    def __init__(self, bank: MemoryBank, router: RouterProjectors, cfg: RoutingConfig,
+                 routing_mask: torch.Tensor, *, allowed: torch.Tensor | None = None,
+                 top_k: int | None = None, attend: bool = True) -> None:
+        self.bank, self.router, self.cfg = bank, router, cfg
+        self.routing_mask = routing_mask
+        self.allowed = allowed
+        self.top_k = top_k or cfg.top_k
+        self.attend = attend  # False: score only (retrieval of documents without generation)
+        self.layer_pos = {layer: i for i, layer in enumerate(bank.layers)}
+        self.routings: dict[int, LayerRouting] = {}
+
+    def __call__(self, layer: int, x: torch.Tensor) -> Memory | None:
+        li = self.layer_pos.get(layer)
+        if li is None or len(self.bank) == 0:
+            return None
+        q = self.router.project_queries(layer, x)
+        chunk_scores = score_chunks(q, self.routing_mask, self.bank.kr_bar[li],
+                                    head_reduce=self.cfg.head_reduce, query_reduce=self.cfg.query_reduce,
+                                    normalization=self.cfg.normalization)
+        doc_scores = reduce_to_docs(chunk_scores, self.bank.chunk_doc, self.bank.num_parts,
+                                    chunk_reduce=self.cfg.chunk_reduce)
+        if self.allowed is not None:
+            doc_scores = doc_scores.masked_fill(~self.allowed.to(doc_scores.device), float("-inf"))
+        values, rows = select_top_k(doc_scores, self.top_k, self.allowed)
+        self.routings[layer] = LayerRouting(doc_scores, rows, values)
+        if not self.attend or rows.shape[1] == 0:
+            return None
+        return self._gather(li, rows, x.device, x.dtype)
+
+    def _gather(self, li: int, rows: torch.Tensor, device: torch.device, dtype: torch.dtype) -> Memory:
+        """Pooled K/V of each row's chosen documents, right-padded to the longest row."""
+        chunk_lists = [self.bank.chunks_of(r.cpu()) for r in rows]
+        m = max(len(c) for c in chunk_lists)
+        b, kv, d = rows.shape[0], self.bank.kv_heads, self.bank.head_dim
+        k = torch.zeros(b, kv, m, d, dtype=dtype, device=device)
+        v = torch.zeros_like(k)
+        valid = torch.zeros(b, m, dtype=torch.bool, device=device)
+        for row, chunks in enumerate(chunk_lists):
+            n = len(chunks)
+            k[row, :, :n] = self.bank.k_bar[li, chunks].transpose(0, 1).to(device, dtype)
+            v[row, :, :n] = self.bank.v_bar[li, chunks].transpose(0, 1).to(device, dtype)
+            valid[row, :n] = True
+        return Memory(k, v, valid)
+
+
+def query_positions(valid: torch.Tensor, offset: int) -> torch.Tensor:
+    """RoPE positions of left-padded prompts: offset, offset+1, ... over real tokens."""
+    return offset + (valid.long().cumsum(1) - 1).clamp(min=0)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Greedy for temperature 0, else nucleus sampling. logits [B, V] -> token ids [B]."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InvalidInputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise InvalidInputError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if any(not s for s in self.stop):
+            raise InvalidInputError("stop strings must not be empty")
+
+
+class TextStream:
+    """Turns generated token ids into text pieces, honouring stop strings.
+
+    Text is re-decoded from all tokens each step (tokenizers merge bytes across tokens); a piece is
+    held back while it ends in an incomplete character or could be the start of a stop string.
+    """
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str]) -> None:
+        self.tokenizer, self.stop = tokenizer, list(stop)
+        self.tokens: list[int] = []
+        self.emitted = 0
+        self.text = ""
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        for s in self.stop:
+            at = text.find(s)
+            if at != -1:
+                text, self.stopped = text[:at], True
+        self.text = text
+        if self.stopped:
+            return self._emit(len(text))
+        if text.endswith("\ufffd"):
+            return ""
+        return self._emit(len(text) - self._held_back(text))
+
+    def flush(self) -> str:
+        return self._emit(len(self.text))
+
+    def _held_back(self, text: str) -> int:
+        longest = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:n]):
+                    longest = max(longest, n)
+                    break
+        return longest
+
+    def _emit(self, upto: int) -> str:
+        piece = self.text[self.emitted:upto] if upto > self.emitted else ""
+        self.emitted = max(self.emitted, upto)
+        return piece
+
+
+class Generation:
+    """One streaming generation: iterate for text pieces; afterwards read text and routing.
+
+    prefill: the prompt at positions offset.., routed to memory in routing layers when a
+    MemoryRouter is given; then one token per step with the caches.
+    """
+
+    def __init__(self, backbone: Backbone, tokenizer: Any, prompt: Prompt, params: SamplingParams, *,
+                 memory: Callable[[torch.Tensor], MemoryRouter] | None = None, position_offset: int = 0,
+                 eos_ids: Sequence[int] = ()) -> None:
+        self.backbone, self.tokenizer, self.prompt, self.params = backbone, tokenizer, prompt, params
+        self.memory_factory, self.offset = memory, position_offset
+        self.eos_ids = set(eos_ids)
+        self.router: MemoryRouter | None = None
+        self.stream = TextStream(tokenizer, params.stop)
+        self.finish_reason: str | None = None
+
+    @property
+    def text(self) -> str:
+        return self.stream.text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return list(self.stream.tokens)
+
+    def __iter__(self) -> Iterator[str]:
+        with torch.no_grad():
+            yield from self._run()
+
+    def _run(self) -> Iterator[str]:
+        dev = self.backbone.device
+        ids, valid, routing = left_pad([self.prompt], 0, dev)
+        self.router = self.memory_factory(routing) if self.memory_factory else None
+        caches = self.backbone.new_caches(1, capacity=ids.shape[1] + self.params.max_new_tokens + 64)
+        pos = query_positions(valid, self.offset)
+        hidden = self.backbone(ids, pos, valid=valid, caches=caches, memory_hook=self.router)
+        logits = self.backbone.logits(hidden[:, -1])
+        gen = torch.Generator(device="cpu").manual_seed(self.params.seed) if self.params.seed is not None else None
+        next_pos = int(pos[0, -1]) + 1
+        for step in range(self.params.max_new_tokens):
+            token = int(sample_next(logits.cpu(), self.params.temperature, self.params.top_p, gen)[0])
+            if token in self.eos_ids:
+                self.finish_reason = "eos"
+                break
+            piece = self.stream.push(token)
+            if piece:
+                yield piece
+            if self.stream.stopped:
+                self.finish_reason = "stop"
+                return
+            if step == self.params.max_new_tokens - 1:
+                break
+            hidden = self.backbone(torch.tensor([[token]], device=dev), torch.tensor([[next_pos]], device=dev),
+                                   caches=caches)
+            logits = self.backbone.logits(hidden[:, -1])
+            next_pos += 1
+        self.finish_reason = self.finish_reason or "length"
+        tail = self.stream.flush()
+        if tail:
+            yield tail

@@ -1,0 +1,384 @@
+"""`MSAModel`: the object users meet. Encode documents into a bank, retrieve, answer.
+
+    model = MSAModel.from_pretrained("default")          # embedded SmolLM2-135M-Instruct
+    bank = model.index(texts, ids=ids, metadatas=metas)  # stage 1
+    hits = model.retrieve("question", bank, k=5)         # routing only
+    ans = model.answer("question", bank, mode="latent")  # or mode="hybrid"
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from .backbone import Backbone, load_backbone
+from .config import MSAConfig
+from .encode import encode_parts, split_documents
+from .errors import InvalidInputError, ModelLoadError
+from .filters import Filter
+from .generate import Generation, MemoryRouter, Prompt, SamplingParams, build_prompt, left_pad, query_positions
+from .memory import MemoryBank
+from .router import RouterProjectors, aggregate_layers, relevance
+
+Mode = Literal["latent", "hybrid"]
+# A hybrid-mode generator: prompt text -> answer text, or an iterator of text pieces (streaming).
+Generator = Callable[[str], "str | Iterable[str]"]
+
+HYBRID_INSTRUCTION = (
+    "Answer the question using only the documents below. Answer briefly.\n\n{documents}\n\nQuestion: {question}"
+)
+
+
+@dataclass
+class RetrievedDocument:
+    id: str
+    score: float  # raw routing score (cosine in [-1, 1] with the default normalisation)
+    relevance_score: float  # score mapped to [0, 1]
+    text: str
+    metadata: dict[str, Any]
+    layer_scores: dict[int, float] | None = None  # per routing layer, on request
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"id": self.id, "score": self.score, "relevance_score": self.relevance_score,
+             "title": self.metadata.get("title"), "text": self.text, "metadata": self.metadata}
+        if self.layer_scores is not None:
+            d["layer_scores"] = {str(k): v for k, v in self.layer_scores.items()}
+        return d
+
+
+@dataclass
+class Answer:
+    text: str
+    mode: Mode
+    doc_ids: list[str]  # documents the answer was conditioned on, best first
+    scores: list[float]  # their routing scores
+    finish_reason: str | None = None
+    layer_selections: dict[int, list[str]] = field(default_factory=dict)  # latent: per routing layer
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"answer": self.text, "mode": self.mode, "doc_ids": self.doc_ids, "scores": self.scores,
+                "finish_reason": self.finish_reason,
+                "layer_selections": {str(k): v for k, v in self.layer_selections.items()}}
+
+
+class AnswerStream:
+    """Iterate for text pieces as they are generated; `result` holds the Answer afterwards."""
+
+    def __init__(self, pieces: Iterator[str], finish: Callable[[str], Answer]) -> None:
+        self._pieces, self._finish = pieces, finish
+        self._text: list[str] = []
+        self.result: Answer | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        for piece in self._pieces:
+            self._text.append(piece)
+            yield piece
+        self.result = self._finish("".join(self._text))
+
+    def collect(self) -> Answer:
+        for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+
+class MSAModel:
+    """A backbone, its router projectors and the engine settings."""
+
+    def __init__(self, backbone: Backbone, tokenizer: Any, router: RouterProjectors, config: MSAConfig, *,
+                 name: str = "", eos_ids: Sequence[int] = ()) -> None:
+        self.backbone, self.tokenizer, self.router, self.config = backbone, tokenizer, router, config
+        self.name = name
+        self.layers = config.resolve_routing_layers(backbone.args.num_layers)
+        if sorted(router.layers) != self.layers:
+            raise ModelLoadError(f"router covers layers {router.layers} but routing layers are {self.layers}")
+        self.eos_ids = list(eos_ids)
+        self.backbone_fingerprint = backbone.fingerprint()
+
+    # ---- loading ------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path = "default", *, router: str | Path | None = None,
+                        config: MSAConfig | dict | None = None, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> "MSAModel":
+        """Load a Llama/Qwen2/Qwen3 checkpoint ("default" = the embedded SmolLM2-135M-Instruct).
+
+        router: None or "native" (copies of W_Q/W_K), "random", or a router .safetensors file.
+        """
+        from transformers import AutoTokenizer
+
+        from .defaults import resolve_model_path
+
+        cfg = config if isinstance(config, MSAConfig) else MSAConfig.model_validate(config or {})
+        path = resolve_model_path(str(name_or_path))
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        backbone, hf_cfg = load_backbone(path, dtype=dtype, device=device)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        layers = cfg.resolve_routing_layers(backbone.args.num_layers)
+        projectors = _make_router(backbone, layers, router).to(device=device, dtype=dtype)
+        name = "default" if str(name_or_path) == "default" else str(name_or_path)
+        return cls(backbone, tokenizer, projectors, cfg, name=name, eos_ids=_eos_ids(tokenizer, hf_cfg, path))
+
+    @property
+    def router_fingerprint(self) -> str:
+        return self.router.fingerprint()
+
+    # ---- banks --------------------------------------------------------------------------
+
+    def new_bank(self) -> MemoryBank:
+        a = self.backbone.args
+        return MemoryBank(layers=self.layers, kv_heads=a.kv_heads, head_dim=a.head_dim, config=self.config,
+                          backbone_fingerprint=self.backbone_fingerprint,
+                          router_fingerprint=self.router_fingerprint, model_name=self.name)
+
+    def index(self, texts: Sequence[str], ids: Sequence[str] | None = None,
+              metadatas: Sequence[dict[str, Any]] | None = None, *,
+              show_progress_bar: bool | None = None) -> MemoryBank:
+        """A new bank holding `texts`."""
+        bank = self.new_bank()
+        self.add(bank, texts, ids, metadatas, show_progress_bar=show_progress_bar)
+        return bank
+
+    def add(self, bank: MemoryBank, texts: Sequence[str], ids: Sequence[str] | None = None,
+            metadatas: Sequence[dict[str, Any]] | None = None, *,
+            show_progress_bar: bool | None = None) -> list[str]:
+        """Encode `texts` into `bank`; an id already in the bank is replaced (upsert). Returns the ids."""
+        self.check_bank(bank)
+        texts, ids, metadatas = _check_documents(texts, ids, metadatas)
+        enc = self.config.encode
+        parts = split_documents(self.tokenizer, texts, ids, metadatas, enc.max_doc_tokens)
+        encoded = encode_parts(self.backbone, self.router, self.layers, parts, enc,
+                               pad_id=self.tokenizer.pad_token_id or 0, show_progress_bar=show_progress_bar)
+        return bank.add(encoded)
+
+    def load_bank(self, path: str | Path) -> MemoryBank:
+        """Load a saved bank and check it was built by this backbone and router."""
+        bank = MemoryBank.load(path, map_location="cpu")
+        self.check_bank(bank)
+        return bank
+
+    def check_bank(self, bank: MemoryBank) -> None:
+        bank.check_compatible(self.backbone_fingerprint, self.router_fingerprint)
+        if bank.config.encode.chunk_size != self.config.encode.chunk_size or bank.layers != self.layers:
+            raise InvalidInputError(
+                f"bank was built with chunk size {bank.config.encode.chunk_size} and layers {bank.layers}; "
+                f"this model uses {self.config.encode.chunk_size} and {self.layers}")
+
+    # ---- retrieval ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def retrieve(self, question: str | Sequence[str], bank: MemoryBank, k: int = 5, *, filter: Filter = None,
+                 include_parts: bool = False, layer_scores: bool = False
+                 ) -> list[RetrievedDocument] | list[list[RetrievedDocument]]:
+        """Documents ranked by routing score (mean over routing layers by default).
+
+        A list of questions is routed as one batch and gives one list per question. k above the
+        number of (filtered) documents returns them all.
+        """
+        if k <= 0:
+            raise InvalidInputError(f"k must be >= 1, got {k}")
+        self.check_bank(bank)
+        questions = [question] if isinstance(question, str) else list(question)
+        if not questions:
+            raise InvalidInputError("no question given")
+        if len(bank) == 0:
+            return [] if isinstance(question, str) else [[] for _ in questions]
+        allowed = bank.row_mask(filter)
+        per_layer = self._route_scores(questions, bank, allowed)  # [L, B, N]
+        total = aggregate_layers(per_layer, self.config.routing.layer_aggregate)
+        results = [self._rank(bank, total[b], per_layer[:, b], allowed, k, include_parts, layer_scores)
+                   for b in range(len(questions))]
+        return results[0] if isinstance(question, str) else results
+
+    def _route_scores(self, questions: list[str], bank: MemoryBank, allowed: torch.Tensor) -> torch.Tensor:
+        prompts = [build_prompt(self.tokenizer, q) for q in questions]
+        dev = self.backbone.device
+        ids, valid, routing = left_pad(prompts, self.tokenizer.pad_token_id or 0, dev)
+        router = MemoryRouter(bank, self.router, self.config.routing, routing, allowed=allowed)
+        pos = query_positions(valid, self._position_offset(self.config.routing.top_k))
+        self.backbone(ids, pos, valid=valid, memory_hook=router, last_layer=max(self.layers))
+        return torch.stack([router.routings[layer].doc_scores for layer in self.layers]).cpu()
+
+    def _rank(self, bank: MemoryBank, total: torch.Tensor, per_layer: torch.Tensor, allowed: torch.Tensor,
+              k: int, include_parts: bool, with_layers: bool) -> list[RetrievedDocument]:
+        """Best part rows first; a parent is ranked by its best part unless parts are asked for."""
+        order = torch.sort(total, descending=True, stable=True).indices.tolist()
+        records, seen = bank.docstore, set()
+        rel = relevance(total, self.config.routing.normalization)
+        out: list[RetrievedDocument] = []
+        for row in order:
+            if not allowed[row] or len(out) == k:
+                continue
+            rec = records[row]
+            key = rec.id if include_parts else rec.parent_id
+            if key in seen:
+                continue
+            seen.add(key)
+            text = rec.text if include_parts else bank.get([rec.parent_id])[0]["text"]
+            layers = ({layer: float(per_layer[i, row]) for i, layer in enumerate(self.layers)}
+                      if with_layers else None)
+            out.append(RetrievedDocument(key, float(total[row]), float(rel[row]), text,
+                                         dict(rec.metadata), layers))
+        return out
+
+    # ---- generation ---------------------------------------------------------------------
+
+    def _position_offset(self, k: int) -> int:
+        offset = self.config.routing.position_offset
+        return k if offset == "top_k" else int(offset)
+
+    def _sampling(self, **kw: Any) -> SamplingParams:
+        return SamplingParams(**{k: v for k, v in kw.items() if v is not None})
+
+    def stream_answer(self, question: str, bank: MemoryBank | None = None, *, mode: Mode = "latent",
+                      k: int | None = None, filter: Filter = None, generator: Generator | None = None,
+                      max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                      stop: Sequence[str] | None = None, seed: int | None = None) -> AnswerStream:
+        """Answer `question` from `bank`, streaming text pieces.
+
+        latent: routing layers attend to the pooled K/V of the top-k documents of each layer.
+        hybrid: the top-k documents by routing score are put, as text, into the prompt of
+        `generator` (default: this backbone without memory).
+        """
+        params = self._sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                stop=list(stop or []), seed=seed)
+        k = k or self.config.routing.top_k
+        if k <= 0:
+            raise InvalidInputError(f"k must be >= 1, got {k}")
+        if mode == "latent":
+            return self._latent(question, bank, k, filter, params)
+        if mode == "hybrid":
+            return self._hybrid(question, bank, k, filter, generator, params)
+        raise InvalidInputError(f"mode must be 'latent' or 'hybrid', got {mode!r}")
+
+    def answer(self, question: str, bank: MemoryBank | None = None, **kw: Any) -> Answer:
+        """`stream_answer` collected into one Answer (text, mode, doc_ids, scores)."""
+        return self.stream_answer(question, bank, **kw).collect()
+
+    def generate(self, message: str, bank: MemoryBank | None = None, **kw: Any) -> str:
+        """Latent generation for a chat message; plain generation without a bank."""
+        return self.answer(message, bank, mode="latent", **kw).text
+
+    def _latent(self, question: str, bank: MemoryBank | None, k: int, filter: Filter,
+                params: SamplingParams) -> AnswerStream:
+        prompt = build_prompt(self.tokenizer, question)
+        memory = None
+        if bank is not None and len(bank):
+            self.check_bank(bank)
+            allowed = bank.row_mask(filter)
+
+            def memory(routing: torch.Tensor) -> MemoryRouter:
+                return MemoryRouter(bank, self.router, self.config.routing, routing, allowed=allowed, top_k=k)
+
+        gen = Generation(self.backbone, self.tokenizer, prompt, params, memory=memory,
+                         position_offset=self._position_offset(k) if memory else 0, eos_ids=self.eos_ids)
+
+        def finish(text: str) -> Answer:
+            ids, scores, per_layer = self._used_documents(bank, gen.router)
+            return Answer(text, "latent", ids, scores, gen.finish_reason, per_layer)
+
+        return AnswerStream(iter(gen), finish)
+
+    def _used_documents(self, bank: MemoryBank | None, router: MemoryRouter | None):
+        """Parents attended to in any routing layer, ranked by their aggregated routing score."""
+        if bank is None or router is None or not router.routings:
+            return [], [], {}
+        docstore = bank.docstore
+        per_layer = {layer: list(dict.fromkeys(docstore[r].parent_id for r in rt.selected[0].tolist()))
+                     for layer, rt in router.routings.items()}
+        stacked = torch.stack([router.routings[layer].doc_scores[0] for layer in self.layers]).unsqueeze(1)
+        total = aggregate_layers(stacked, self.config.routing.layer_aggregate)[0]
+        best: dict[str, float] = {}
+        for rows in (rt.selected[0].tolist() for rt in router.routings.values()):
+            for r in rows:
+                pid = docstore[r].parent_id
+                best[pid] = max(best.get(pid, float("-inf")), float(total[r]))
+        ranked = sorted(best.items(), key=lambda kv: -kv[1])
+        return [p for p, _ in ranked], [s for _, s in ranked], per_layer
+
+    def _hybrid(self, question: str, bank: MemoryBank | None, k: int, filter: Filter,
+                generator: Generator | None, params: SamplingParams) -> AnswerStream:
+        if bank is None:
+            raise InvalidInputError("hybrid mode needs a memory bank to retrieve from")
+        hits = self.retrieve(question, bank, k=k, filter=filter)
+        documents = "\n\n".join(f"Document [{i + 1}]: {h.text}" for i, h in enumerate(hits))
+        prompt_text = HYBRID_INSTRUCTION.format(documents=documents, question=question)
+        gen: Generation | None = None
+        if generator is None:
+            gen = Generation(self.backbone, self.tokenizer, build_prompt(self.tokenizer, prompt_text), params,
+                             eos_ids=self.eos_ids)
+            pieces: Iterator[str] = iter(gen)
+        else:
+            out = generator(prompt_text)
+            pieces = iter([out]) if isinstance(out, str) else iter(out)
+
+        def finish(text: str) -> Answer:
+            reason = gen.finish_reason if gen is not None else None
+            return Answer(text, "hybrid", [h.id for h in hits], [h.score for h in hits], reason)
+
+        return AnswerStream(pieces, finish)
+
+
+def _make_router(backbone: Backbone, layers: list[int], router: str | Path | None) -> RouterProjectors:
+    a = backbone.args
+    if router is None or router == "native":
+        weights = {i: backbone.attention_weights(i) for i in layers}
+        return RouterProjectors.native({i: (q.float(), k.float()) for i, (q, k) in weights.items()},
+                                       a.num_heads, a.kv_heads, a.head_dim)
+    if router == "random":
+        return RouterProjectors.random(layers, a.hidden_size, a.num_heads, a.kv_heads, a.head_dim)
+    loaded = RouterProjectors.load(router, expected_backbone_fingerprint=backbone.fingerprint())
+    if loaded.layers != layers:
+        raise ModelLoadError(f"router {router} covers layers {loaded.layers}, the config asks for {layers}; "
+                             "set MSAConfig(routing={'layers': ...}) to match")
+    return loaded
+
+
+def _eos_ids(tokenizer: Any, hf_cfg: Any, path: Path) -> list[int]:
+    ids = set()
+    for src in (tokenizer.eos_token_id, getattr(hf_cfg, "eos_token_id", None)):
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, (list, tuple)):
+            ids.update(int(x) for x in src)
+    try:
+        from transformers import GenerationConfig
+
+        gc = GenerationConfig.from_pretrained(str(path))
+        e = gc.eos_token_id
+        ids.update([e] if isinstance(e, int) else list(e or []))
+    except (OSError, ValueError):
+        pass  # no generation_config.json: the tokenizer's eos is enough
+    return sorted(ids)
+
+
+def _check_documents(texts: Sequence[str], ids: Sequence[str] | None,
+                     metadatas: Sequence[dict[str, Any]] | None):
+    if isinstance(texts, str):
+        raise InvalidInputError("texts must be a list of strings, got a single string; wrap it in a list")
+    texts = list(texts)
+    if not texts:
+        raise InvalidInputError("no documents given: the list of texts is empty")
+    ids = [str(uuid.uuid4()) for _ in texts] if ids is None else [str(i) for i in ids]
+    metadatas = [{} for _ in texts] if metadatas is None else [dict(m or {}) for m in metadatas]
+    if len(ids) != len(texts) or len(metadatas) != len(texts):
+        raise InvalidInputError(f"got {len(texts)} texts, {len(ids)} ids and {len(metadatas)} metadatas; "
+                                "they must have the same length")
+    for i, (t, doc_id) in enumerate(zip(texts, ids)):
+        if not isinstance(t, str):
+            raise InvalidInputError(f"document {doc_id!r} (position {i}) is a {type(t).__name__}, not a string")
+        if not t.strip():
+            raise InvalidInputError(f"document {doc_id!r} (position {i}) is empty")
+        if not doc_id:
+            raise InvalidInputError(f"document at position {i} has an empty id")
+    dup = sorted(i for i, n in Counter(ids).items() if n > 1)
+    if dup:
+        raise InvalidInputError(f"duplicate ids in one call: {dup[:5]}")
+    return texts, ids, metadatas

@@ -1,0 +1,136 @@
+"""Latent generation: memory splicing, positions, routing per layer, sampling and streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from msa_core.config import MSAConfig
+from msa_core.errors import InvalidInputError
+from msa_core.generate import (MemoryRouter, SamplingParams, TextStream, build_prompt, left_pad, query_positions,
+                               sample_next)
+from msa_core.model import MSAModel
+
+DOCS = ["The lighthouse of Velmora was built in 1887 by the engineer Ada Quist.",
+        "Ferries leave the harbour every morning at seven and return at dusk."]
+QUESTION = "Who built the lighthouse?"
+
+
+def _model(path, **routing) -> MSAModel:
+    cfg = MSAConfig(routing=routing, encode={"chunk_size": 4, "storage_dtype": "float32"})
+    return MSAModel.from_pretrained(path, router="random", config=cfg, device="cpu")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_memory_with_chunk_size_one_equals_plain_forward_over_document_then_prompt(tiny_model_dir, family):
+    """With P=1 pooling is the identity; if every layer routes to the one document at query offset n,
+    prefill and 8 decode steps must equal transformers' forward over [document; prompt]."""
+    path = tiny_model_dir(family)
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    probe = _model(path)
+    doc_tokens = probe.tokenizer(DOCS[0], add_special_tokens=False)["input_ids"]
+    n = len(doc_tokens)
+    cfg = MSAConfig(routing={"layers": [0, 1, 2, 3], "top_k": 1, "position_offset": n},
+                    encode={"chunk_size": 1, "storage_dtype": "float32"})
+    model = MSAModel.from_pretrained(path, router="random", config=cfg, device="cpu")
+    bank = model.index([DOCS[0]], ids=["a"])
+    prompt = build_prompt(model.tokenizer, QUESTION)
+    ids, valid, routing = left_pad([prompt], 0, torch.device("cpu"))
+    router = MemoryRouter(bank, model.router, model.config.routing, routing)
+    caches = model.backbone.new_caches(1)
+    with torch.no_grad():
+        pos = query_positions(valid, n)
+        h = model.backbone(ids, pos, valid=valid, caches=caches, memory_hook=router)
+        ours = [model.backbone.logits(h)[:, -1]]
+        out = hf(torch.tensor([doc_tokens + prompt.ids]), use_cache=True)
+        ref, past = [out.logits[:, -1].float()], out.past_key_values
+        for step in range(8):
+            token = ref[-1].argmax(-1, keepdim=True)
+            out = hf(token, past_key_values=past, use_cache=True)
+            ref.append(out.logits[:, -1].float())
+            past = out.past_key_values
+            h = model.backbone(token, torch.tensor([[int(pos[0, -1]) + 1 + step]]), caches=caches)
+            ours.append(model.backbone.logits(h)[:, -1])
+    assert caches[0].length == n + len(prompt.ids) + 8  # memory slots first, then the tokens
+    for step, (a, b) in enumerate(zip(ours, ref)):
+        assert (a - b).abs().max().item() <= 1e-4, f"step {step}"
+
+
+def test_lower_layers_see_only_local_context(tiny_model_dir):
+    model = _model(tiny_model_dir("qwen3"), layers=[2, 3], top_k=2, position_offset=0)
+    bank = model.index(DOCS, ids=["a", "b"])
+    ids, valid, routing = left_pad([build_prompt(model.tokenizer, QUESTION)], 0, torch.device("cpu"))
+    pos = query_positions(valid, 0)
+    seen: dict[bool, dict[int, torch.Tensor]] = {True: {}, False: {}}
+    for with_memory in (True, False):
+        hook = MemoryRouter(bank, model.router, model.config.routing, routing) if with_memory else None
+        with torch.no_grad():
+            model.backbone(ids, pos, valid=valid, memory_hook=hook,
+                           capture=lambda i, x, k, v, w=with_memory: seen[w].__setitem__(i, x.clone()))
+    for layer in (0, 1, 2):  # inputs up to the first routing layer are untouched by memory
+        assert torch.equal(seen[True][layer], seen[False][layer])
+    assert not torch.allclose(seen[True][3], seen[False][3])
+
+
+def test_each_routing_layer_picks_its_own_top_k_and_filters_apply_before(tiny_model_dir):
+    model = _model(tiny_model_dir("llama"), layers=[1, 2, 3], top_k=2)
+    texts = DOCS + ["Paris is the capital of France.", "Cheese from the island is aged in caves."]
+    bank = model.index(texts, ids=["a", "b", "c", "d"], metadatas=[{"g": 1}, {"g": 2}, {"g": 1}, {"g": 2}])
+    ids, valid, routing = left_pad([build_prompt(model.tokenizer, QUESTION)], 0, torch.device("cpu"))
+    allowed = bank.row_mask({"g": 2})
+    router = MemoryRouter(bank, model.router, model.config.routing, routing, allowed=allowed)
+    with torch.no_grad():
+        model.backbone(ids, query_positions(valid, 2), valid=valid, memory_hook=router)
+    assert sorted(router.routings) == [1, 2, 3]
+    for layer, rt in router.routings.items():
+        chosen = {bank.docstore[r].id for r in rt.selected[0].tolist()}
+        assert chosen == {"b", "d"}  # only allowed documents, and k=2 of them
+        best = rt.doc_scores[0].topk(2).indices.tolist()
+        assert set(best) == set(rt.selected[0].tolist())
+    # the filtered documents are scored -inf, so they can never take a slot
+    assert torch.isinf(router.routings[1].doc_scores[0, ~allowed]).all()
+
+
+def test_query_positions_start_at_offset_for_left_padded_rows():
+    valid = torch.tensor([[False, False, True, True], [True, True, True, True]])
+    assert query_positions(valid, 16).tolist() == [[16, 16, 16, 17], [16, 17, 18, 19]]
+
+
+def test_sampling_greedy_top_p_and_seed():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9]])
+    assert sample_next(logits, 0.0, 1.0, None).item() == 1
+    assert sample_next(logits, 1.0, 1e-6, torch.Generator().manual_seed(0)).item() == 1  # nucleus of one
+    draws = [sample_next(logits, 1.0, 1.0, torch.Generator().manual_seed(s)).item() for s in range(50)]
+    again = [sample_next(logits, 1.0, 1.0, torch.Generator().manual_seed(s)).item() for s in range(50)]
+    assert draws == again and len(set(draws)) > 1
+    with pytest.raises(InvalidInputError):
+        SamplingParams(top_p=0)
+    with pytest.raises(InvalidInputError):
+        SamplingParams(max_new_tokens=0)
+
+
+def test_text_stream_holds_back_partial_stop_strings(tiny_model_dir):
+    model = _model(tiny_model_dir("llama"))
+    tok = model.tokenizer
+    ids = tok("Ferries leave the harbour every morning", add_special_tokens=False)["input_ids"]
+    stream = TextStream(tok, ["every morning"])
+    pieces = [stream.push(t) for t in ids]
+    assert "".join(pieces) + stream.flush() == "Ferries leave the harbour "
+    assert stream.stopped
+    plain = TextStream(tok, [])
+    assert "".join(plain.push(t) for t in ids) + plain.flush() == "Ferries leave the harbour every morning"
+
+
+def test_streaming_pieces_join_to_the_answer_and_stop_on_length(tiny_model_dir):
+    model = _model(tiny_model_dir("qwen2"), top_k=1)
+    bank = model.index(DOCS, ids=["a", "b"])
+    stream = model.stream_answer(QUESTION, bank, max_new_tokens=6)
+    pieces = list(stream)
+    assert stream.result is not None
+    assert "".join(pieces) == stream.result.text
+    assert stream.result.finish_reason in {"length", "eos"}
+    assert stream.result.doc_ids and set(stream.result.doc_ids) <= {"a", "b"}
+    sampled = [model.answer(QUESTION, bank, temperature=0.8, top_p=0.9, seed=3, max_new_tokens=6).text
+               for _ in range(2)]
+    assert sampled[0] == sampled[1]
