@@ -249,7 +249,7 @@ class MSAModel:
         """
         params = self._sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 stop=list(stop or []), seed=seed)
-        k = k or self.config.routing.top_k
+        k = self.config.routing.top_k if k is None else k
         if k <= 0:
             raise InvalidInputError(f"k must be >= 1, got {k}")
         if mode == "latent":

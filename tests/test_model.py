@@ -135,3 +135,9 @@ def test_bank_round_trip_and_other_model_refused(model, bank, tmp_path, tiny_mod
 def test_empty_bank_retrieves_nothing(model):
     assert model.retrieve("anything", model.new_bank(), k=3) == []
     assert torch.is_tensor(model.new_bank().kr_bar)
+
+
+def test_k_zero_is_an_error_in_every_mode(model, bank):
+    for mode in ("latent", "hybrid"):
+        with pytest.raises(InvalidInputError, match="k must be"):
+            model.answer("q", bank, mode=mode, k=0)

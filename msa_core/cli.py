@@ -1,0 +1,569 @@
+"""The `msa` command line: index a corpus into a memory bank, query it, answer from it, run the demo.
+
+    msa index corpus.jsonl --bank ./bank          # encode documents into a new bank
+    msa add ./bank more.jsonl                     # add or replace (same id) documents
+    msa delete ./bank doc-1 doc-2
+    msa info ./bank [--json]
+    msa query ./bank "question" -k 5 --filter year>=1900 [--json]
+    msa ask ./bank "question" --mode latent|hybrid [--json]
+    msa demo                                      # the README's tour on the shipped demo corpus
+
+A bank remembers the model that built it (its manifest's `model_name`) and, when it was not the
+native one, the router (in a small `msa-cli.json` next to the bank's versions), so later commands
+need no --model; --model/--router override them. Results go to stdout; messages and progress to
+stderr. Exit codes: 0 ok, 2 bad input or usage, 1 internal error (MSA_DEBUG=1 shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import BankError, InvalidInputError, MSAError
+
+SIDECAR = "msa-cli.json"  # the router a CLI bank was built with (MemoryBank has no field for it)
+_NATIVE = "native"
+_FILTER_OPS = ((">=", "$gte"), ("<=", "$lte"), ("!=", "$ne"), (">", "$gt"), ("<", "$lt"), ("=", "$eq"))
+_DEMO_ANSWERED = 2  # demo questions answered in both modes
+_DEMO_NEW_TOKENS = 48
+_DEMO_HYBRID_K = 3
+
+
+# ---- small helpers -----------------------------------------------------------------------------
+
+
+def _say(message: str) -> None:
+    print(f"[msa] {message}", file=sys.stderr, flush=True)
+
+
+def _out(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def _model_ref(name: str) -> str:
+    """What the bank records: 'default', an absolute local folder, or a hub id as typed."""
+    if name == "default":
+        return name
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
+def _router_ref(router: str | None) -> str | None:
+    """None for the native router, 'random', or an absolute path (a missing file fails at load)."""
+    if router is None or router == _NATIVE:
+        return None
+    if router == "random":
+        return router
+    return str(Path(router).expanduser().resolve())
+
+
+def _question(text: str) -> str:
+    if not text.strip():
+        raise InvalidInputError('the question is empty; pass some text, e.g. msa query ./bank "Who built the bridge?"')
+    return text
+
+
+def _json_value(text: str) -> Any:
+    """A JSON scalar/list when `text` parses as one (numbers, true/false, null, "quoted"), else the string."""
+    def no_constants(name: str) -> Any:
+        raise ValueError(name)  # NaN / Infinity stay strings
+
+    try:
+        return json.loads(text, parse_constant=no_constants)
+    except ValueError:
+        return text
+
+
+def _parse_filters(specs: list[str] | None) -> dict[str, Any] | None:
+    """`key=value`, `key!=v`, `key>=v`, `key<=v`, `key>v`, `key<v`, `key=in:a,b,c` -> a filter dict (ANDed)."""
+    from .filters import compile_filter
+
+    clauses = [_parse_filter(spec) for spec in specs or []]
+    if not clauses:
+        return None
+    spec = clauses[0] if len(clauses) == 1 else {"$and": clauses}
+    compile_filter(spec)  # fail now, before the model loads
+    return spec
+
+
+def _parse_filter(spec: str) -> dict[str, Any]:
+    starts = [i for i, ch in enumerate(spec) if ch in "=<>!"]
+    if not starts or starts[0] == 0:
+        raise InvalidInputError(
+            f"bad --filter {spec!r}: expected key=value, key!=value, key>=value, key<=value, key>value, "
+            "key<value or key=in:a,b,c"
+        )
+    at = starts[0]
+    key, rest = spec[:at], spec[at:]
+    for symbol, op in _FILTER_OPS:
+        if rest.startswith(symbol):
+            value = rest[len(symbol):]
+            break
+    else:
+        raise InvalidInputError(f"bad --filter {spec!r}: unknown operator at {rest!r}")
+    if op in ("$eq", "$ne") and value.startswith("in:"):
+        op = "$in" if op == "$eq" else "$nin"
+        return {key: {op: [_json_value(v) for v in value[3:].split(",")]}}
+    return {key: {op: _json_value(value)}}
+
+
+def _documents(records: list[Any]) -> tuple[list[str], list[str], list[dict[str, Any]]]:
+    """texts, ids, metadatas of corpus records; the title goes into metadata['title']."""
+    metas = [{**r.metadata, "title": r.title} if r.title else dict(r.metadata) for r in records]
+    return [r.text for r in records], [r.id for r in records], metas
+
+
+def _preview(text: str, width: int = 100) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+# ---- banks, sidecar and model loading ----------------------------------------------------------
+
+
+def _load_bank(bank_dir: str | Path):
+    from .memory import MemoryBank
+
+    return MemoryBank.load(bank_dir)
+
+
+def _read_sidecar(bank_dir: str | Path) -> dict[str, Any]:
+    path = Path(bank_dir) / SIDECAR
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise BankError(f"{path} is unreadable ({exc}); delete it and pass --router if the bank used one") from exc
+    if not isinstance(data, dict):
+        raise BankError(f"{path} is not a JSON object; delete it and pass --router if the bank used one")
+    return data
+
+
+def _write_sidecar(bank_dir: str | Path, router: str | None) -> None:
+    """Record the router next to the bank (after a save: the folder then holds CURRENT)."""
+    path = Path(bank_dir) / SIDECAR
+    if router is None:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"router": router}, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _check_target(bank_dir: str | Path, overwrite: bool) -> None:
+    """Refuse, before any work, to write a new bank over an existing one or into a foreign folder."""
+    from .memory import CURRENT
+
+    root = Path(bank_dir)
+    if root.exists() and not root.is_dir():
+        raise InvalidInputError(f"{root} exists and is not a folder; pick a new folder for the bank")
+    if (root / CURRENT).exists():
+        if not overwrite:
+            raise InvalidInputError(
+                f"{root} already holds a memory bank; pass --overwrite to replace it, or use "
+                f"`msa add {root} CORPUS` to add documents to it")
+    elif root.is_dir() and any(root.iterdir()):
+        raise InvalidInputError(
+            f"{root} is not empty and holds no complete msa bank (no {CURRENT} file); "
+            "pick an empty or new folder")
+
+
+def _load_model(model_name: str, router: str | None, config: Any):
+    from .model import MSAModel
+
+    _say(f"loading model {model_name}" + (f" with router {router}" if router else ""))
+    started = time.perf_counter()
+    model = MSAModel.from_pretrained(model_name, router=router, config=config)
+    _say(f"model ready in {time.perf_counter() - started:.1f} s")
+    return model
+
+
+def _load(bank_dir: str, model_override: str | None = None, router_override: str | None = None):
+    """(model, bank): the bank, and the model and router that built it (or the overrides)."""
+    bank = _load_bank(bank_dir)
+    model_name = _model_ref(model_override) if model_override else bank.model_name
+    if not model_name:
+        raise InvalidInputError(f"the bank {bank_dir} does not record which model built it; pass --model")
+    router = _router_ref(router_override) if router_override else _read_sidecar(bank_dir).get("router")
+    model = _load_model(model_name, router, bank.config)
+    model.check_bank(bank)
+    return model, bank
+
+
+def _encode_summary(done: str, info: dict[str, Any], tokens: int, seconds: float) -> str:
+    rate = tokens / seconds if seconds > 0 else float("inf")
+    return (f"{done} in {seconds:.1f} s ({tokens:,} tokens, {rate:,.0f} tokens/s); the bank holds "
+            f"{info['documents']} documents, {info['parts']} parts, {info['tokens']:,} tokens, "
+            f"{info['chunks']:,} chunks")
+
+
+def _stream_to_stdout(stream: Any) -> Any:
+    """Print an AnswerStream's pieces as they come; return its Answer."""
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return stream.result
+
+
+def _describe_used(bank: Any, answer: Any, limit: int = 10) -> list[str]:
+    titles = {d["id"]: d["metadata"].get("title") for d in bank.get(answer.doc_ids[:limit])}
+    lines = [f"  {i}. {s:+.4f}  {d}" + (f"  {titles[d]}" if titles.get(d) else "")
+             for i, (d, s) in enumerate(zip(answer.doc_ids[:limit], answer.scores[:limit]), 1)]
+    if len(answer.doc_ids) > limit:
+        lines.append(f"  ... and {len(answer.doc_ids) - limit} more")
+    return lines
+
+
+# ---- commands ----------------------------------------------------------------------------------
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from .config import EncodeConfig, MSAConfig
+    from .corpus import read_corpus
+
+    records = read_corpus(args.corpus)
+    _check_target(args.bank, args.overwrite)
+    encode = {k: v for k, v in (("chunk_size", args.chunk_size), ("max_doc_tokens", args.max_doc_tokens),
+                                ("batch_size", args.batch_size)) if v is not None}
+    router = _router_ref(args.router)
+    model = _load_model(_model_ref(args.model), router, MSAConfig(encode=EncodeConfig(**encode)))
+    texts, ids, metas = _documents(records)
+    started = time.perf_counter()
+    bank = model.index(texts, ids, metas, show_progress_bar=not args.no_progress)
+    seconds = time.perf_counter() - started
+    bank.save(args.bank)
+    _write_sidecar(args.bank, router)
+    info = bank.info()
+    _say(_encode_summary(f"indexed {len(records)} documents", info, info["tokens"], seconds) + f" -> {args.bank}")
+    return 0
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    from .corpus import read_corpus
+
+    records = read_corpus(args.corpus)  # all validated before the bank is touched
+    model, bank = _load(args.bank, args.model, args.router)
+    texts, ids, metas = _documents(records)
+    replaced = sum(i in bank for i in ids)
+    started = time.perf_counter()
+    model.add(bank, texts, ids, metas, show_progress_bar=not args.no_progress)
+    seconds = time.perf_counter() - started
+    bank.save(args.bank)
+    tokens = sum(d["n_tokens"] for d in bank.get(ids))
+    _say(_encode_summary(f"added {len(ids) - replaced} new and replaced {replaced} documents", bank.info(), tokens,
+                         seconds))
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    bank = _load_bank(args.bank)
+    missing = [i for i in dict.fromkeys(args.ids) if i not in bank]
+    deleted = bank.delete(args.ids)
+    if deleted:
+        bank.save(args.bank)
+    if missing:
+        _say(f"not found (nothing deleted for them): {', '.join(missing)}")
+    _out(f"deleted {deleted} document{'s' * (deleted != 1)}; {len(bank)} remain")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    bank = _load_bank(args.bank)
+    info = {**bank.info(), "router": _read_sidecar(args.bank).get("router") or _NATIVE,
+            "path": str(Path(args.bank).resolve())}
+    if args.json:
+        _out(json.dumps(info, indent=2))
+    else:
+        width = max(len(k) for k in info)
+        for key, value in info.items():
+            shown = f"{value:,}" if isinstance(value, int) else value
+            _out(f"{key + ':':<{width + 1}} {shown}")
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    question = _question(args.question)
+    filt = _parse_filters(args.filter)
+    model, bank = _load(args.bank, args.model, args.router)
+    hits = model.retrieve(question, bank, k=args.k, filter=filt)
+    if args.json:
+        _out(json.dumps([h.to_dict() for h in hits], indent=2, ensure_ascii=False))
+        return 0
+    if not hits:
+        _say("no document matches" + (" the filter" if filt else ": the bank is empty"))
+    for rank, hit in enumerate(hits, 1):
+        title = hit.metadata.get("title")
+        _out(f"{rank:>2}. {hit.score:+.4f}  {hit.id}" + (f"  {title}" if title else ""))
+        _out(f"    {_preview(hit.text)}")
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    question = _question(args.question)
+    filt = _parse_filters(args.filter)
+    model, bank = _load(args.bank, args.model, args.router)
+    if len(bank) == 0:
+        _say("the bank is empty: answering without documents")
+    stream = model.stream_answer(question, bank, mode=args.mode, k=args.k, filter=filt,
+                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                 top_p=args.top_p, seed=args.seed)
+    if args.json:
+        _out(json.dumps(stream.collect().to_dict(), ensure_ascii=False))
+        return 0
+    answer = _stream_to_stdout(stream)
+    what = "attended to" if args.mode == "latent" else "put in the prompt"
+    _say(f"documents {what} ({args.mode} mode), best first:")
+    for line in _describe_used(bank, answer) or ["  (none)"]:
+        print(line, file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .corpus import DEMO_CORPUS_PATH, DEMO_QUESTIONS_PATH, read_corpus
+
+    started = time.perf_counter()
+    records = read_corpus(DEMO_CORPUS_PATH)
+    questions = json.loads(DEMO_QUESTIONS_PATH.read_text(encoding="utf-8"))
+    if args.keep:
+        _check_target(args.keep, args.overwrite)
+    tmp = None if args.keep else tempfile.mkdtemp(prefix="msa-demo-")
+    bank_dir = Path(args.keep) if args.keep else Path(tmp) / "bank"
+    try:
+        model = _load_model(_model_ref(args.model), None, None)
+        encode_s = _demo_index(model, records, bank_dir)
+        _out("\n== 2. msa info " + str(bank_dir))
+        cmd_info(argparse.Namespace(bank=str(bank_dir), json=False))
+        bank = _load_bank(bank_dir)
+        hits = _demo_retrieval(model, bank, questions)
+        _demo_answers(model, bank, questions[:_DEMO_ANSWERED])
+        _demo_summary(args, len(records), encode_s, hits, len(questions), time.perf_counter() - started,
+                      bank_dir)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def _demo_index(model: Any, records: list[Any], bank_dir: Path) -> float:
+    _out(f"== 1. msa index: {len(records)} documents about the invented island of Velmora")
+    texts, ids, metas = _documents(records)
+    started = time.perf_counter()
+    bank = model.index(texts, ids, metas, show_progress_bar=False)
+    seconds = time.perf_counter() - started
+    bank.save(bank_dir)
+    info = bank.info()
+    _out(_encode_summary(f"indexed {len(records)} documents", info, info["tokens"], seconds))
+    return seconds
+
+
+def _demo_retrieval(model: Any, bank: Any, questions: list[dict[str, Any]]) -> int:
+    _out("\n== 3. msa query: top-3 documents per question (routing scores of the memory router)")
+    results = model.retrieve([q["question"] for q in questions], bank, k=3)
+    hits = 0
+    for q, docs in zip(questions, results):
+        rank = next((i for i, d in enumerate(docs, 1) if d.id == q["gold_id"]), None)
+        hits += rank is not None
+        mark = f"gold found at rank {rank}" if rank else "gold NOT in the top 3"
+        _out(f"Q: {q['question']}\n   [{mark}] gold = {q['gold_id']}")
+        for i, d in enumerate(docs, 1):
+            _out(f"   {i}. {d.score:+.4f}  {d.id}" + ("  <- gold" if d.id == q["gold_id"] else ""))
+    return hits
+
+
+def _demo_answers(model: Any, bank: Any, questions: list[dict[str, Any]]) -> None:
+    _out(f"\n== 4. msa ask: {len(questions)} questions, latent and hybrid modes "
+         f"(at most {_DEMO_NEW_TOKENS} new tokens)")
+    for q in questions:
+        _out(f"Q: {q['question']}   (expected: {q['answer']})")
+        for mode, k in (("latent", None), ("hybrid", _DEMO_HYBRID_K)):
+            sys.stdout.write(f"  [{mode}] ")
+            answer = _stream_to_stdout(model.stream_answer(q["question"], bank, mode=mode, k=k,
+                                                           max_new_tokens=_DEMO_NEW_TOKENS))
+            if mode == "latent":
+                used = (f"attended to {len(answer.doc_ids)} of {len(bank)} documents (top "
+                        f"{model.config.routing.top_k} in each of {len(model.layers)} routing layers)")
+            else:
+                used = f"top {len(answer.doc_ids)} documents given as text"
+            gold = "includes" if q["gold_id"] in answer.doc_ids else "misses"
+            _out(f"           {used}; {gold} the gold document")
+
+
+def _demo_summary(args: argparse.Namespace, n_docs: int, encode_s: float, hits: int, n_questions: int,
+                  total_s: float, bank_dir: Path) -> None:
+    _out("\n== Summary")
+    _out(f"- indexed {n_docs} documents in {encode_s:.1f} s; whole demo {total_s:.1f} s")
+    _out(f"- retrieval hits@3: {hits}/{n_questions} demo questions found their gold document in the top 3")
+    _out(f"- answered {_DEMO_ANSWERED} questions in latent mode (memory K/V in the routing layers) and hybrid "
+         f"mode (top {_DEMO_HYBRID_K} documents as prompt text)")
+    _out(f"- bank kept at {bank_dir}" if args.keep else "- the bank was written to a temporary folder, now removed "
+         "(pass --keep DIR to keep it)")
+    _out("\nNote: the router is the untrained `native` initialisation (copies of each routing layer's attention "
+         "W_Q/W_K), so latent routing is weak until a trained router ships.")
+    if args.model == "default":
+        _out("The default backbone is SmolLM2-135M-Instruct: a 135M model gives short, often wrong answers. "
+             "Try --model PATH with a larger Llama/Qwen2/Qwen3 checkpoint.")
+
+
+# ---- argument parsing --------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def _float_in(low: float, high: float, low_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
+            bracket = "(" if low_open else "["
+            raise argparse.ArgumentTypeError(f"must be in {bracket}{low}, {high}], got {text}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="msa", description="Memory Sparse Attention: index documents into a memory bank, retrieve, answer.",
+        epilog="Exit codes: 0 ok, 2 bad input or usage, 1 internal error (MSA_DEBUG=1 shows the traceback).")
+    parser.add_argument("--version", action="version", version=f"msa {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, func: Any, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    def model_options(p: argparse.ArgumentParser, *, new: bool) -> None:
+        if new:
+            p.add_argument("--model", default="default", help="'default' (the embedded SmolLM2-135M-Instruct, "
+                           "the default), a local Llama/Qwen2/Qwen3 folder or a hub id")
+            p.add_argument("--router", default=None, help="native (the default: copies of W_Q/W_K), random, or a "
+                           "router .safetensors file; recorded with the bank")
+        else:
+            p.add_argument("--model", default=None, help="override the model recorded in the bank")
+            p.add_argument("--router", default=None, help="override the router recorded with the bank")
+
+    def filter_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--filter", action="append", metavar="KEY=VALUE",
+                       help="metadata filter, repeatable (ANDed): key=v, key!=v, key>=v, key<=v, key>v, key<v, "
+                            "key=in:a,b,c; v is read as JSON when it parses (numbers, true/false), else as text")
+
+    p = command("index", cmd_index, "Encode a corpus (JSONL file or folder of .txt/.md) into a new bank.")
+    p.add_argument("corpus", help="a .jsonl file (text, id, title, metadata per line) or a folder")
+    p.add_argument("--bank", required=True, metavar="DIR", help="folder to write the bank to")
+    model_options(p, new=True)
+    p.add_argument("--chunk-size", type=_positive_int, default=64, help="tokens per pooled chunk (default: 64)")
+    p.add_argument("--max-doc-tokens", type=_positive_int, help="split longer documents into parts "
+                   "(default: 2048)")
+    p.add_argument("--batch-size", type=_positive_int, help="documents per forward pass (default: 16)")
+    p.add_argument("--overwrite", action="store_true", help="replace a bank already in DIR")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = command("add", cmd_add, "Add documents to a bank; a document whose id is present is replaced.")
+    p.add_argument("bank", metavar="DIR")
+    p.add_argument("corpus", help="a .jsonl file or a folder of .txt/.md files")
+    model_options(p, new=False)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = command("delete", cmd_delete, "Delete documents from a bank by id.")
+    p.add_argument("bank", metavar="DIR")
+    p.add_argument("ids", nargs="+", metavar="ID")
+
+    p = command("info", cmd_info, "Show a bank's size and provenance (no model load).")
+    p.add_argument("bank", metavar="DIR")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = command("query", cmd_query, "Rank the bank's documents for a question (routing scores).")
+    p.add_argument("bank", metavar="DIR")
+    p.add_argument("question")
+    p.add_argument("-k", type=_positive_int, default=5, help="documents to return (default: 5)")
+    filter_option(p)
+    p.add_argument("--json", action="store_true", help="print a JSON list of {id, score, title, text, metadata}")
+    model_options(p, new=False)
+
+    p = command("ask", cmd_ask, "Answer a question from the bank, streaming the answer.")
+    p.add_argument("bank", metavar="DIR")
+    p.add_argument("question")
+    p.add_argument("--mode", choices=("latent", "hybrid"), default="latent",
+                   help="latent (default): attend to the documents' memory; hybrid: put the top-k documents "
+                        "in the prompt")
+    p.add_argument("-k", type=_positive_int, default=None, help="documents per routing layer (latent) or in the "
+                   "prompt (hybrid); default: the bank's routing top_k (16)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128, help="default: 128")
+    p.add_argument("--temperature", type=_float_in(0.0, 100.0), default=0.0, help="default: 0 (greedy)")
+    p.add_argument("--top-p", type=_float_in(0.0, 1.0, low_open=True), default=1.0, help="default: 1")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    filter_option(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object {answer, mode, doc_ids, scores, ...}")
+    model_options(p, new=False)
+
+    p = command("demo", cmd_demo, "Index the shipped demo corpus, query it and answer from it.")
+    p.add_argument("--model", default="default", help="'default' or a local Llama/Qwen2/Qwen3 folder")
+    p.add_argument("--keep", metavar="DIR", help="save the demo bank in DIR (default: a temporary folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace a bank already in --keep DIR")
+    return parser
+
+
+# ---- entry point -------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    debug = os.environ.get("MSA_DEBUG", "").strip() not in ("", "0")
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return 2
+        return int(args.func(args) or 0)
+    except SystemExit as exc:  # argparse: --help/--version (0) and usage errors (2)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    except (MSAError, PermissionError) as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"msa: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("msa: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `msa query ... | head`: stop quietly
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 1
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"msa: internal error: {type(exc).__name__}" + (f": {first}" if first else ""), file=sys.stderr)
+        if not debug:
+            print("run with MSA_DEBUG=1 for the traceback", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
