@@ -132,12 +132,13 @@ def encode_parts(backbone: Backbone, router: RouterProjectors, layers: list[int]
         pooler = _Pooler(layers, lens, p)
         ids = ids.to(dev)
         backbone(ids, torch.arange(t, device=dev).expand_as(ids), capture=pooler, last_layer=max(layers))
+        kr = {l: router.project_keys(l, pooler.x[l]).float() for l in layers}  # W_KR·mean(x), whole batch
         for row, i in enumerate(batch):
             c = n_chunks[i]
             pooled[i] = (
                 [pooler.k[l][row, :c] for l in layers],
                 [pooler.v[l][row, :c] for l in layers],
-                [router.project_keys(l, pooler.x[l][row, :c].to(router_dtype(router))).float() for l in layers],
+                [kr[l][row, :c] for l in layers],
             )
         bar.update(int(lens.sum()))
     bar.close()
@@ -152,10 +153,6 @@ def encode_parts(backbone: Backbone, router: RouterProjectors, layers: list[int]
         metadatas=[x.metadata for x in parts], n_tokens=lengths, n_chunks=n_chunks, layers=list(layers),
         k_bar=stack(0), v_bar=stack(1), kr_bar=stack(2), part_index=[x.part_index for x in parts],
     )
-
-
-def router_dtype(router: RouterProjectors) -> torch.dtype:
-    return next(router.parameters()).dtype
 
 
 def _no_bar(show: bool | None, n: int) -> bool:
