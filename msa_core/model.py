@@ -121,8 +121,8 @@ class MSAModel:
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         backbone, hf_cfg = load_backbone(path, dtype=dtype, device=device)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        layers = cfg.resolve_routing_layers(backbone.args.num_layers)
-        projectors = _make_router(backbone, layers, router).to(device=device, dtype=dtype)
+        projectors, cfg = _make_router(backbone, cfg, router)
+        projectors = projectors.to(device=device, dtype=dtype)
         name = "default" if str(name_or_path) == "default" else str(name_or_path)
         return cls(backbone, tokenizer, projectors, cfg, name=name, eos_ids=_eos_ids(tokenizer, hf_cfg, path))
 
@@ -326,19 +326,25 @@ class MSAModel:
         return AnswerStream(pieces, finish)
 
 
-def _make_router(backbone: Backbone, layers: list[int], router: str | Path | None) -> RouterProjectors:
+def _make_router(backbone: Backbone, cfg: MSAConfig,
+                 router: str | Path | None) -> tuple[RouterProjectors, MSAConfig]:
+    """Router projectors, and the config with the routing layers they cover."""
     a = backbone.args
-    if router is None or router == "native":
+    if router is None or router == "native" or router == "random":
+        layers = cfg.resolve_routing_layers(a.num_layers)
+        if router == "random":
+            return RouterProjectors.random(layers, a.hidden_size, a.num_heads, a.kv_heads, a.head_dim), cfg
         weights = {i: backbone.attention_weights(i) for i in layers}
-        return RouterProjectors.native({i: (q.float(), k.float()) for i, (q, k) in weights.items()},
-                                       a.num_heads, a.kv_heads, a.head_dim)
-    if router == "random":
-        return RouterProjectors.random(layers, a.hidden_size, a.num_heads, a.kv_heads, a.head_dim)
+        native = RouterProjectors.native({i: (q.float(), k.float()) for i, (q, k) in weights.items()},
+                                         a.num_heads, a.kv_heads, a.head_dim)
+        return native, cfg
     loaded = RouterProjectors.load(router, expected_backbone_fingerprint=backbone.fingerprint())
-    if loaded.layers != layers:
-        raise ModelLoadError(f"router {router} covers layers {loaded.layers}, the config asks for {layers}; "
-                             "set MSAConfig(routing={'layers': ...}) to match")
-    return loaded
+    if cfg.routing.layers is None:  # a trained router decides which layers route
+        cfg = cfg.model_copy(update={"routing": cfg.routing.model_copy(update={"layers": loaded.layers})})
+    elif loaded.layers != cfg.resolve_routing_layers(a.num_layers):
+        raise ModelLoadError(f"router {router} covers layers {loaded.layers}, the config asks for "
+                             f"{cfg.routing.layers}; leave routing.layers unset to use the router's")
+    return loaded, cfg
 
 
 def _eos_ids(tokenizer: Any, hf_cfg: Any, path: Path) -> list[int]:

@@ -141,3 +141,19 @@ def test_k_zero_is_an_error_in_every_mode(model, bank):
     for mode in ("latent", "hybrid"):
         with pytest.raises(InvalidInputError, match="k must be"):
             model.answer("q", bank, mode=mode, k=0)
+
+
+def test_router_file_round_trip_sets_routing_layers(model, tmp_path, tiny_model_dir):
+    from msa_core import RouterProjectors
+    from msa_core.errors import ModelLoadError
+
+    a = model.backbone.args
+    trained = RouterProjectors.random([1, 3], a.hidden_size, a.num_heads, a.kv_heads, a.head_dim, seed=5)
+    trained.save(tmp_path / "router.safetensors", backbone_fingerprint=model.backbone_fingerprint)
+    loaded = MSAModel.from_pretrained(tiny_model_dir("qwen3"), router=tmp_path / "router.safetensors")
+    assert loaded.layers == [1, 3] and loaded.router_fingerprint == trained.fingerprint()
+    with pytest.raises(ModelLoadError, match="another backbone"):
+        MSAModel.from_pretrained(tiny_model_dir("llama"), router=tmp_path / "router.safetensors")
+    with pytest.raises(ModelLoadError, match="covers layers"):
+        MSAModel.from_pretrained(tiny_model_dir("qwen3"), router=tmp_path / "router.safetensors",
+                                 config=MSAConfig(routing={"layers": [2, 3]}))
