@@ -31,24 +31,54 @@ class Prompt:
     routing: list[bool]
 
 
-def build_prompt(tokenizer: Any, question: str, *, chat: bool = True, system: str | None = None) -> Prompt:
-    """Wrap `question` in the backbone's chat template; only the question's tokens route.
+Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
+
+
+def last_user_text(question: "str | Sequence[Message]") -> str:
+    """The text that routes: the question, or the last user message of a conversation."""
+    if isinstance(question, str):
+        return question
+    users = [m.get("content", "") for m in question if m.get("role") == "user"]
+    if not users:
+        raise InvalidInputError("the conversation has no user message to answer")
+    return users[-1]
+
+
+def build_prompt(tokenizer: Any, question: "str | Sequence[Message]", *, chat: bool = True,
+                 system: str | None = None) -> Prompt:
+    """Wrap a question (or a conversation) in the backbone's chat template; only the question's
+    tokens (the last user message) route.
 
     The template's own text (system prompt, role tags) would otherwise dominate the max over query
     tokens (spec §6.7), so we tokenize the three spans separately and mark the middle one.
     """
-    if not question or not question.strip():
+    text = last_user_text(question)
+    if not isinstance(text, str) or not text.strip():
         raise InvalidInputError("the question is empty; pass some text")
     prefix, suffix = "", ""
     if chat and getattr(tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": _QUESTION_SLOT}]
+        messages = _with_slot(question, system)
         rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         prefix, _, suffix = rendered.partition(_QUESTION_SLOT)
-    spans = [tokenizer(s, add_special_tokens=False)["input_ids"] if s else [] for s in (prefix, question, suffix)]
+    elif not isinstance(question, str):  # no template: plain "role: content" lines
+        prefix = "".join(f"{m['role']}: {m['content']}\n" for m in question[:-1]) if len(question) > 1 else ""
+    spans = [tokenizer(s, add_special_tokens=False)["input_ids"] if s else [] for s in (prefix, text, suffix)]
     ids = spans[0] + spans[1] + spans[2]
     routing = [False] * len(spans[0]) + [True] * len(spans[1]) + [False] * len(spans[2])
     return Prompt(ids, routing)
+
+
+def _with_slot(question: "str | Sequence[Message]", system: str | None) -> list[Message]:
+    """The conversation with the last user message replaced by a marker we can find again."""
+    if isinstance(question, str):
+        return ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": _QUESTION_SLOT}]
+    messages = [dict(m) for m in question]
+    last = max(i for i, m in enumerate(messages) if m.get("role") == "user")
+    messages[last]["content"] = _QUESTION_SLOT
+    if system and not any(m.get("role") == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
 
 
 def left_pad(prompts: Sequence[Prompt], pad_id: int, device: torch.device):

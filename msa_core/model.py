@@ -22,7 +22,8 @@ from .config import MSAConfig
 from .encode import encode_parts, split_documents
 from .errors import InvalidInputError, ModelLoadError
 from .filters import Filter
-from .generate import Generation, MemoryRouter, Prompt, SamplingParams, build_prompt, left_pad, query_positions
+from .generate import (Generation, MemoryRouter, Message, SamplingParams, build_prompt, last_user_text, left_pad,
+                       query_positions)
 from .memory import MemoryBank
 from .router import RouterProjectors, aggregate_layers, relevance
 
@@ -237,11 +238,12 @@ class MSAModel:
     def _sampling(self, **kw: Any) -> SamplingParams:
         return SamplingParams(**{k: v for k, v in kw.items() if v is not None})
 
-    def stream_answer(self, question: str, bank: MemoryBank | None = None, *, mode: Mode = "latent",
+    def stream_answer(self, question: str | Sequence[Message], bank: MemoryBank | None = None, *, mode: Mode = "latent",
                       k: int | None = None, filter: Filter = None, generator: Generator | None = None,
                       max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                       stop: Sequence[str] | None = None, seed: int | None = None) -> AnswerStream:
-        """Answer `question` from `bank`, streaming text pieces.
+        """Answer `question` (a string, or chat messages whose last user message routes) from `bank`,
+        streaming text pieces.
 
         latent: routing layers attend to the pooled K/V of the top-k documents of each layer.
         hybrid: the top-k documents by routing score are put, as text, into the prompt of
@@ -258,7 +260,7 @@ class MSAModel:
             return self._hybrid(question, bank, k, filter, generator, params)
         raise InvalidInputError(f"mode must be 'latent' or 'hybrid', got {mode!r}")
 
-    def answer(self, question: str, bank: MemoryBank | None = None, **kw: Any) -> Answer:
+    def answer(self, question: str | Sequence[Message], bank: MemoryBank | None = None, **kw: Any) -> Answer:
         """`stream_answer` collected into one Answer (text, mode, doc_ids, scores)."""
         return self.stream_answer(question, bank, **kw).collect()
 
@@ -266,7 +268,7 @@ class MSAModel:
         """Latent generation for a chat message; plain generation without a bank."""
         return self.answer(message, bank, mode="latent", **kw).text
 
-    def _latent(self, question: str, bank: MemoryBank | None, k: int, filter: Filter,
+    def _latent(self, question: str | Sequence[Message], bank: MemoryBank | None, k: int, filter: Filter,
                 params: SamplingParams) -> AnswerStream:
         prompt = build_prompt(self.tokenizer, question)
         memory = None
@@ -303,16 +305,18 @@ class MSAModel:
         ranked = sorted(best.items(), key=lambda kv: -kv[1])
         return [p for p, _ in ranked], [s for _, s in ranked], per_layer
 
-    def _hybrid(self, question: str, bank: MemoryBank | None, k: int, filter: Filter,
+    def _hybrid(self, question: str | Sequence[Message], bank: MemoryBank | None, k: int, filter: Filter,
                 generator: Generator | None, params: SamplingParams) -> AnswerStream:
         if bank is None:
             raise InvalidInputError("hybrid mode needs a memory bank to retrieve from")
-        hits = self.retrieve(question, bank, k=k, filter=filter)
+        text = last_user_text(question)
+        hits = self.retrieve(text, bank, k=k, filter=filter)
         documents = "\n\n".join(f"Document [{i + 1}]: {h.text}" for i, h in enumerate(hits))
-        prompt_text = HYBRID_INSTRUCTION.format(documents=documents, question=question)
+        prompt_text = HYBRID_INSTRUCTION.format(documents=documents, question=text)
         gen: Generation | None = None
         if generator is None:
-            gen = Generation(self.backbone, self.tokenizer, build_prompt(self.tokenizer, prompt_text), params,
+            conversation = prompt_text if isinstance(question, str) else _replace_last_user(question, prompt_text)
+            gen = Generation(self.backbone, self.tokenizer, build_prompt(self.tokenizer, conversation), params,
                              eos_ids=self.eos_ids)
             pieces: Iterator[str] = iter(gen)
         else:
@@ -324,6 +328,13 @@ class MSAModel:
             return Answer(text, "hybrid", [h.id for h in hits], [h.score for h in hits], reason)
 
         return AnswerStream(pieces, finish)
+
+
+def _replace_last_user(messages: Sequence[Message], content: str) -> list[Message]:
+    out = [dict(m) for m in messages]
+    last = max(i for i, m in enumerate(out) if m.get("role") == "user")
+    out[last]["content"] = content
+    return out
 
 
 def _make_router(backbone: Backbone, cfg: MSAConfig,

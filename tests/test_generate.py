@@ -134,3 +134,21 @@ def test_streaming_pieces_join_to_the_answer_and_stop_on_length(tiny_model_dir):
     sampled = [model.answer(QUESTION, bank, temperature=0.8, top_p=0.9, seed=3, max_new_tokens=6).text
                for _ in range(2)]
     assert sampled[0] == sampled[1]
+
+
+def test_conversation_prompt_routes_only_the_last_user_message(tiny_model_dir):
+    model = _model(tiny_model_dir("llama"))
+    tok = model.tokenizer
+    messages = [{"role": "user", "content": "Tell me about ferries."},
+                {"role": "assistant", "content": "They leave at seven."},
+                {"role": "user", "content": QUESTION}]
+    prompt = build_prompt(tok, messages)
+    routed = [t for t, r in zip(prompt.ids, prompt.routing) if r]
+    assert tok.decode(routed) == QUESTION
+    full = tok.decode(prompt.ids)
+    assert "Tell me about ferries." in full and "They leave at seven." in full
+    with pytest.raises(InvalidInputError, match="no user message"):
+        build_prompt(tok, [{"role": "assistant", "content": "hi"}])
+    bank = model.index(DOCS, ids=["a", "b"])
+    assert model.answer(messages, bank, max_new_tokens=3).doc_ids
+    assert model.answer(messages, bank, mode="hybrid", k=1, max_new_tokens=3).doc_ids
