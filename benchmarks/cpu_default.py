@@ -120,7 +120,7 @@ def main() -> None:
     qs = questions(args.queries)
     result = {
         "benchmark": "cpu_default", "msa_version": __version__, "torch": torch.__version__,
-        "device": {"kind": "cpu", "processor": platform.processor() or platform.machine(),
+        "device": {"kind": "cpu", "processor": _cpu_name(),
                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "model": "SmolLM2-135M-Instruct (default, native router)", "model_load_s": load_s,
         "config": model.config.model_dump(), "sizes": [],
@@ -158,6 +158,16 @@ def main() -> None:
         print(json.dumps(entry, indent=1), file=sys.stderr)
         _write(result, Path(args.out))  # after every size, so a long run keeps what it measured
     print(f"wrote {args.out}", file=sys.stderr)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _write(result: dict, out: Path) -> None:
