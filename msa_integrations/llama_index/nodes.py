@@ -1,0 +1,65 @@
+"""LlamaIndex nodes <-> msa bank records.
+
+A node becomes one bank document: id = node_id, text = the node's own text, metadata = the node's
+metadata plus LlamaIndex's usual bookkeeping keys (`_node_content` holding the whole node as JSON,
+`_node_type`, `ref_doc_id`, `doc_id`, `document_id`), exactly as LlamaIndex's own vector stores
+write them. So a node comes back whole (relationships included), `ref_doc_id` can be filtered on,
+and banks written by other msa tools (no `_node_content`) still come back as plain TextNodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, TextNode
+from llama_index.core.vector_stores.utils import metadata_dict_to_node, node_to_metadata_dict
+
+from msa_core.errors import InvalidInputError
+from msa_core.model import RetrievedDocument
+from msa_core.router import relevance
+from msa_core.store import MemoryStore
+
+SCORE_KEY = "msa_score"  # raw routing score (cosine in [-1, 1] by default); NodeWithScore.score is [0, 1]
+REF_DOC_KEY = "ref_doc_id"
+_NODE_CONTENT = "_node_content"
+
+
+def node_to_record(node: BaseNode) -> tuple[str, str, dict[str, Any]]:
+    """(id, text, metadata) to add to a bank. The text routes as is: metadata is not prepended."""
+    text = node.get_content(metadata_mode=MetadataMode.NONE)
+    if not text or not text.strip():
+        raise InvalidInputError(
+            f"node {node.node_id!r} has no text; MSA encodes text, so drop empty nodes before adding them")
+    return node.node_id, text, node_to_metadata_dict(node, remove_text=True, flat_metadata=False)
+
+
+def record_to_node(doc_id: str, text: str, metadata: dict[str, Any]) -> BaseNode:
+    """The node a bank record was made from, or a TextNode for records written by other tools."""
+    if _NODE_CONTENT in metadata:
+        return metadata_dict_to_node(metadata, text=text)
+    return TextNode(id_=doc_id, text=text, metadata=dict(metadata))
+
+
+def scored_node(node: BaseNode, raw_score: float, relevance_score: float) -> NodeWithScore:
+    """`score` is the relevance in [0, 1]; the raw routing score rides in metadata, hidden from prompts."""
+    node.metadata[SCORE_KEY] = raw_score
+    for excluded in (node.excluded_llm_metadata_keys, node.excluded_embed_metadata_keys):
+        if SCORE_KEY not in excluded:
+            excluded.append(SCORE_KEY)
+    return NodeWithScore(node=node, score=relevance_score)
+
+
+def hit_to_node(hit: RetrievedDocument) -> NodeWithScore:
+    return scored_node(record_to_node(hit.id, hit.text, hit.metadata), hit.score, hit.relevance_score)
+
+
+def answer_sources(store: MemoryStore, doc_ids: Sequence[str], scores: Sequence[float]) -> list[NodeWithScore]:
+    """Source nodes of an msa Answer: the routed documents still in the bank, best first."""
+    if not doc_ids:
+        return []
+    records = {r["id"]: r for r in store.get(list(doc_ids))}
+    rel = relevance(torch.tensor(list(scores), dtype=torch.float32), store.model.config.routing.normalization)
+    return [scored_node(record_to_node(d, records[d]["text"], records[d]["metadata"]), float(s), float(r))
+            for d, s, r in zip(doc_ids, scores, rel.tolist()) if d in records]

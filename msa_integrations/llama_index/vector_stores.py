@@ -1,0 +1,226 @@
+"""`MSAVectorStore`: a LlamaIndex vector store whose "similarity" is MSA routing.
+
+    store = MSAVectorStore()                                  # empty, on the embedded default model
+    index = VectorStoreIndex.from_documents(docs, storage_context=StorageContext.from_defaults(vector_store=store))
+    index.as_retriever(similarity_top_k=3).retrieve("Who keeps the lighthouse?")
+
+It stores text (`stores_text=True`) and takes the query text, not a vector (`is_embedding_query=False`).
+Each node is one bank document (id = node_id); filters run inside the engine before routing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from llama_index.core.bridge.pydantic import PrivateAttr
+from llama_index.core.schema import BaseNode
+from llama_index.core.vector_stores.simple import NAMESPACE_SEP
+from llama_index.core.vector_stores.types import (DEFAULT_PERSIST_DIR, DEFAULT_PERSIST_FNAME, BasePydanticVectorStore,
+                                                  MetadataFilters, VectorStoreQuery, VectorStoreQueryMode,
+                                                  VectorStoreQueryResult)
+
+from msa_core.errors import InvalidInputError
+from msa_core.filters import Filter, compile_filter
+from msa_core.model import MSAModel, RetrievedDocument
+from msa_core.store import MemoryStore
+
+from .embeddings import ensure_embed_model
+from .filters import combine, to_msa_filter
+from .nodes import REF_DOC_KEY, hit_to_node, node_to_record, record_to_node
+
+_ALL = 1 << 62  # "every document": retrieve caps k at the bank size
+
+
+class MSAVectorStore(BasePydanticVectorStore):
+    """LlamaIndex vector store over an msa `MemoryStore` (one model, one memory bank).
+
+    Args:
+        store: the MemoryStore to wrap; default: an empty one on `model`.
+        model: the MSAModel of a new store; default: the shared embedded default model.
+        set_embed_model: install `MSAPlaceholderEmbedding` as `Settings.embed_model` when none is
+            configured, so `VectorStoreIndex` works without an embedding model (see embeddings.py).
+    """
+
+    stores_text: bool = True
+    is_embedding_query: bool = False  # VectorIndexRetriever then passes query_str, never embeds
+    flat_metadata: bool = False  # the bank keeps nested JSON metadata
+
+    _store: MemoryStore = PrivateAttr()
+
+    def __init__(self, store: MemoryStore | None = None, *, model: MSAModel | None = None,
+                 set_embed_model: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if store is not None and not isinstance(store, MemoryStore):
+            raise InvalidInputError(f"store must be an msa MemoryStore, got {type(store).__name__}")
+        if store is not None and model is not None and store.model is not model:
+            raise InvalidInputError("pass either store= or model=, not both: the store already has a model")
+        self._store = store if store is not None else MemoryStore(model)
+        if set_embed_model:
+            ensure_embed_model()
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "MSAVectorStore"
+
+    @property
+    def client(self) -> MemoryStore:
+        return self._store
+
+    @property
+    def store(self) -> MemoryStore:
+        """The wrapped MemoryStore (share it with MSARetriever, MSALLM, MSAQueryEngine)."""
+        return self._store
+
+    # ---- writes -------------------------------------------------------------------------
+
+    def add(self, nodes: Sequence[BaseNode], **kwargs: Any) -> list[str]:
+        """Encode the nodes into the bank (a node id already there is replaced); returns their ids."""
+        if not nodes:
+            return []
+        ids, texts, metas = _records(nodes)
+        self._store.add(texts, ids, metas, show_progress_bar=kwargs.get("show_progress"))
+        return [n.node_id for n in nodes]
+
+    async def async_add(self, nodes: Sequence[BaseNode], **kwargs: Any) -> list[str]:
+        if not nodes:
+            return []
+        ids, texts, metas = _records(nodes)
+        await self._store.aadd(texts, ids, metas, show_progress_bar=kwargs.get("show_progress"))
+        return [n.node_id for n in nodes]
+
+    def delete(self, ref_doc_id: str, **delete_kwargs: Any) -> None:
+        """Delete every node of the source document `ref_doc_id`."""
+        self._store.delete(self._ids_of_ref_doc(ref_doc_id))
+
+    async def adelete(self, ref_doc_id: str, **delete_kwargs: Any) -> None:
+        await self._store.adelete(self._ids_of_ref_doc(ref_doc_id))
+
+    def delete_nodes(self, node_ids: list[str] | None = None, filters: MetadataFilters | None = None,
+                     **delete_kwargs: Any) -> None:
+        """Delete the nodes that are in `node_ids` AND match `filters`; with neither, nothing (see clear)."""
+        if node_ids is None and filters is None:
+            return
+        ids = list(node_ids) if node_ids is not None else None
+        if filters is not None:
+            wanted = set(ids) if ids is not None else None
+            ids = [i for i in self._ids_where(to_msa_filter(filters)) if wanted is None or i in wanted]
+        self._store.delete(ids or [])
+
+    def clear(self) -> None:
+        self._store.delete(self._store.ids())
+
+    # ---- reads --------------------------------------------------------------------------
+
+    def get_nodes(self, node_ids: list[str] | None = None,
+                  filters: MetadataFilters | None = None) -> list[BaseNode]:
+        """Nodes by id (missing ids skipped, order kept) and/or filter; all nodes with neither."""
+        predicate = compile_filter(to_msa_filter(filters))
+        records = self._store.get(list(node_ids) if node_ids is not None else self._store.ids())
+        return [record_to_node(r["id"], r["text"], r["metadata"]) for r in records if predicate(r["metadata"])]
+
+    def query(self, query: VectorStoreQuery, **kwargs: Any) -> VectorStoreQueryResult:
+        question, k, msa_filter = _plan(query)
+        node_ids = set(query.node_ids or ())
+        hits = self._store.retrieve(question, k=_ALL if node_ids else k, filter=msa_filter)
+        return _result(hits, node_ids, k)
+
+    async def aquery(self, query: VectorStoreQuery, **kwargs: Any) -> VectorStoreQueryResult:
+        question, k, msa_filter = _plan(query)
+        node_ids = set(query.node_ids or ())
+        hits = await self._store.aretrieve(question, k=_ALL if node_ids else k, filter=msa_filter)
+        return _result(hits, node_ids, k)
+
+    def _ids_of_ref_doc(self, ref_doc_id: str) -> list[str]:
+        """Nodes whose source is `ref_doc_id`; in banks written by other msa tools, where records
+        carry no source, the record `ref_doc_id` itself (it is its own source document)."""
+        ids = self._ids_where({REF_DOC_KEY: ref_doc_id})
+        own = self._store.get([ref_doc_id])
+        if own and REF_DOC_KEY not in own[0]["metadata"]:
+            ids.append(ref_doc_id)
+        return ids
+
+    def _ids_where(self, msa_filter: Filter) -> list[str]:
+        """Document ids whose metadata passes the filter, from one consistent snapshot of the bank."""
+        predicate = compile_filter(msa_filter)
+        parts = self._store.bank.docstore  # an immutable tuple: later writes swap in a new one
+        return list(dict.fromkeys(p.parent_id for p in parts if predicate(p.metadata)))
+
+    # ---- persistence (the bank's own format: safetensors + JSON, no pickle) -------------
+
+    def persist(self, persist_path: str, fs: fsspec.AbstractFileSystem | None = None) -> None:
+        """Save the bank as a folder at `persist_path` (StorageContext.persist names it
+        `<dir>/default__vector_store.json`); load it with `from_persist_dir` / `from_persist_path`."""
+        _check_local(fs)
+        self._store.save(persist_path)
+
+    @classmethod
+    def from_persist_path(cls, persist_path: str | os.PathLike[str], model: MSAModel | None = None,
+                          fs: fsspec.AbstractFileSystem | None = None, **kwargs: Any) -> "MSAVectorStore":
+        """Load a persisted store; `model` must be the one that built the bank (default model if None)."""
+        _check_local(fs)
+        path = Path(persist_path)
+        if not path.exists():
+            raise InvalidInputError(f"no persisted MSAVectorStore at {path}; call persist() or "
+                                    f"storage_context.persist() first, or check the path")
+        return cls(MemoryStore.load(path, model=model), **kwargs)
+
+    @classmethod
+    def from_persist_dir(cls, persist_dir: str | os.PathLike[str] = DEFAULT_PERSIST_DIR,
+                         namespace: str = "default", model: MSAModel | None = None,
+                         fs: fsspec.AbstractFileSystem | None = None, **kwargs: Any) -> "MSAVectorStore":
+        """Load the store that `storage_context.persist(persist_dir)` wrote for `namespace`."""
+        path = Path(persist_dir) / f"{namespace}{NAMESPACE_SEP}{DEFAULT_PERSIST_FNAME}"
+        return cls.from_persist_path(path, model=model, fs=fs, **kwargs)
+
+
+def as_memory_store(obj: Any) -> MemoryStore:
+    """The MemoryStore behind a MemoryStore, an MSAVectorStore or a VectorStoreIndex over one."""
+    if isinstance(obj, MemoryStore):
+        return obj
+    if isinstance(obj, MSAVectorStore):
+        return obj.store
+    inner = getattr(obj, "vector_store", None)  # a VectorStoreIndex
+    if isinstance(inner, MSAVectorStore):
+        return inner.store
+    raise InvalidInputError(
+        f"expected an msa MemoryStore, an MSAVectorStore or a VectorStoreIndex over one, got {type(obj).__name__}")
+
+
+def _records(nodes: Sequence[BaseNode]) -> tuple[list[str], list[str], list[dict[str, Any]]]:
+    # A repeated node id in one batch keeps its last version, as successive upserts would.
+    latest = {r[0]: r for r in map(node_to_record, nodes)}
+    ids, texts, metas = zip(*latest.values())
+    return list(ids), list(texts), list(metas)
+
+
+def _plan(query: VectorStoreQuery) -> tuple[str, int, Filter]:
+    """(question, k, msa filter) of a LlamaIndex query; refuses what MSA cannot honour."""
+    if query.mode != VectorStoreQueryMode.DEFAULT:
+        raise InvalidInputError(
+            f"query mode {query.mode.value!r} is not supported by MSAVectorStore: MSA ranks by routing "
+            f"score only; use vector_store_query_mode='default'")
+    if not query.query_str or not query.query_str.strip():
+        raise InvalidInputError("MSAVectorStore routes the query text, but query_str is empty; pass the "
+                                "question text (query embeddings are not used)")
+    if query.similarity_top_k < 1:
+        raise InvalidInputError(f"similarity_top_k must be >= 1, got {query.similarity_top_k}")
+    doc_filter = {REF_DOC_KEY: {"$in": list(query.doc_ids)}} if query.doc_ids else None
+    return query.query_str, query.similarity_top_k, combine(to_msa_filter(query.filters), doc_filter)
+
+
+def _result(hits: list[RetrievedDocument], node_ids: set[str], k: int) -> VectorStoreQueryResult:
+    if node_ids:  # as_retriever passes [] (nothing to restrict) when the store keeps the text
+        hits = [h for h in hits if h.id in node_ids][:k]
+    scored = [hit_to_node(h) for h in hits]
+    return VectorStoreQueryResult(nodes=[s.node for s in scored], similarities=[s.score for s in scored],
+                                  ids=[h.id for h in hits])
+
+
+def _check_local(fs: fsspec.AbstractFileSystem | None) -> None:
+    if fs is not None and "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        raise InvalidInputError(f"MSAVectorStore persists to the local disk only, got a {fs.protocol!r} "
+                                "filesystem; persist locally and copy the folder")
