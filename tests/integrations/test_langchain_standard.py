@@ -1,0 +1,141 @@
+"""langchain-tests' standard suites, unchanged, against the real embedded default model.
+
+The default router is untrained (`native`: copies of W_Q / W_K) and ranks documents at chance, so
+the few assertions that demand an exact order are marked xfail(strict=True) with the ranks we
+measured: they must pass, and then fail loudly as XPASS, once the trained router ships (issue 7).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import lru_cache
+
+import pytest
+from langchain_tests.integration_tests import (ChatModelIntegrationTests, RetrieversIntegrationTests,
+                                               VectorStoreIntegrationTests)
+
+from msa_core.corpus import DEMO_CORPUS_PATH, read_corpus
+from msa_core.store import MemoryStore
+from msa_integrations.langchain import ChatMSA, MSARetriever, MSAVectorStore
+
+pytestmark = [
+    pytest.mark.integration,
+    # pytest-asyncio runs in strict mode here: mark the suites' coroutine tests (the mark is a no-op
+    # on the sync ones, whose warning we silence). With asyncio_mode = "auto" this becomes redundant.
+    pytest.mark.asyncio,
+    pytest.mark.filterwarnings("ignore:The test <Function:pytest.PytestWarning"),
+]
+
+UNTRAINED = ("the default router is untrained and ranks at chance: {ranks}. Must pass once the trained "
+             "router ships (issue 7); strict, so it then fails as XPASS and this mark must go")
+
+# Measured on CPU (float32) with the default model; the order is deterministic, the margin is not a signal.
+BAR = "for the query 'bar', 'bar' ranks 2nd of 2 (routing scores foo 0.4509, bar 0.4496)"
+NEW_FOO = "for the query 'new foo', 'new foo' ranks 2nd of 2 (routing scores bar 0.4758, new foo 0.1866)"
+
+
+@lru_cache(maxsize=1)
+def demo_store() -> MemoryStore:
+    """The shipped demo corpus on the default model, encoded once per test session."""
+    records = read_corpus(DEMO_CORPUS_PATH)
+    store = MemoryStore()
+    store.add([r.text for r in records], [r.id for r in records], [{"title": r.title, **r.metadata} for r in records])
+    return store
+
+
+class TestMSARetrieverStandard(RetrieversIntegrationTests):
+    @property
+    def retriever_constructor(self) -> type[MSARetriever]:
+        return MSARetriever
+
+    @property
+    def retriever_constructor_params(self) -> dict:
+        return {"store": demo_store(), "k": 2}
+
+    @property
+    def retriever_query_example(self) -> str:
+        return "Who is the keeper of Greyhook Lighthouse?"
+
+
+class TestMSAVectorStoreStandard(VectorStoreIntegrationTests):
+    @pytest.fixture
+    def vectorstore(self) -> Iterator[MSAVectorStore]:
+        yield MSAVectorStore()  # an empty bank on the shared default model
+
+    @pytest.mark.xfail(reason=UNTRAINED.format(ranks=BAR), strict=True)
+    def test_add_documents(self, vectorstore) -> None:
+        super().test_add_documents(vectorstore)
+
+    @pytest.mark.xfail(reason=UNTRAINED.format(ranks=BAR), strict=True)
+    async def test_add_documents_async(self, vectorstore) -> None:
+        await super().test_add_documents_async(vectorstore)
+
+    @pytest.mark.xfail(reason=UNTRAINED.format(ranks=BAR), strict=True)
+    def test_add_documents_with_ids_is_idempotent(self, vectorstore) -> None:
+        super().test_add_documents_with_ids_is_idempotent(vectorstore)
+
+    @pytest.mark.xfail(reason=UNTRAINED.format(ranks=BAR), strict=True)
+    async def test_add_documents_with_ids_is_idempotent_async(self, vectorstore) -> None:
+        await super().test_add_documents_with_ids_is_idempotent_async(vectorstore)
+
+    @pytest.mark.xfail(reason=UNTRAINED.format(ranks=NEW_FOO),
+                       strict=True)
+    def test_add_documents_by_id_with_mutation(self, vectorstore) -> None:
+        super().test_add_documents_by_id_with_mutation(vectorstore)
+
+    @pytest.mark.xfail(reason=UNTRAINED.format(ranks=NEW_FOO),
+                       strict=True)
+    async def test_add_documents_by_id_with_mutation_async(self, vectorstore) -> None:
+        await super().test_add_documents_by_id_with_mutation_async(vectorstore)
+
+
+class TestChatMSAStandard(ChatModelIntegrationTests):
+    """Plain generation (no bank): what the chat-model contract checks. Tool calling and structured
+    output are out of reach of the model and switched off with the suite's own flags."""
+
+    @property
+    def chat_model_class(self) -> type[ChatMSA]:
+        return ChatMSA
+
+    @property
+    def chat_model_params(self) -> dict:
+        return {"max_new_tokens": 16}
+
+    @property
+    def has_tool_calling(self) -> bool:
+        return False
+
+    @property
+    def has_structured_output(self) -> bool:
+        return False
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return False
+
+    @property
+    def returns_usage_metadata(self) -> bool:
+        return True
+
+    @property
+    def supports_model_override(self) -> bool:
+        return False  # one ChatMSA runs one loaded model; pick another by building another ChatMSA
+
+
+# ---- beyond the suites, on the same demo corpus ------------------------------------------------
+
+def test_retriever_scores_and_mmr_on_the_default_model():
+    store = demo_store()
+    docs = MSARetriever(store=store, k=len(store), layer_scores=True).invoke("Who keeps the lighthouse?")
+    assert len(docs) == len(store) and all(-1 <= d.metadata["score"] <= 1 for d in docs)
+    assert all(0 <= d.metadata["relevance_score"] <= 1 and len(d.metadata["layer_scores"]) == 15 for d in docs)
+    vs = MSAVectorStore(store)
+    mmr = vs.max_marginal_relevance_search("Who keeps the lighthouse?", k=3, fetch_k=8, lambda_mult=0.5)
+    assert len({d.id for d in mmr}) == 3 and mmr[0].id == docs[0].id
+
+
+def test_chat_latent_over_the_demo_bank_reports_documents():
+    msg = ChatMSA(store=demo_store(), k=4, max_new_tokens=8).invoke("Who keeps the lighthouse?")
+    assert msg.content and msg.response_metadata["mode"] == "latent"
+    ids = msg.response_metadata["doc_ids"]
+    assert ids and set(ids) <= set(demo_store().ids()) and len(msg.response_metadata["scores"]) == len(ids)
