@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -142,18 +143,22 @@ class LayerCache:
         return self.k[:, :, :n], self.v[:, :, :n], self.valid[:, :n]
 
 
-def attention_mask(valid_keys: torch.Tensor, first_query_slot: int, num_queries: int) -> torch.Tensor:
+def attention_mask(valid_keys: torch.Tensor, first_query_slot: int, num_queries: int,
+                   causal: bool = True) -> torch.Tensor:
     """[B, 1, T, S] bool: query i (slot first+i) sees valid keys at slots <= its own.
 
+    causal=False: every query of the block also sees the block's later keys (the reference's
+    decode-mode injection, spec §2.5 and §6.3).
     A query always sees its own slot, even when it is padding: a fully masked row would give NaN,
     and NaN values leak through later matmuls even with zero weights.
     """
     s = valid_keys.shape[1]
     key_slot = torch.arange(s, device=valid_keys.device)
     query_slot = first_query_slot + torch.arange(num_queries, device=valid_keys.device)
-    causal = key_slot[None, :] <= query_slot[:, None]
+    sees_upto = query_slot if causal else torch.full_like(query_slot, first_query_slot + num_queries - 1)
+    before = key_slot[None, :] <= sees_upto[:, None]
     own = key_slot[None, :] == query_slot[:, None]
-    return ((causal[None] & valid_keys[:, None, :]) | own[None])[:, None]
+    return ((before[None] & valid_keys[:, None, :]) | own[None])[:, None]
 
 
 class Attention(nn.Module):
@@ -181,12 +186,13 @@ class Attention(nn.Module):
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def forward(self, x, cos, sin, valid, cache: LayerCache | None, memory: Memory | None,
-                capture: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+                capture: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+                causal: bool = True) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.project(x, cos, sin)
         if capture is not None:
             capture(k, v)
-        if cache is None and memory is None and valid is None:
+        if cache is None and memory is None and valid is None and causal:
             # Plain causal self-attention (encoding right-padded documents): pads come last, so
             # no real token ever sees them.
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -199,7 +205,7 @@ class Attention(nn.Module):
                 cache.append(memory.k.to(k.dtype), memory.v.to(v.dtype), memory.valid)
             first = cache.append(k, v, valid)
             keys, values, valid_keys = cache.view()
-            mask = attention_mask(valid_keys, first, t)
+            mask = attention_mask(valid_keys, first, t, causal)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -261,12 +267,14 @@ class Backbone(nn.Module):
         memory_hook: MemoryHook | None = None,
         capture: CaptureHook | None = None,
         last_layer: int | None = None,
+        causal: bool = True,
     ) -> torch.Tensor:
         """Run layers 0..last_layer (default all) over tokens at explicit RoPE positions.
 
         valid [B, T] marks real tokens (None: all real, right padding allowed without a cache);
         caches receive each layer's K/V; memory_hook may return memory for a layer;
-        capture sees each layer's normed input, keys and values (encoding).
+        capture sees each layer's normed input, keys and values (encoding);
+        causal=False lets the block's tokens see each other both ways (reference parity only).
         """
         h = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, h.dtype)
@@ -276,7 +284,7 @@ class Backbone(nn.Module):
             memory = memory_hook(i, x) if memory_hook is not None else None
             cap = (lambda k, v, i=i, x=x: capture(i, x, k, v)) if capture is not None else None
             cache = caches[i] if caches is not None else None
-            h = h + layer.self_attn(x, cos, sin, valid, cache, memory, cap)
+            h = h + layer.self_attn(x, cos, sin, valid, cache, memory, cap, causal)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return h
 
@@ -340,10 +348,24 @@ def load_backbone(path: str | Path, *, dtype: torch.dtype = torch.float32,
 def _read_config(path: Path, auto_config: Any) -> Any:
     raw = json.loads((path / "config.json").read_text())
     if raw.get("model_type") == "msa":
-        # MSA checkpoints are Qwen3 configs with extra keys and no auto_map.
-        from transformers import Qwen3Config
+        # MSA checkpoints are Qwen3 configs with extra keys and no auto_map; ours may record another
+        # base family (e.g. a Llama backbone with a trained router) under `base_model_type`.
+        from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
-        return Qwen3Config.from_dict({k: v for k, v in raw.items() if k not in ("model_type", "architectures")})
+        classes = {"qwen3": Qwen3Config, "llama": LlamaConfig, "qwen2": Qwen2Config}
+        base = raw.get("base_model_type") or "qwen3"
+        if base not in classes:
+            raise ModelLoadError(f"{path / 'config.json'}: base_model_type {base!r} is not supported "
+                                 f"(supported: {', '.join(classes)})")
+        skip = ("model_type", "architectures", "base_model_type")
+        fields = {k: v for k, v in raw.items() if k not in skip}
+        if isinstance(fields.get("sliding_window"), bool):
+            # The reference's decoder layer writes `sliding_window: false` (spec §1.1); transformers 5
+            # accepts only an int or null there. use_sliding_window still says whether it is used.
+            fields["sliding_window"] = None
+        with warnings.catch_warnings():  # legacy rope_theta/rope_scaling fields are expected here
+            warnings.simplefilter("ignore", FutureWarning)
+            return classes[base].from_dict(fields)
     try:
         return auto_config.from_pretrained(str(path))
     except Exception as e:  # transformers raises several types for unreadable configs

@@ -5,7 +5,7 @@
     msa delete ./bank doc-1 doc-2
     msa info ./bank [--json]
     msa query ./bank "question" -k 5 --filter year>=1900 [--json]
-    msa ask ./bank "question" --mode latent|hybrid [--json]
+    msa ask ./bank "question" --mode latent|hybrid|interleave [--json]
     msa demo                                      # the README's tour on the shipped demo corpus
 
 A bank remembers the model that built it (its manifest's `model_name`) and, when it was not the
@@ -179,12 +179,12 @@ def _check_target(bank_dir: str | Path, overwrite: bool) -> None:
             "pick an empty or new folder")
 
 
-def _load_model(model_name: str, router: str | None, config: Any):
+def _load_model(model_name: str, router: str | None, config: Any, profile: str | None = None):
     from .model import MSAModel
 
     _say(f"loading model {model_name}" + (f" with router {router}" if router else ""))
     started = time.perf_counter()
-    model = MSAModel.from_pretrained(model_name, router=router, config=config)
+    model = MSAModel.from_pretrained(model_name, router=router, config=config, profile=profile)
     _say(f"model ready in {time.perf_counter() - started:.1f} s")
     return model
 
@@ -239,7 +239,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     encode = {k: v for k, v in (("chunk_size", args.chunk_size), ("max_doc_tokens", args.max_doc_tokens),
                                 ("batch_size", args.batch_size)) if v is not None}
     router = _router_ref(args.router)
-    model = _load_model(_model_ref(args.model), router, MSAConfig(encode=EncodeConfig(**encode)))
+    model = _load_model(_model_ref(args.model), router, MSAConfig(encode=EncodeConfig(**encode)), args.profile)
     texts, ids, metas = _documents(records)
     started = time.perf_counter()
     bank = model.index(texts, ids, metas, show_progress_bar=not args.no_progress)
@@ -317,13 +317,20 @@ def cmd_ask(args: argparse.Namespace) -> int:
     model, bank = _load(args.bank, args.model, args.router)
     if len(bank) == 0:
         _say("the bank is empty: answering without documents")
+    extra = ({"max_rounds": args.max_rounds, "bidirectional_injection": args.bidirectional_injection}
+             if args.mode == "interleave" else {})
     stream = model.stream_answer(question, bank, mode=args.mode, k=args.k, filter=filt,
                                  max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                 top_p=args.top_p, seed=args.seed)
+                                 top_p=args.top_p, seed=args.seed, **extra)
     if args.json:
         _out(json.dumps(stream.collect().to_dict(), ensure_ascii=False))
         return 0
     answer = _stream_to_stdout(stream)
+    if args.mode == "interleave":
+        _say(f"documents injected per round ({len(answer.rounds or [])} rounds, at most {args.max_rounds}):")
+        for n, docs in enumerate(answer.rounds or [], 1):
+            print(f"  round {n}: {', '.join(docs) if docs else '(none known)'}", file=sys.stderr)
+        return 0
     what = "attended to" if args.mode == "latent" else "put in the prompt"
     _say(f"documents {what} ({args.mode} mode), best first:")
     for line in _describe_used(bank, answer) or ["  (none)"]:
@@ -475,7 +482,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("corpus", help="a .jsonl file (text, id, title, metadata per line) or a folder")
     p.add_argument("--bank", required=True, metavar="DIR", help="folder to write the bank to")
     model_options(p, new=True)
-    p.add_argument("--chunk-size", type=_positive_int, default=64, help="tokens per pooled chunk (default: 64)")
+    p.add_argument("--chunk-size", type=_positive_int, default=None,
+                   help="tokens per pooled chunk (default: 64; an MSA checkpoint's pooling_kernel_size)")
+    p.add_argument("--profile", choices=("default", "reference"), default=None,
+                   help="reference: the released MSA code's prompts and document rendering (the default for "
+                        "MSA-format checkpoints); recorded with the bank")
     p.add_argument("--max-doc-tokens", type=_positive_int, help="split longer documents into parts "
                    "(default: 2048)")
     p.add_argument("--batch-size", type=_positive_int, help="documents per forward pass (default: 16)")
@@ -507,9 +518,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("ask", cmd_ask, "Answer a question from the bank, streaming the answer.")
     p.add_argument("bank", metavar="DIR")
     p.add_argument("question")
-    p.add_argument("--mode", choices=("latent", "hybrid"), default="latent",
+    p.add_argument("--mode", choices=("latent", "hybrid", "interleave"), default="latent",
                    help="latent (default): attend to the documents' memory; hybrid: put the top-k documents "
-                        "in the prompt")
+                        "in the prompt; interleave (reference profile): the model names documents, their texts "
+                        "are injected and it routes again, then answers")
+    p.add_argument("--max-rounds", type=int, default=4, help="interleave: most document injections (default: 4)")
+    p.add_argument("--bidirectional-injection", action="store_true",
+                   help="interleave: feed the re-prompt without a causal mask, as the reference code does")
     p.add_argument("-k", type=_positive_int, default=None, help="documents per routing layer (latent) or in the "
                    "prompt (hybrid); default: the bank's routing top_k (16)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=128, help="default: 128")

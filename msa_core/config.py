@@ -15,7 +15,10 @@ from .errors import InvalidInputError
 HeadReduce = Literal["mean", "max"]
 QueryReduce = Literal["max", "mean", "last"]
 ChunkReduce = Literal["max", "mean"]
-Normalization = Literal["cosine", "scaled_dot"]
+# cosine: the paper; scaled_dot: q.k/sqrt(D), the reference inference for INFONCE_DECOUPLE (spec §2.3);
+# scaled_cosine: cosine/sqrt(D), the reference without decouple_router for INFONCE (spec §9): same ranking.
+Normalization = Literal["cosine", "scaled_dot", "scaled_cosine"]
+Profile = Literal["default", "reference"]
 LayerAggregate = Literal["mean", "max"]
 StorageDtype = Literal["float32", "float16", "bfloat16"]
 
@@ -81,6 +84,12 @@ class MSAConfig(_Strict):
 
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     encode: EncodeConfig = Field(default_factory=EncodeConfig)
+    profile: Profile | None = Field(
+        default=None,
+        description="default: our prompts and rendering; reference: the released MSA code's (template head, "
+                    "instruction-wrapped routing query, `[i]`-rendered documents). None: chosen at load time "
+                    "(reference for MSA-format checkpoints).",
+    )
 
     def resolve_routing_layers(self, num_layers: int) -> list[int]:
         """Routing layers for a backbone of `num_layers` layers (default: the upper half)."""

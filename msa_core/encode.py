@@ -132,7 +132,7 @@ def encode_parts(backbone: Backbone, router: RouterProjectors, layers: list[int]
         pooler = _Pooler(layers, lens, p)
         ids = ids.to(dev)
         backbone(ids, torch.arange(t, device=dev).expand_as(ids), capture=pooler, last_layer=max(layers))
-        kr = {l: router.project_keys(l, pooler.x[l]).float() for l in layers}  # W_KR·mean(x), whole batch
+        kr = {l: _routing_keys(router, l, pooler) for l in layers}  # W_KR·mean(x), whole batch
         for row, i in enumerate(batch):
             c = n_chunks[i]
             pooled[i] = (
@@ -153,6 +153,14 @@ def encode_parts(backbone: Backbone, router: RouterProjectors, layers: list[int]
         metadatas=[x.metadata for x in parts], n_tokens=lengths, n_chunks=n_chunks, layers=list(layers),
         k_bar=stack(0), v_bar=stack(1), kr_bar=stack(2), part_index=[x.part_index for x in parts],
     )
+
+
+def _routing_keys(router: RouterProjectors, layer: int, pooler: _Pooler) -> torch.Tensor:
+    """Pooled routing keys [B, C, kv, D]: W_KR applied to the pooled hidden state, or, for a router
+    without projectors (an MSA checkpoint with decouple_router false, spec §2.2), K̄ itself."""
+    if getattr(router, "keys_from_attention", False):
+        return pooler.k[layer]
+    return router.project_keys(layer, pooler.x[layer]).float()
 
 
 def _no_bar(show: bool | None, n: int) -> bool:

@@ -109,9 +109,13 @@ class MemoryRouter:
 
     def __init__(self, bank: MemoryBank, router: RouterProjectors, cfg: RoutingConfig,
                  routing_mask: torch.Tensor, *, allowed: torch.Tensor | None = None,
-                 top_k: int | None = None, attend: bool = True) -> None:
+                 top_k: int | None = None, attend: bool = True,
+                 positions: torch.Tensor | None = None) -> None:
         self.bank, self.router, self.cfg = bank, router, cfg
         self.routing_mask = routing_mask
+        # RoPE positions of the prompt: only routers whose queries are the attention's own rotated q
+        # (MSA checkpoints without decouple_router) need them.
+        self.positions = positions
         self.allowed = allowed
         self.top_k = top_k or cfg.top_k
         self.attend = attend  # False: score only (retrieval of documents without generation)
@@ -122,7 +126,7 @@ class MemoryRouter:
         li = self.layer_pos.get(layer)
         if li is None or len(self.bank) == 0:
             return None
-        q = self.router.project_queries(layer, x)
+        q = self._routing_queries(layer, x)
         chunk_scores = score_chunks(q, self.routing_mask, self.bank.kr_bar[li],
                                     head_reduce=self.cfg.head_reduce, query_reduce=self.cfg.query_reduce,
                                     normalization=self.cfg.normalization)
@@ -135,6 +139,14 @@ class MemoryRouter:
         if not self.attend or rows.shape[1] == 0:
             return None
         return self._gather(li, rows, x.device, x.dtype)
+
+    def _routing_queries(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self.router, "needs_positions", False):
+            if self.positions is None:
+                raise InvalidInputError("this router routes with the attention's rotated queries; "
+                                        "pass the prompt positions to MemoryRouter")
+            return self.router.project_queries(layer, x, self.positions)
+        return self.router.project_queries(layer, x)
 
     def _gather(self, li: int, rows: torch.Tensor, device: torch.device, dtype: torch.dtype) -> Memory:
         """Pooled K/V of each row's chosen documents, right-padded to the longest row."""
@@ -270,9 +282,11 @@ class Generation:
     def _run(self) -> Iterator[str]:
         dev = self.backbone.device
         ids, valid, routing = left_pad([self.prompt], 0, dev)
-        self.router = self.memory_factory(routing) if self.memory_factory else None
-        caches = self.backbone.new_caches(1, capacity=ids.shape[1] + self.params.max_new_tokens + 64)
         pos = query_positions(valid, self.offset)
+        self.router = self.memory_factory(routing) if self.memory_factory else None
+        if isinstance(self.router, MemoryRouter) and self.router.positions is None:
+            self.router.positions = pos
+        caches = self.backbone.new_caches(1, capacity=ids.shape[1] + self.params.max_new_tokens + 64)
         hidden = self.backbone(ids, pos, valid=valid, caches=caches, memory_hook=self.router)
         logits = self.backbone.logits(hidden[:, -1])
         gen = torch.Generator(device="cpu").manual_seed(self.params.seed) if self.params.seed is not None else None

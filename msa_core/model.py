@@ -4,6 +4,10 @@
     bank = model.index(texts, ids=ids, metadatas=metas)  # stage 1
     hits = model.retrieve("question", bank, k=5)         # routing only
     ans = model.answer("question", bank, mode="latent")  # or mode="hybrid"
+
+MSA-format checkpoints (the released MSA-4B) load with the `reference` profile: the authors' prompts,
+document rendering and memory layout (msa_core/reference.py), and `mode="interleave"`, their
+generative-retrieval loop (msa_core/interleave.py).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from .generate import (Generation, MemoryRouter, Message, SamplingParams, build_
 from .memory import MemoryBank
 from .router import RouterProjectors, aggregate_layers, relevance
 
-Mode = Literal["latent", "hybrid"]
+Mode = Literal["latent", "hybrid", "interleave"]
 # A hybrid-mode generator: prompt text -> answer text, or an iterator of text pieces (streaming).
 Generator = Callable[[str], "str | Iterable[str]"]
 
@@ -61,11 +65,18 @@ class Answer:
     scores: list[float]  # their routing scores
     finish_reason: str | None = None
     layer_selections: dict[int, list[str]] = field(default_factory=dict)  # latent: per routing layer
+    rounds: list[list[str]] | None = None  # interleave: the documents injected in each round
+    transcript: str | None = None  # interleave: the whole text the model read and wrote
 
     def to_dict(self) -> dict[str, Any]:
-        return {"answer": self.text, "mode": self.mode, "doc_ids": self.doc_ids, "scores": self.scores,
-                "finish_reason": self.finish_reason,
-                "layer_selections": {str(k): v for k, v in self.layer_selections.items()}}
+        d = {"answer": self.text, "mode": self.mode, "doc_ids": self.doc_ids, "scores": self.scores,
+             "finish_reason": self.finish_reason,
+             "layer_selections": {str(k): v for k, v in self.layer_selections.items()}}
+        if self.rounds is not None:
+            d["rounds"] = self.rounds
+        if self.transcript is not None:
+            d["transcript"] = self.transcript
+        return d
 
 
 class AnswerStream:
@@ -94,6 +105,10 @@ class MSAModel:
 
     def __init__(self, backbone: Backbone, tokenizer: Any, router: RouterProjectors, config: MSAConfig, *,
                  name: str = "", eos_ids: Sequence[int] = ()) -> None:
+        from .reference import ReferenceProfile
+
+        if config.profile is None:
+            config = config.model_copy(update={"profile": "default"})
         self.backbone, self.tokenizer, self.router, self.config = backbone, tokenizer, router, config
         self.name = name
         self.layers = config.resolve_routing_layers(backbone.args.num_layers)
@@ -101,23 +116,43 @@ class MSAModel:
             raise ModelLoadError(f"router covers layers {router.layers} but routing layers are {self.layers}")
         self.eos_ids = list(eos_ids)
         self.backbone_fingerprint = backbone.fingerprint()
+        self.hf_config: Any = None  # the checkpoint's transformers config, kept for save_pretrained
+        self.msa_config: dict[str, Any] | None = None  # an MSA checkpoint's msa_config (defaults filled)
+        self.reference = ReferenceProfile(self) if config.profile == "reference" else None
+
+    @property
+    def profile(self) -> str:
+        """'default' or 'reference' (the released MSA code's prompts and memory layout)."""
+        return self.config.profile or "default"
 
     # ---- loading ------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = "default", *, router: str | Path | None = None,
                         config: MSAConfig | dict | None = None, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None) -> "MSAModel":
-        """Load a Llama/Qwen2/Qwen3 checkpoint ("default" = the embedded SmolLM2-135M-Instruct).
+                        dtype: torch.dtype | None = None, profile: str | None = None) -> "MSAModel":
+        """Load a Llama/Qwen2/Qwen3 checkpoint ("default" = the embedded SmolLM2-135M-Instruct) or an
+        MSA-format one (config.json model_type "msa", e.g. EverMind-AI/MSA-4B), by folder or hub id.
 
-        router: None or "native" (copies of W_Q/W_K), "random", or a router .safetensors file.
+        router: None (MSA checkpoints: their own router; others: "native"), "native" (copies of
+        W_Q/W_K), "random", or a router .safetensors file.
+        profile: "default" or "reference"; None takes the config's, else "reference" for MSA-format
+        checkpoints and "default" for the others.
         """
         from transformers import AutoTokenizer
 
         from .defaults import resolve_model_path
+        from .msa_format import is_msa_checkpoint, load_msa_model
 
-        cfg = config if isinstance(config, MSAConfig) else MSAConfig.model_validate(config or {})
+        if profile not in (None, "default", "reference"):
+            raise InvalidInputError(f"profile must be 'default' or 'reference', got {profile!r}")
         path = resolve_model_path(str(name_or_path))
+        if is_msa_checkpoint(path):
+            return load_msa_model(path, router=router, config=config, profile=profile, device=device, dtype=dtype,
+                                  name=str(name_or_path))
+        cfg = config if isinstance(config, MSAConfig) else MSAConfig.model_validate(config or {})
+        if profile is not None:
+            cfg = cfg.model_copy(update={"profile": profile})
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         backbone, hf_cfg = load_backbone(path, dtype=dtype, device=device)
@@ -125,7 +160,19 @@ class MSAModel:
         projectors, cfg = _make_router(backbone, cfg, router)
         projectors = projectors.to(device=device, dtype=dtype)
         name = "default" if str(name_or_path) == "default" else str(name_or_path)
-        return cls(backbone, tokenizer, projectors, cfg, name=name, eos_ids=_eos_ids(tokenizer, hf_cfg, path))
+        model = cls(backbone, tokenizer, projectors, cfg, name=name, eos_ids=_eos_ids(tokenizer, hf_cfg, path))
+        model.hf_config = hf_cfg
+        return model
+
+    def save_pretrained(self, path: str | Path, *, format: str = "msa", dtype: torch.dtype | None = None) -> Path:
+        """Save backbone, router, settings and tokenizer as an MSA-format checkpoint folder (the
+        released model's format: config.json with msa_config, router tensors under the reference's
+        names). Loading it back gives the same weights, router fingerprint and settings."""
+        from .msa_format import save_msa
+
+        if format != "msa":
+            raise InvalidInputError(f"format must be 'msa', got {format!r}")
+        return save_msa(self, path, dtype=dtype)
 
     @property
     def router_fingerprint(self) -> str:
@@ -154,7 +201,10 @@ class MSAModel:
         self.check_bank(bank)
         texts, ids, metadatas = _check_documents(texts, ids, metadatas)
         enc = self.config.encode
-        parts = split_documents(self.tokenizer, texts, ids, metadatas, enc.max_doc_tokens)
+        if self.reference is not None:
+            parts = self.reference.document_parts(bank, texts, ids, metadatas, enc.max_doc_tokens)
+        else:
+            parts = split_documents(self.tokenizer, texts, ids, metadatas, enc.max_doc_tokens)
         encoded = encode_parts(self.backbone, self.router, self.layers, parts, enc,
                                pad_id=self.tokenizer.pad_token_id or 0, show_progress_bar=show_progress_bar)
         return bank.add(encoded)
@@ -167,6 +217,11 @@ class MSAModel:
 
     def check_bank(self, bank: MemoryBank) -> None:
         bank.check_compatible(self.backbone_fingerprint, self.router_fingerprint)
+        built = bank.config.profile or "default"
+        if built != self.profile:
+            raise InvalidInputError(
+                f"bank was built with the {built!r} profile (document rendering and prompts differ); load the "
+                f"model with profile={built!r} or rebuild the bank")
         if bank.config.encode.chunk_size != self.config.encode.chunk_size or bank.layers != self.layers:
             raise InvalidInputError(
                 f"bank was built with chunk size {bank.config.encode.chunk_size} and layers {bank.layers}; "
@@ -199,11 +254,13 @@ class MSAModel:
         return results[0] if isinstance(question, str) else results
 
     def _route_scores(self, questions: list[str], bank: MemoryBank, allowed: torch.Tensor) -> torch.Tensor:
+        if self.reference is not None:
+            return self.reference.route_scores(questions, bank, allowed)
         prompts = [build_prompt(self.tokenizer, q) for q in questions]
         dev = self.backbone.device
         ids, valid, routing = left_pad(prompts, self.tokenizer.pad_token_id or 0, dev)
-        router = MemoryRouter(bank, self.router, self.config.routing, routing, allowed=allowed)
         pos = query_positions(valid, self._position_offset(self.config.routing.top_k))
+        router = MemoryRouter(bank, self.router, self.config.routing, routing, allowed=allowed, positions=pos)
         self.backbone(ids, pos, valid=valid, memory_hook=router, last_layer=max(self.layers))
         return torch.stack([router.routings[layer].doc_scores for layer in self.layers]).cpu()
 
@@ -212,7 +269,7 @@ class MSAModel:
         """Best part rows first; a parent is ranked by its best part unless parts are asked for."""
         order = torch.sort(total, descending=True, stable=True).indices.tolist()
         records, seen = bank.docstore, set()
-        rel = relevance(total, self.config.routing.normalization)
+        rel = relevance(total, self.config.routing.normalization, self.backbone.args.head_dim)
         out: list[RetrievedDocument] = []
         for row in order:
             if not allowed[row] or len(out) == k:
@@ -241,13 +298,18 @@ class MSAModel:
     def stream_answer(self, question: str | Sequence[Message], bank: MemoryBank | None = None, *, mode: Mode = "latent",
                       k: int | None = None, filter: Filter = None, generator: Generator | None = None,
                       max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-                      stop: Sequence[str] | None = None, seed: int | None = None) -> AnswerStream:
+                      stop: Sequence[str] | None = None, seed: int | None = None, max_rounds: int = 4,
+                      bidirectional_injection: bool = False) -> AnswerStream:
         """Answer `question` (a string, or chat messages whose last user message routes) from `bank`,
         streaming text pieces.
 
         latent: routing layers attend to the pooled K/V of the top-k documents of each layer.
         hybrid: the top-k documents by routing score are put, as text, into the prompt of
         `generator` (default: this backbone without memory).
+        interleave (reference profile): the model names documents, their texts are injected and it
+        routes again, at most `max_rounds` times, then answers (spec §3); Answer.rounds lists the
+        documents of each round. max_new_tokens bounds each generation segment; `stop` does not apply;
+        bidirectional_injection=True feeds the re-prompt without a causal mask, as the reference does.
         """
         params = self._sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 stop=list(stop or []), seed=seed)
@@ -258,7 +320,9 @@ class MSAModel:
             return self._latent(question, bank, k, filter, params)
         if mode == "hybrid":
             return self._hybrid(question, bank, k, filter, generator, params)
-        raise InvalidInputError(f"mode must be 'latent' or 'hybrid', got {mode!r}")
+        if mode == "interleave":
+            return self._interleave(question, bank, k, filter, params, max_rounds, bidirectional_injection)
+        raise InvalidInputError(f"mode must be 'latent', 'hybrid' or 'interleave', got {mode!r}")
 
     def answer(self, question: str | Sequence[Message], bank: MemoryBank | None = None, **kw: Any) -> Answer:
         """`stream_answer` collected into one Answer (text, mode, doc_ids, scores)."""
@@ -270,6 +334,8 @@ class MSAModel:
 
     def _latent(self, question: str | Sequence[Message], bank: MemoryBank | None, k: int, filter: Filter,
                 params: SamplingParams) -> AnswerStream:
+        if self.reference is not None:
+            return self._latent_reference(question, bank, k, filter, params)
         prompt = build_prompt(self.tokenizer, question)
         memory = None
         if bank is not None and len(bank):
@@ -287,6 +353,66 @@ class MSAModel:
             return Answer(text, "latent", ids, scores, gen.finish_reason, per_layer)
 
         return AnswerStream(iter(gen), finish)
+
+    def _latent_reference(self, question: str | Sequence[Message], bank: MemoryBank | None, k: int,
+                          filter: Filter, params: SamplingParams) -> AnswerStream:
+        allowed = None
+        if bank is not None and len(bank):
+            self.check_bank(bank)
+            allowed = bank.row_mask(filter)
+        assert self.reference is not None
+        gen, _ = self.reference.latent(last_user_text(question), bank, k, allowed, params)
+
+        def finish(text: str) -> Answer:
+            ids, scores, per_layer = self._used_documents(bank, gen.router)
+            return Answer(text, "latent", ids, scores, gen.finish_reason, per_layer)
+
+        return AnswerStream(iter(gen), finish)
+
+    def _interleave(self, question: str | Sequence[Message], bank: MemoryBank | None, k: int, filter: Filter,
+                    params: SamplingParams, max_rounds: int, bidirectional: bool) -> AnswerStream:
+        from .interleave import InterleaveMachine, ModelBackend, run_interleave
+
+        if self.reference is None:
+            raise InvalidInputError("mode='interleave' is the released MSA model's protocol and needs the reference "
+                                    "profile: load the model with profile='reference' (the default for MSA-format "
+                                    "checkpoints)")
+        if bank is None or len(bank) == 0:
+            raise InvalidInputError("mode='interleave' needs a memory bank with documents")
+        self.check_bank(bank)
+        allowed = bank.row_mask(filter)
+        numbers = self.reference.documents_by_index(bank, allowed)
+        texts = {d["id"]: d["text"] for d in bank.get(list(dict.fromkeys(numbers.values())))}
+        text = last_user_text(question)
+        machine = InterleaveMachine(text, {i: texts[pid] for i, pid in numbers.items()}, max_rounds=max_rounds,
+                                    bidirectional_injection=bidirectional)
+        backend = ModelBackend(self, bank, k, params, allowed)
+        pieces = run_interleave(machine, backend, params.max_new_tokens)
+
+        def finish(_: str) -> Answer:
+            rounds = [[numbers[i] for i in r] for r in machine.rounds]
+            named: dict[str, float] = {}
+            for r, docs in enumerate(rounds):  # scored by the routing that preceded the naming
+                totals = self._parent_totals(bank, backend.routings[r])
+                for pid in docs:
+                    named.setdefault(pid, totals.get(pid, 0.0))
+            first = self._used_documents(bank, backend.prefills[0].hook)[2] if backend.prefills else {}
+            return Answer(machine.answer or "", "interleave", list(named), list(named.values()),
+                          machine.finish_reason, first,
+                          rounds=rounds, transcript=machine.transcript)
+
+        return AnswerStream(pieces, finish)
+
+    def _parent_totals(self, bank: MemoryBank, routings: dict) -> dict[str, float]:
+        """Aggregated routing score of every parent (its best part) in one prefill."""
+        if not routings:
+            return {}
+        stacked = torch.stack([routings[layer].doc_scores[0] for layer in self.layers]).unsqueeze(1)
+        total = aggregate_layers(stacked, self.config.routing.layer_aggregate)[0]
+        out: dict[str, float] = {}
+        for row, rec in enumerate(bank.docstore):
+            out[rec.parent_id] = max(out.get(rec.parent_id, float("-inf")), float(total[row]))
+        return out
 
     def _used_documents(self, bank: MemoryBank | None, router: MemoryRouter | None):
         """Parents attended to in any routing layer, ranked by their aggregated routing score."""

@@ -447,12 +447,13 @@ def score_chunks(
 
     q [B, T, H, D] routing queries, token_mask [B, T] True for routing tokens (padding may be on
     either side), kr_bar [C, Hkv, D] pooled routing keys. Query head h reads kv head h // (H/Hkv).
-    cosine: both sides L2-normalised; scaled_dot: raw dot product times 1/sqrt(D) (spec §2.3).
+    cosine: both sides L2-normalised; scaled_dot: raw dot product times 1/sqrt(D) (spec §2.3);
+    scaled_cosine: cosine times 1/sqrt(D) (the reference without decouple_router, spec §9).
     Chunks are processed `chunk_block` at a time so memory does not grow with the bank.
     """
     _check_choice("head_reduce", head_reduce, ("mean", "max"))
     _check_choice("query_reduce", query_reduce, ("max", "mean", "last"))
-    _check_choice("normalization", normalization, ("cosine", "scaled_dot"))
+    _check_choice("normalization", normalization, ("cosine", "scaled_dot", "scaled_cosine"))
     _check_score_inputs(q, token_mask, kr_bar, chunk_block)
     b, _, h, d = q.shape
     hkv = kr_bar.shape[1]
@@ -461,10 +462,10 @@ def score_chunks(
     k = kr_bar.to(device=q.device, dtype=torch.float32)
     if query_reduce == "last":
         q, token_mask = _last_valid_token(q, token_mask)
-    if normalization == "cosine":
+    if normalization in ("cosine", "scaled_cosine"):
         q = F.normalize(q, dim=-1, eps=_NORM_EPS)
         k = F.normalize(k, dim=-1, eps=_NORM_EPS)
-    else:
+    if normalization in ("scaled_dot", "scaled_cosine"):
         q = q * (1.0 / math.sqrt(d))  # scaling q once is cheaper than scaling every score
     q = q.unflatten(2, (hkv, h // hkv))  # [B, T, Hkv, G, D]
     out = torch.empty(b, k.shape[0], dtype=torch.float32, device=q.device)
@@ -564,10 +565,15 @@ def aggregate_layers(layer_scores: Tensor, how: LayerAggregate) -> Tensor:
     return layer_scores.float().amax(dim=0)
 
 
-def relevance(scores: Tensor, normalization: Normalization) -> Tensor:
-    """Scores mapped to [0, 1]: cosine -> (s+1)/2 clamped; scaled_dot -> sigmoid(s)."""
-    _check_choice("normalization", normalization, ("cosine", "scaled_dot"))
+def relevance(scores: Tensor, normalization: Normalization, head_dim: int | None = None) -> Tensor:
+    """Scores mapped to [0, 1]: cosine -> (s+1)/2 clamped; scaled_dot -> sigmoid(s);
+    scaled_cosine -> (s*sqrt(head_dim)+1)/2 clamped (head_dim required)."""
+    _check_choice("normalization", normalization, ("cosine", "scaled_dot", "scaled_cosine"))
     s = scores.float()
-    if normalization == "cosine":
+    if normalization == "scaled_cosine":
+        if head_dim is None or head_dim <= 0:
+            raise InvalidInputError("relevance of scaled_cosine scores needs head_dim (the routing head size)")
+        s = s * math.sqrt(head_dim)
+    if normalization in ("cosine", "scaled_cosine"):
         return ((s + 1.0) / 2.0).clamp(0.0, 1.0)
     return torch.sigmoid(s)

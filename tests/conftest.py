@@ -28,3 +28,20 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_msa_dir(tmp_path_factory: pytest.TempPathFactory):
+    """Factory: tiny_msa_dir(decouple=True, aux="INFONCE_DECOUPLE", layers="2,3", ...) -> folder with a
+    random MSA-format checkpoint (see tests/msa_tiny.py)."""
+    from msa_tiny import save_tiny_msa_model
+
+    made: dict[str, Path] = {}
+
+    def make(**kw) -> Path:
+        key = repr(sorted(kw.items()))
+        if key not in made:
+            made[key] = save_tiny_msa_model(tmp_path_factory.mktemp("tiny-msa"), **kw)
+        return made[key]
+
+    return make
