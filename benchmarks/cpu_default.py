@@ -136,6 +136,7 @@ def main() -> None:
         while upto < len(texts) and cumulative < size:
             cumulative += counts[upto]
             upto += 1
+        load_before = os.getloadavg()[0]
         t = time.perf_counter()
         model.add(bank, texts[done:upto], ids=ids[done:upto], show_progress_bar=True)
         encode_s = time.perf_counter() - t
@@ -153,6 +154,8 @@ def main() -> None:
             "retrieve_k5": summary(retrieve), "ask_latent_32_tokens": summary(ask),
             "ask_plain_no_memory_32_tokens": summary(plain),
             "ask_latent_vs_plain": statistics.median(ask) / statistics.median(plain),
+            # other work on the machine slows every number; a load near the core count means none ran
+            "load_average_1min": {"before_encode": load_before, "after_queries": os.getloadavg()[0]},
         }
         result["sizes"].append(entry)
         print(json.dumps(entry, indent=1), file=sys.stderr)
