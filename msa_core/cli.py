@@ -7,6 +7,8 @@
     msa query ./bank "question" -k 5 --filter year>=1900 [--json]
     msa ask ./bank "question" --mode latent|hybrid|interleave [--json]
     msa demo                                      # the README's tour on the shipped demo corpus
+    msa niah --tokens 64K --out ./niah-64k        # generate a needle-in-a-haystack retrieval set
+    msa compare --data DIR --retrievers msa,minilm,bm25 --out ./report   # the A/B harness
 
 A bank remembers the model that built it (its manifest's `model_name`) and, when it was not the
 native one, the router (in a small `msa-cli.json` next to the bank's versions), so later commands
@@ -424,6 +426,21 @@ def _demo_summary(args: argparse.Namespace, n_docs: int, encode_s: float, hits: 
              "Try --model PATH with a larger Llama/Qwen2/Qwen3 checkpoint.")
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    try:
+        from msa_integrations.compare.cli import run_compare
+    except ImportError as exc:
+        raise InvalidInputError(f"msa compare needs the compare extra ({exc.name} is missing): "
+                                "pip install 'msa[compare]'") from exc
+    return run_compare(args)
+
+
+def cmd_niah(args: argparse.Namespace) -> int:
+    from msa_integrations.compare.cli import run_niah
+
+    return run_niah(args)
+
+
 # ---- argument parsing --------------------------------------------------------------------------
 
 
@@ -539,7 +556,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="default", help="'default' or a local Llama/Qwen2/Qwen3 folder")
     p.add_argument("--keep", metavar="DIR", help="save the demo bank in DIR (default: a temporary folder)")
     p.add_argument("--overwrite", action="store_true", help="replace a bank already in --keep DIR")
+    _add_compare_commands(command)
     return parser
+
+
+def _add_compare_commands(command: Any) -> None:
+    from .niah import ITEM_TYPES, TASKS
+
+    p = command("compare", cmd_compare, "Compare retrievers (MSA, MiniLM+FAISS, BM25) on evaluation sets: "
+                "recall@k, hit@k, nDCG@10, MRR, build time, index size, latency; writes report.json, report.md "
+                "and PNG plots.")
+    p.add_argument("--data", action="append", metavar="DIR", help="a folder with corpus.jsonl and queries.jsonl "
+                   "(the format of ../shared/data/eval/); repeat it for several memory sizes")
+    p.add_argument("--retrievers", default="msa,minilm,bm25", help="comma-separated: msa, minilm, bm25, random "
+                   "(default: msa,minilm,bm25)")
+    p.add_argument("--k", default="1,2,5,10", help="cut-offs for recall@k and hit@k (default: 1,2,5,10)")
+    p.add_argument("--out", default="compare-report", metavar="DIR", help="report folder (default: compare-report)")
+    p.add_argument("--limit", type=_positive_int, help="only the first N questions, and the corpus cut to the "
+                   "shortest prefix holding their gold documents (or --corpus-limit)")
+    p.add_argument("--corpus-limit", type=_positive_int, help="keep the first N corpus documents")
+    p.add_argument("--niah-sizes", metavar="SIZES", help="also generate NIAH sets of these memory sizes in tokens "
+                   "(e.g. 16K,64K,256K) and compare on each")
+    p.add_argument("--niah-task", choices=TASKS, default="multikey", help="NIAH task (default: multikey)")
+    p.add_argument("--niah-queries", type=_positive_int, default=50, help="NIAH questions per set (default: 50)")
+    p.add_argument("--niah-doc-tokens", type=_positive_int, default=512, help="NIAH document size (default: 512)")
+    p.add_argument("--niah-seed", type=int, default=0, help="NIAH seed (default: 0)")
+    p.add_argument("--niah-dir", metavar="DIR", help="where NIAH sets go (default: OUT/niah); existing sets "
+                   "are reused")
+    p.add_argument("--haystack", metavar="PATH", help="NIAH haystack (default: "
+                   "$MSA_SHARED_DATA/haystack/paul_graham_essays.json)")
+    p.add_argument("--latency-queries", type=int, default=50, help="single-question searches timed (default: 50)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="questions per search call (default: 16)")
+    p.add_argument("--answers", type=int, default=0, metavar="N", help="also answer the first N questions: hybrid "
+                   "for every retriever, latent for msa; EM and F1 (default: 0)")
+    p.add_argument("--answer-k", type=_positive_int, default=5, help="passages in the hybrid prompt (default: 5)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32, help="answer length (default: 32)")
+    p.add_argument("--model", default="default", help="msa: 'default' or a Llama/Qwen2/Qwen3 folder")
+    p.add_argument("--router", default=None, help="msa: native (default), random, or a router .safetensors file")
+    p.add_argument("--cache", metavar="DIR", help="keep MSA banks and MiniLM embeddings here and reuse them "
+                   "(the report then gives the first build's time)")
+    p.add_argument("--note", help="free text put in the report (e.g. what else ran on the machine)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = command("niah", cmd_niah, "Generate a needle-in-a-haystack retrieval set (RULER-style) in the eval format: "
+                "corpus.jsonl, queries.jsonl, dataset.json.")
+    p.add_argument("--tokens", required=True, help="memory size in tokens: 16000, 16K, 1M, ...")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write the set to")
+    p.add_argument("--task", choices=TASKS, default="multikey", help="single: needles only in the asked documents; "
+                   "multikey: every document holds a needle with its own key; multivalue: several documents per "
+                   "key (default: multikey)")
+    p.add_argument("--key-type", choices=ITEM_TYPES, default="words", help="default: words")
+    p.add_argument("--value-type", choices=ITEM_TYPES, default="numbers", help="default: numbers")
+    p.add_argument("--doc-tokens", type=_positive_int, default=512, help="tokens per document (default: 512)")
+    p.add_argument("--queries", type=_positive_int, default=50, help="questions (default: 50)")
+    p.add_argument("--values", type=_positive_int, default=4, help="multivalue: values per key (default: 4)")
+    p.add_argument("--seed", type=int, default=0, help="default: 0")
+    p.add_argument("--haystack", metavar="PATH", help="a .json/.txt/.md file, a .jsonl corpus or a folder (default: "
+                   "$MSA_SHARED_DATA/haystack/paul_graham_essays.json, else ../shared/data beside the repository)")
+    p.add_argument("--tokenizer", default="default", help="'default' (the embedded model's), 'whitespace', or a "
+                   "tokenizer folder")
+    p.add_argument("--overwrite", action="store_true", help="replace a set already in DIR")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 # ---- entry point -------------------------------------------------------------------------------
