@@ -14,10 +14,9 @@ import json
 import time
 
 from llama_index.core import Document, StorageContext, VectorStoreIndex
-from llama_index.core.query_engine import RetrieverQueryEngine
 
 from msa_core.corpus import DEMO_CORPUS_PATH, DEMO_QUESTIONS_PATH, read_corpus
-from msa_integrations.llama_index import MSALLM, MSAQueryEngine, MSARetriever, MSAVectorStore
+from msa_integrations.llama_index import MSALLM, MSAQueryEngine, MSAVectorStore
 
 
 def load_documents(n: int) -> list[Document]:
@@ -49,7 +48,7 @@ def main() -> None:
     # Hybrid: MSA routing picks the documents, any LLM reads their text. Here the same backbone
     # without memory (use_memory=False), so the example stays offline.
     generator = MSALLM(store, use_memory=False, max_new_tokens=args.max_new_tokens)
-    hybrid = RetrieverQueryEngine.from_args(MSARetriever(store, similarity_top_k=2), llm=generator)
+    hybrid = index.as_query_engine(llm=generator, similarity_top_k=2)  # LlamaIndex's own engine
     response = hybrid.query(question["question"])
     print(f"\n[hybrid] {response.response.strip()}")
     show_sources(response)
