@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from tiny import CHAT_TEMPLATE, hf_config
+from tiny import hf_config, save_tiny_tokenizer
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>"]
 _SENTENCES = [
@@ -31,19 +31,7 @@ _SENTENCES = [
 
 
 def save_msa_tokenizer(path: Path) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=480, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_SENTENCES * 4, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>", unk_token=None)
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(str(path))
+    save_tiny_tokenizer(path, specials=SPECIALS, sentences=_SENTENCES, vocab_size=480)
 
 
 def msa_config(*, layers: str = "2,3", decouple: bool = True, aux: str = "INFONCE_DECOUPLE", pooling: int = 4,

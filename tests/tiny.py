@@ -24,16 +24,17 @@ _SENTENCES = [
 ]
 
 
-def save_tiny_tokenizer(path: Path) -> None:
+def save_tiny_tokenizer(path: Path, *, specials: list[str] = SPECIALS, sentences: list[str] = _SENTENCES,
+                        vocab_size: int = 400) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_SENTENCES * 4, trainer)
+    tok.train_from_iterator(sentences * 4, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>", unk_token=None)
     fast.chat_template = CHAT_TEMPLATE
