@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from msa_core import MSAConfig, MSAModel
+from heartbeat import ticks_during
 from msa_core.store import MemoryStore
 
 DOCS = ["The lighthouse was built in 1887 by Ada Quist.", "Ferries leave at seven.", "Paris is in France."]
@@ -33,25 +34,17 @@ def test_sync_operations(store, tmp_path):
 
 
 def test_async_calls_do_not_block_the_loop_and_see_whole_updates(store):
-    async def scenario():
-        ticks = 0
-        stop = asyncio.Event()
-
-        async def heartbeat():
-            nonlocal ticks
-            while not stop.is_set():
-                ticks += 1
-                await asyncio.sleep(0.001)
-
-        beat = asyncio.create_task(heartbeat())
+    async def work():
         reads = [store.aretrieve("lighthouse", k=10) for _ in range(10)]
         writes = [store.aadd([f"new doc {i}"], ids=[f"n{i}"]) for i in range(3)]
         results = await asyncio.gather(*reads, *writes, store.adelete(["b"]))
         stream = store.astream_answer("Who?", max_new_tokens=3)
         pieces = [p async for p in stream]
-        stop.set()
-        await beat
-        return ticks, results, pieces, stream.result
+        return results, pieces, stream.result
+
+    async def scenario():
+        ticks, (results, pieces, answer) = await ticks_during(work())
+        return ticks, results, pieces, answer
 
     ticks, results, pieces, answer = asyncio.run(scenario())
     assert ticks > 5  # the loop kept running while the model worked

@@ -18,6 +18,7 @@ from langchain_tests.unit_tests import ChatModelUnitTests
 
 from msa_core import MSAConfig, MSAModel
 from msa_core.store import MemoryStore
+from heartbeat import ticks_during
 from msa_integrations.langchain import ChatMSA, MSARetriever, MSAVectorStore, build_rag_chain, format_docs
 from msa_integrations.langchain.chat_models import to_conversation
 
@@ -51,22 +52,6 @@ def _on_worker_thread(store: MemoryStore, monkeypatch, method: str, delay: float
 
     monkeypatch.setattr(store, method, slow)
     return threads
-
-
-async def _ticks_during(coro) -> tuple[int, object]:
-    ticks, stop = 0, asyncio.Event()
-
-    async def heartbeat():
-        nonlocal ticks
-        while not stop.is_set():
-            ticks += 1
-            await asyncio.sleep(0.005)
-
-    beat = asyncio.create_task(heartbeat())
-    result = await coro
-    stop.set()
-    await beat
-    return ticks, result
 
 
 # ---- MSARetriever -----------------------------------------------------------------------------
@@ -122,7 +107,7 @@ def test_retriever_filters_apply_before_routing(tiny):
 def test_retriever_ainvoke_runs_off_the_loop(tiny, monkeypatch):
     retriever = MSARetriever.from_texts(TEXTS, k=2, ids=IDS, model=tiny)
     threads = _on_worker_thread(retriever.store, monkeypatch, "retrieve")
-    ticks, docs = asyncio.run(_ticks_during(retriever.ainvoke("lighthouse")))
+    ticks, docs = asyncio.run(ticks_during(retriever.ainvoke("lighthouse"), interval=0.005))
     assert len(docs) == 2 and docs[0].metadata["relevance_score"] >= docs[1].metadata["relevance_score"]
     assert threads and all(name.startswith("msa-store") for name in threads)
     assert ticks >= 10  # ~40 heartbeats fit in the 0.2 s the engine call blocked its thread
@@ -246,7 +231,7 @@ def test_async_vectorstore_methods_run_on_the_store_worker(vs, monkeypatch):
 
 def test_async_search_does_not_block_the_loop(vs, monkeypatch):
     threads = _on_worker_thread(vs.store, monkeypatch, "retrieve")
-    ticks, docs = asyncio.run(_ticks_during(vs.asimilarity_search("ferry", k=2)))
+    ticks, docs = asyncio.run(ticks_during(vs.asimilarity_search("ferry", k=2), interval=0.005))
     assert len(docs) == 2 and ticks >= 10 and all(n.startswith("msa-store") for n in threads)
 
 

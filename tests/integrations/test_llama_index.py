@@ -29,6 +29,7 @@ from llama_index.core.vector_stores.utils import build_metadata_filter_fn
 from msa_core import InvalidInputError, MSAConfig, MSAModel
 from msa_core.filters import compile_filter
 from msa_core.store import MemoryStore
+from heartbeat import ticks_during
 from msa_integrations.llama_index import (MSALLM, MSAPlaceholderEmbedding, MSAQueryEngine, MSARetriever,
                                           MSAVectorStore, to_msa_filter)
 
@@ -315,24 +316,12 @@ def test_retriever_accepts_store_and_index(index, store):
 
 @pytest.mark.asyncio
 async def test_async_calls_run_off_the_event_loop(index, store):
-    ticks = 0
-    stop = asyncio.Event()
-
-    async def heartbeat():
-        nonlocal ticks
-        while not stop.is_set():
-            ticks += 1
-            await asyncio.sleep(0.001)
-
-    beat = asyncio.create_task(heartbeat())
     retriever = MSARetriever(store, similarity_top_k=2)
-    results = await asyncio.gather(
+    ticks, results = await ticks_during(asyncio.gather(
         *[retriever.aretrieve("lighthouse") for _ in range(5)],
         *[store.aquery(VectorStoreQuery(query_str="harbour", similarity_top_k=2)) for _ in range(5)],
         store.async_add([TextNode(id_="extra", text="An extra note about cheese.")]),
-    )
-    stop.set()
-    await beat
+    ))
     assert ticks > 3  # the loop kept running while the model routed
     assert all(len(r) == 2 for r in results[:5]) and all(len(r.nodes) == 2 for r in results[5:10])
     assert results[10] == ["extra"] and "extra" in store.store.ids()
