@@ -106,17 +106,41 @@ def _not_utf8(path: Path, line: int, bad: bytes) -> InvalidInputError:
 
 def _parse_record(line: str, where: str, *, default_id: str) -> CorpusRecord:
     try:
-        obj = json.loads(line)
+        obj = json.loads(line, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise InvalidInputError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from exc
+    except RecursionError as exc:
+        raise InvalidInputError(f"{where}: invalid JSON: nested too deeply") from exc
+    except ValueError as exc:  # NaN/Infinity, or an integer of more than 4300 digits
+        raise InvalidInputError(f"{where}: invalid JSON: {exc}") from exc
     if not isinstance(obj, dict):
         raise InvalidInputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    _check_no_surrogates(obj, where)
     return CorpusRecord(
         id=_record_id(obj.get("id"), where, default_id),
         text=_record_text(obj, where),
         title=_record_title(obj.get("title"), where),
         metadata=_record_metadata(obj, where),
     )
+
+
+def _no_constant(name: str) -> Any:
+    # Python's json reads NaN and Infinity, which are not JSON; the bank would refuse them only
+    # after the whole corpus was encoded.
+    raise ValueError(f"{name} is not a JSON value; use null or a number")
+
+
+def _check_no_surrogates(obj: dict[str, Any], where: str) -> None:
+    # An escape such as \ud800 decodes to a lone surrogate: not text, and not storable as UTF-8.
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except RecursionError as exc:
+        raise InvalidInputError(f"{where}: invalid JSON: nested too deeply") from exc
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(
+            f"{where}: holds an escaped lone surrogate ({exc.object[exc.start]!r}), which is not text; "
+            f"fix the file's encoding"
+        ) from exc
 
 
 def _record_id(value: Any, where: str, default_id: str) -> str:
@@ -198,4 +222,8 @@ def _read_text_file(root: Path, file: Path) -> CorpusRecord:
     if not text:
         raise InvalidInputError(f"{file}: file is empty; remove it or add text")
     relative = file.relative_to(root).as_posix()
+    try:  # a name that is not UTF-8 decodes to lone surrogates: unusable as an id, unsaveable
+        relative.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(f"{root}: the file name {relative!r} is not valid UTF-8; rename the file") from exc
     return CorpusRecord(id=relative, text=text, title=file.stem, metadata={"source": relative})

@@ -26,3 +26,13 @@ class CorruptBankError(BankError):
 
 class BankMismatchError(BankError):
     """A bank was built by another backbone or router than the one asked to use it."""
+
+
+def check_text(value: str, what: str) -> None:
+    """Refuse strings holding lone surrogates (e.g. from a \\ud800 escape): they are not text, the
+    tokenizer fails on them deep inside, and a UTF-8 docstore cannot store them."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(f"{what} holds a lone surrogate {value[exc.start]!r} at position {exc.start}, "
+                                "which is not text; fix the string's encoding") from exc

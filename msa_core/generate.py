@@ -16,7 +16,7 @@ import torch
 
 from .backbone import Backbone, Memory
 from .config import RoutingConfig
-from .errors import InvalidInputError
+from .errors import InvalidInputError, check_text
 from .memory import MemoryBank
 from .router import RouterProjectors, reduce_to_docs, score_chunks, select_top_k
 
@@ -55,6 +55,7 @@ def build_prompt(tokenizer: Any, question: "str | Sequence[Message]", *, chat: b
     text = last_user_text(question)
     if not isinstance(text, str) or not text.strip():
         raise InvalidInputError("the question is empty; pass some text")
+    check_text(text, "the question")
     prefix, suffix = "", ""
     if chat and getattr(tokenizer, "chat_template", None):
         messages = _with_slot(question, system)

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import MSAConfig
 from .encoded import EncodedDocuments
-from .errors import BankError, BankMismatchError, CorruptBankError, InvalidInputError
+from .errors import BankError, BankMismatchError, CorruptBankError, InvalidInputError, check_text
 from .filters import Filter, compile_filter
 
 FORMAT = "msa-memory-bank"
@@ -509,10 +509,14 @@ def _json_metadata(meta: Any, part_id: Any) -> dict[str, Any]:
     """A private JSON round-tripped copy of `meta`, so what is saved is what is filtered on."""
     if not isinstance(meta, dict):
         raise InvalidInputError(f"metadata of {part_id!r} must be a dict, got {type(meta).__name__}")
-    _check_str_keys(meta, part_id)
     try:
-        return json.loads(json.dumps(meta, allow_nan=False))
-    except (TypeError, ValueError) as exc:
+        _check_str_keys(meta, part_id)
+        text = json.dumps(meta, allow_nan=False, ensure_ascii=False)
+        text.encode("utf-8")  # a lone surrogate passes json.dumps but would make save() fail later
+        return json.loads(text)
+    except RecursionError as exc:
+        raise InvalidInputError(f"metadata of {part_id!r} is nested too deeply to store") from exc
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
         raise InvalidInputError(f"metadata of {part_id!r} is not JSON-serialisable: {exc}") from exc
 
 
@@ -558,8 +562,10 @@ def _check_record_types(p: PartRecord) -> None:
         value = getattr(p, name)
         if not isinstance(value, str) or not value:
             raise InvalidInputError(f"{name} must be a non-empty string, got {value!r}")
+        check_text(value, name)
     if not isinstance(p.text, str):
         raise InvalidInputError(f"text of {p.id!r} must be a string, got {type(p.text).__name__}")
+    check_text(p.text, f"text of {p.id!r}")
     if not isinstance(p.metadata, dict):
         raise InvalidInputError(f"metadata of {p.id!r} must be a dict, got {type(p.metadata).__name__}")
     for name in ("part_index", "n_tokens", "n_chunks"):
@@ -656,12 +662,19 @@ def _fsync_dir(path: Path) -> None:
 
 def _remove_stale(root: Path, keep: str) -> None:
     """Remove older versions and leftovers of interrupted saves; only entries we recognise as ours."""
-    for entry in root.iterdir():
+    for entry in list(root.iterdir()):  # listed first: the loop renames entries
         if entry.name == keep or not _is_ours(entry):
             continue
         # Best effort: the new version is already live, a leftover only costs disk space.
         if entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
+            # Renamed to a .tmp- name first: a crash midway through rmtree (manifest already gone)
+            # then leaves a folder the next save still recognises as ours and removes.
+            doomed = entry if _TMP_RE.match(entry.name) else root / f".tmp-{uuid.uuid4().hex}"
+            try:
+                os.replace(entry, doomed)
+            except OSError:
+                doomed = entry
+            shutil.rmtree(doomed, ignore_errors=True)
         else:
             entry.unlink(missing_ok=True)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from langchain_core.documents import Document
 
-from msa_core import RetrievedDocument
+from msa_core import InvalidInputError, RetrievedDocument
 
 
 def hit_to_document(hit: RetrievedDocument, *, with_scores: bool = False) -> Document:
@@ -39,5 +39,5 @@ def fill_ids(ids: Sequence[str | None] | None, n: int) -> list[str]:
         ids = [None] * n
     ids = list(ids)
     if len(ids) != n:
-        raise ValueError(f"got {len(ids)} ids for {n} texts; pass one id per text (None to generate one)")
+        raise InvalidInputError(f"got {len(ids)} ids for {n} texts; pass one id per text (None to generate one)")
     return [str(uuid.uuid4()) if i is None else str(i) for i in ids]

@@ -16,6 +16,7 @@ from langchain_core.documents import Document
 from langchain_core.embeddings import Embeddings
 from langchain_core.vectorstores import VectorStore
 
+from msa_core.errors import InvalidInputError
 from msa_core.mmr import document_vectors, mmr_select
 from msa_core.store import MemoryStore
 
@@ -80,9 +81,11 @@ class MSAVectorStore(VectorStore):
 
     def _batch(self, texts: Iterable[str], metadatas: list[dict[str, Any]] | None,
                ids: Sequence[str | None] | None) -> tuple[list[str], list[str], list[dict[str, Any]] | None]:
+        if isinstance(texts, str):  # list("abc") would add three one-letter documents
+            raise InvalidInputError("texts must be a list of strings, got a single string; wrap it in a list")
         texts = list(texts)
         if metadatas is not None and len(metadatas) != len(texts):
-            raise ValueError(f"got {len(metadatas)} metadatas for {len(texts)} texts; pass one per text")
+            raise InvalidInputError(f"got {len(metadatas)} metadatas for {len(texts)} texts; pass one per text")
         return texts, fill_ids(ids, len(texts)), metadatas
 
     def add_texts(self, texts: Iterable[str], metadatas: list[dict[str, Any]] | None = None, *,
@@ -119,7 +122,7 @@ class MSAVectorStore(VectorStore):
 
     def get_by_ids(self, ids: Sequence[str], /) -> list[Document]:
         """Stored documents with these ids, in the order asked; missing ids are skipped."""
-        return [record_to_document(r) for r in self.store.get([str(i) for i in ids])]
+        return [record_to_document(r) for r in self.store.get(_id_strings(ids))]
 
     async def aget_by_ids(self, ids: Sequence[str], /) -> list[Document]:
         return await run_on_worker(self.store, self.get_by_ids, ids)
@@ -211,9 +214,15 @@ class MSAVectorStore(VectorStore):
 
 def _ids_to_delete(ids: Sequence[str] | None) -> list[str]:
     if ids is None:
-        raise ValueError("delete() needs the ids to delete; to empty the store pass all of them "
-                         "(store.store.ids())")
-    return [str(i) for i in ids]
+        # InvalidInputError is a ValueError, as LangChain's contract asks, and an msa error like the rest.
+        raise InvalidInputError("delete() needs the ids to delete; to empty the store pass all of them "
+                                "(store.store.ids())")
+    return _id_strings(ids)
+
+
+def _id_strings(ids: Sequence[str] | str) -> list[str]:
+    # One string is one id, as in MemoryBank: iterating it would delete (or get) its letters.
+    return [ids] if isinstance(ids, str) else [str(i) for i in ids]
 
 
 def _cosine_to_unit(score: float) -> float:

@@ -92,26 +92,41 @@ class MSAVectorStore(BasePydanticVectorStore):
         await self._store.aadd(texts, ids, metas, show_progress_bar=kwargs.get("show_progress"))
         return [n.node_id for n in nodes]
 
+    # Finding the ids and deleting them happen under one hold of the store's lock: an upsert in between
+    # could otherwise move a node to another source document and see it deleted anyway. The async
+    # versions run all of it on the store's worker thread: taking the lock on the event loop would
+    # block the loop behind whatever the worker is doing.
+
     def delete(self, ref_doc_id: str, **delete_kwargs: Any) -> None:
         """Delete every node of the source document `ref_doc_id`."""
-        self._store.delete(self._ids_of_ref_doc(ref_doc_id))
+        with self._store.locked():
+            self._store.delete(self._ids_of_ref_doc(ref_doc_id))
 
     async def adelete(self, ref_doc_id: str, **delete_kwargs: Any) -> None:
-        await self._store.adelete(self._ids_of_ref_doc(ref_doc_id))
+        await self._store.run_async(self.delete, ref_doc_id)
 
     def delete_nodes(self, node_ids: list[str] | None = None, filters: MetadataFilters | None = None,
                      **delete_kwargs: Any) -> None:
         """Delete the nodes that are in `node_ids` AND match `filters`; with neither, nothing (see clear)."""
         if node_ids is None and filters is None:
             return
-        ids = list(node_ids) if node_ids is not None else None
-        if filters is not None:
-            wanted = set(ids) if ids is not None else None
-            ids = [i for i in self._ids_where(to_msa_filter(filters)) if wanted is None or i in wanted]
-        self._store.delete(ids or [])
+        ids = _id_list(node_ids) if node_ids is not None else None
+        with self._store.locked():
+            if filters is not None:
+                wanted = set(ids) if ids is not None else None
+                ids = [i for i in self._ids_where(to_msa_filter(filters)) if wanted is None or i in wanted]
+            self._store.delete(ids or [])
+
+    async def adelete_nodes(self, node_ids: list[str] | None = None, filters: MetadataFilters | None = None,
+                            **delete_kwargs: Any) -> None:
+        await self._store.run_async(self.delete_nodes, node_ids, filters)
 
     def clear(self) -> None:
-        self._store.delete(self._store.ids())
+        with self._store.locked():
+            self._store.delete(self._store.ids())
+
+    async def aclear(self) -> None:
+        await self._store.run_async(self.clear)
 
     # ---- reads --------------------------------------------------------------------------
 
@@ -119,8 +134,13 @@ class MSAVectorStore(BasePydanticVectorStore):
                   filters: MetadataFilters | None = None) -> list[BaseNode]:
         """Nodes by id (missing ids skipped, order kept) and/or filter; all nodes with neither."""
         predicate = compile_filter(to_msa_filter(filters))
-        records = self._store.get(list(node_ids) if node_ids is not None else self._store.ids())
+        with self._store.locked():  # ids and records from one bank version, not from either side of an add
+            records = self._store.get(_id_list(node_ids) if node_ids is not None else self._store.ids())
         return [record_to_node(r["id"], r["text"], r["metadata"]) for r in records if predicate(r["metadata"])]
+
+    async def aget_nodes(self, node_ids: list[str] | None = None,
+                         filters: MetadataFilters | None = None) -> list[BaseNode]:
+        return await self._store.run_async(self.get_nodes, node_ids, filters)
 
     def query(self, query: VectorStoreQuery, **kwargs: Any) -> VectorStoreQueryResult:
         question, k, msa_filter = _plan(query)
@@ -188,6 +208,11 @@ def as_memory_store(obj: Any) -> MemoryStore:
         return inner.store
     raise InvalidInputError(
         f"expected an msa MemoryStore, an MSAVectorStore or a VectorStoreIndex over one, got {type(obj).__name__}")
+
+
+def _id_list(node_ids: Sequence[str] | str) -> list[str]:
+    # One string is one id, as in MemoryBank: list("abc") would delete (or get) nodes "a", "b", "c".
+    return [node_ids] if isinstance(node_ids, str) else list(node_ids)
 
 
 def _records(nodes: Sequence[BaseNode]) -> tuple[list[str], list[str], list[dict[str, Any]]]:
