@@ -297,7 +297,7 @@ class Backbone(nn.Module):
         return attn.q_proj.weight.detach(), attn.k_proj.weight.detach()
 
     def fingerprint(self) -> str:
-        """Stable id of these weights: config plus a strided sample of every tensor."""
+        """Stable id of these weights: config plus a strided sample of every tensor (dtype-independent)."""
         h = hashlib.sha256()
         h.update(json.dumps(_args_dict(self.args), sort_keys=True).encode())
         for name, t in sorted(self.state_dict().items()):
@@ -305,7 +305,9 @@ class Backbone(nn.Module):
             step = max(1, flat.numel() // 4096)
             h.update(name.encode())
             h.update(str(tuple(t.shape)).encode())
-            h.update(flat[::step].float().cpu().numpy().tobytes())
+            # Sampled values rounded to bfloat16: the same weights loaded in float32, float16 or
+            # bfloat16 give one fingerprint, so banks and routers move between CPU and GPU.
+            h.update(flat[::step].to(torch.bfloat16).float().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
 

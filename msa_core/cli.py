@@ -9,6 +9,7 @@
     msa demo                                      # the README's tour on the shipped demo corpus
     msa niah --tokens 64K --out ./niah-64k        # generate a needle-in-a-haystack retrieval set
     msa compare --data DIR --retrievers msa,minilm,bm25 --out ./report   # the A/B harness
+    msa train-router train/*.jsonl --out router.safetensors      # train router projectors
 
 A bank remembers the model that built it (its manifest's `model_name`) and, when it was not the
 native one, the router (in a small `msa-cli.json` next to the bank's versions), so later commands
@@ -61,10 +62,11 @@ def _model_ref(name: str) -> str:
 
 
 def _router_ref(router: str | None) -> str | None:
-    """None for the native router, 'random', or an absolute path (a missing file fails at load)."""
-    if router is None or router == _NATIVE:
+    """None for the model's own router (the trained one for the default model), 'native', 'random',
+    or an absolute path (a missing file fails at load)."""
+    if router is None:
         return None
-    if router == "random":
+    if router in (_NATIVE, "random"):
         return router
     return str(Path(router).expanduser().resolve())
 
@@ -284,7 +286,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     bank = _load_bank(args.bank)
-    info = {**bank.info(), "router": _read_sidecar(args.bank).get("router") or _NATIVE,
+    info = {**bank.info(), "router": _read_sidecar(args.bank).get("router") or "the model's own",
             "path": str(Path(args.bank).resolve())}
     if args.json:
         _out(json.dumps(info, indent=2))
@@ -419,11 +421,15 @@ def _demo_summary(args: argparse.Namespace, n_docs: int, encode_s: float, hits: 
          f"mode (top {_DEMO_HYBRID_K} documents as prompt text)")
     _out(f"- bank kept at {bank_dir}" if args.keep else "- the bank was written to a temporary folder, now removed "
          "(pass --keep DIR to keep it)")
-    _out("\nNote: the router is the untrained `native` initialisation (copies of each routing layer's attention "
-         "W_Q/W_K), so latent routing is weak until a trained router ships.")
     if args.model == "default":
+        _out("\nNote: the default model's router was trained on question/passage pairs (its model card: "
+             "msa_core/data/routers/); it routes by topic far more than by the names a question mentions, and "
+             "retrieves much worse than an embedding model or BM25 (README, Training routers).")
         _out("The default backbone is SmolLM2-135M-Instruct: a 135M model gives short, often wrong answers. "
              "Try --model PATH with a larger Llama/Qwen2/Qwen3 checkpoint.")
+    else:
+        _out("\nNote: this model routes with the untrained `native` router (copies of each routing layer's "
+             "W_Q/W_K) unless it ships its own; train one with `msa train-router`.")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -433,6 +439,44 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"msa compare needs the compare extra ({exc.name} is missing): "
                                 "pip install 'msa[compare]'") from exc
     return run_compare(args)
+
+
+def cmd_train_router(args: argparse.Namespace) -> int:
+    import torch
+
+    from .train import TrainConfig, train_router
+
+    fields = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "tau": args.tau,
+              "hard_negatives": args.hard_negatives, "bm25_depth": args.bm25_depth, "eval_every": args.eval_every,
+              "heldout_fraction": args.heldout, "seed": args.seed, "max_layers": args.max_layers,
+              "max_per_source": args.max_per_source, "precision": args.precision, "needles": args.needles,
+              "heldout_sources": args.heldout_sources.split(",") if args.heldout_sources else None}
+    try:
+        config = TrainConfig(**{k: v for k, v in fields.items() if v is not None})
+    except ValueError as exc:
+        raise InvalidInputError(f"bad training setting: {exc}") from exc
+    overrides: dict[str, Any] = {}
+    if args.layers:
+        overrides["routing"] = {"layers": [int(x) for x in args.layers.split(",")]}
+    from .model import MSAModel
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError("--device cuda, but torch sees no CUDA device")
+    torch.backends.cuda.matmul.allow_tf32 = True  # the cached states need no more than TF32's precision
+    # float32 weights, so the states (and the backbone fingerprint the router records) equal the CPU model's
+    model = MSAModel.from_pretrained(args.model, router=args.router or "native", config=overrides or None, device=device,
+                                     dtype=torch.float32)
+    _say(f"training the router of {args.model} on {device}: layers {model.layers}")
+    report = train_router(model, args.data, args.out, config, checkpoint_dir=args.checkpoint_dir,
+                          resume=args.resume, log=_say, show_progress_bar=not args.no_progress)
+    final = report.final
+    if final:
+        _say(f"held-out recall@1/5/10: {final['recall@1']:.3f} / {final['recall@5']:.3f} / {final['recall@10']:.3f}")
+    _say(f"router written to {args.out} (model card {Path(args.out).with_suffix('.md')}) in {report.seconds} s")
+    if args.report:
+        Path(args.report).write_text(json.dumps(report.to_dict(), indent=1))
+    return 0
 
 
 def cmd_niah(args: argparse.Namespace) -> int:
@@ -484,8 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
         if new:
             p.add_argument("--model", default="default", help="'default' (the embedded SmolLM2-135M-Instruct, "
                            "the default), a local Llama/Qwen2/Qwen3 folder or a hub id")
-            p.add_argument("--router", default=None, help="native (the default: copies of W_Q/W_K), random, or a "
-                           "router .safetensors file; recorded with the bank")
+            p.add_argument("--router", default=None, help="the model's own router by default (the default model "
+                           "ships a trained one), native (copies of W_Q/W_K), random, or a router .safetensors "
+                           "file; recorded with the bank")
         else:
             p.add_argument("--model", default=None, help="override the model recorded in the bank")
             p.add_argument("--router", default=None, help="override the router recorded with the bank")
@@ -557,7 +602,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", metavar="DIR", help="save the demo bank in DIR (default: a temporary folder)")
     p.add_argument("--overwrite", action="store_true", help="replace a bank already in --keep DIR")
     _add_compare_commands(command)
+    _add_train_command(command)
     return parser
+
+
+def _add_train_command(command: Any) -> None:
+    p = command("train-router", cmd_train_router, "Train router projectors (W_QR, W_KR) on (query, positive) "
+                "pairs with the backbone frozen (decoupled InfoNCE, paper Eq. 5); writes a router .safetensors "
+                "and a model card beside it.")
+    p.add_argument("data", nargs="+", help="JSONL files: query, positive, optional negatives (list), title, source")
+    p.add_argument("--out", required=True, metavar="FILE", help="router file to write (.safetensors)")
+    p.add_argument("--model", default="default", help="'default' or a local Llama/Qwen2/Qwen3 folder")
+    p.add_argument("--router", default=None, help="starting router: native (default), random, or a .safetensors file")
+    p.add_argument("--layers", help="routing layers to train, comma-separated (default: the upper half)")
+    p.add_argument("--max-layers", type=_positive_int, help="keep the best N layers, chosen on held-out data")
+    p.add_argument("--steps", type=_positive_int, help="optimizer steps (default: 1500)")
+    p.add_argument("--batch-size", type=_positive_int, help="questions per step (default: 256)")
+    p.add_argument("--lr", type=_float_in(0.0, 1.0, low_open=True), help="peak learning rate (default: 5e-4)")
+    p.add_argument("--tau", type=_float_in(0.0, 0.5, low_open=True), help="InfoNCE temperature (default: 0.1)")
+    p.add_argument("--hard-negatives", type=int, help="mined negatives per question per step (default: 3)")
+    p.add_argument("--bm25-depth", type=int, help="BM25 hits kept as hard negatives, 0 for none (default: 30)")
+    p.add_argument("--heldout", type=_float_in(0.0, 0.99), help="share of documents held out (default: 0.02)")
+    p.add_argument("--heldout-sources", metavar="S1,S2", help="hold these sources out whole (their 'source' "
+                   "field or file name): a domain the router never sees")
+    p.add_argument("--eval-every", type=_positive_int, help="held-out evaluation interval in steps (default: 250)")
+    p.add_argument("--max-per-source", type=_positive_int, help="cap on questions per source (data mix)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="default: auto (bf16 autocast on GPU)")
+    p.add_argument("--needles", type=int, help="add N synthetic needle-lookup questions built from the training "
+                   "documents (default: 0)")
+    p.add_argument("--seed", type=int, help="default: 0")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--checkpoint-dir", metavar="DIR", help="write checkpoints here (step-N/ and LATEST)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
+    p.add_argument("--report", metavar="FILE", help="also write the training report (history, metrics) as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _add_compare_commands(command: Any) -> None:
@@ -592,7 +670,8 @@ def _add_compare_commands(command: Any) -> None:
     p.add_argument("--answer-k", type=_positive_int, default=5, help="passages in the hybrid prompt (default: 5)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=32, help="answer length (default: 32)")
     p.add_argument("--model", default="default", help="msa: 'default' or a Llama/Qwen2/Qwen3 folder")
-    p.add_argument("--router", default=None, help="msa: native (default), random, or a router .safetensors file")
+    p.add_argument("--router", default=None, help="msa: the model's own router (default; the default model ships "
+                   "a trained one), native, random, or a router .safetensors file")
     p.add_argument("--cache", metavar="DIR", help="keep MSA banks and MiniLM embeddings here and reuse them "
                    "(the report then gives the first build's time)")
     p.add_argument("--note", help="free text put in the report (e.g. what else ran on the machine)")

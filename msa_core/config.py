@@ -45,6 +45,11 @@ class RoutingConfig(_Strict):
         default="top_k",
         description="First RoPE position of the question: the paper's k ('top_k') or a fixed integer.",
     )
+    retrieve_with_memory: bool = Field(
+        default=False,
+        description="retrieve(): let routing layers attend to their top-k while scoring (as latent generation "
+                    "does). Off: score on the question's own states, the states routers are trained on.",
+    )
 
     @field_validator("layers")
     @classmethod

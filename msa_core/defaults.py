@@ -43,6 +43,16 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
 
 
+# The router trained for the default backbone (msa train-router; model card beside it). The default
+# model uses it unless router="native"/"random"/a file is asked for.
+DEFAULT_ROUTER = Path(__file__).parent / "data" / "routers" / "smollm2-135m-instruct.safetensors"
+
+
+def default_router_path() -> Path | None:
+    """The shipped router of the default model, or None if this install lacks it."""
+    return DEFAULT_ROUTER if DEFAULT_ROUTER.is_file() else None
+
+
 def _say(message: str) -> None:
     """Progress for humans, on stderr so stdout stays clean for CLI output."""
     print(f"[msa] {message}", file=sys.stderr, flush=True)

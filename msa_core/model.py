@@ -24,7 +24,7 @@ import torch
 from .backbone import Backbone, load_backbone
 from .config import MSAConfig
 from .encode import encode_parts, split_documents
-from .errors import InvalidInputError, ModelLoadError
+from .errors import InvalidInputError, ModelLoadError, check_text
 from .filters import Filter
 from .generate import (Generation, MemoryRouter, Message, SamplingParams, build_prompt, last_user_text, left_pad,
                        query_positions)
@@ -119,6 +119,7 @@ class MSAModel:
         self.hf_config: Any = None  # the checkpoint's transformers config, kept for save_pretrained
         self.msa_config: dict[str, Any] | None = None  # an MSA checkpoint's msa_config (defaults filled)
         self.reference = ReferenceProfile(self) if config.profile == "reference" else None
+        self.router_source = router.init_mode  # from_pretrained records the file or choice it loaded
 
     @property
     def profile(self) -> str:
@@ -134,14 +135,15 @@ class MSAModel:
         """Load a Llama/Qwen2/Qwen3 checkpoint ("default" = the embedded SmolLM2-135M-Instruct) or an
         MSA-format one (config.json model_type "msa", e.g. EverMind-AI/MSA-4B), by folder or hub id.
 
-        router: None (MSA checkpoints: their own router; others: "native"), "native" (copies of
-        W_Q/W_K), "random", or a router .safetensors file.
+        router: None (the default model: its trained router, msa_core/data/routers; MSA checkpoints:
+        their own router; others: "native"), "native" (copies of W_Q/W_K), "random", or a router
+        .safetensors file.
         profile: "default" or "reference"; None takes the config's, else "reference" for MSA-format
         checkpoints and "default" for the others.
         """
         from transformers import AutoTokenizer
 
-        from .defaults import resolve_model_path
+        from .defaults import default_router_path, resolve_model_path
         from .msa_format import is_msa_checkpoint, load_msa_model
 
         if profile not in (None, "default", "reference"):
@@ -153,6 +155,8 @@ class MSAModel:
         cfg = config if isinstance(config, MSAConfig) else MSAConfig.model_validate(config or {})
         if profile is not None:
             cfg = cfg.model_copy(update={"profile": profile})
+        if router is None and str(name_or_path) == "default":
+            router = default_router_path()
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         backbone, hf_cfg = load_backbone(path, dtype=dtype, device=device)
@@ -162,6 +166,7 @@ class MSAModel:
         name = "default" if str(name_or_path) == "default" else str(name_or_path)
         model = cls(backbone, tokenizer, projectors, cfg, name=name, eos_ids=_eos_ids(tokenizer, hf_cfg, path))
         model.hf_config = hf_cfg
+        model.router_source = str(router) if router is not None else "native"
         return model
 
     def save_pretrained(self, path: str | Path, *, format: str = "msa", dtype: torch.dtype | None = None) -> Path:
@@ -238,15 +243,19 @@ class MSAModel:
         A list of questions is routed as one batch and gives one list per question. k above the
         number of (filtered) documents returns them all.
         """
-        if k <= 0:
-            raise InvalidInputError(f"k must be >= 1, got {k}")
+        if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+            raise InvalidInputError(f"k must be an integer >= 1, got {k!r}")
         self.check_bank(bank)
         questions = [question] if isinstance(question, str) else list(question)
         if not questions:
             raise InvalidInputError("no question given")
+        for q in questions:  # checked before the empty-bank shortcut, so bad calls fail the same way always
+            if not isinstance(q, str) or not q.strip():
+                raise InvalidInputError(f"a question must be a non-empty string, got {q!r}")
+            check_text(q, "the question")
+        allowed = bank.row_mask(filter)
         if len(bank) == 0:
             return [] if isinstance(question, str) else [[] for _ in questions]
-        allowed = bank.row_mask(filter)
         per_layer = self._route_scores(questions, bank, allowed)  # [L, B, N]
         total = aggregate_layers(per_layer, self.config.routing.layer_aggregate)
         results = [self._rank(bank, total[b], per_layer[:, b], allowed, k, include_parts, layer_scores)
@@ -260,7 +269,8 @@ class MSAModel:
         dev = self.backbone.device
         ids, valid, routing = left_pad(prompts, self.tokenizer.pad_token_id or 0, dev)
         pos = query_positions(valid, self._position_offset(self.config.routing.top_k))
-        router = MemoryRouter(bank, self.router, self.config.routing, routing, allowed=allowed, positions=pos)
+        router = MemoryRouter(bank, self.router, self.config.routing, routing, allowed=allowed, positions=pos,
+                              attend=self.config.routing.retrieve_with_memory)
         self.backbone(ids, pos, valid=valid, memory_hook=router, last_layer=max(self.layers))
         return torch.stack([router.routings[layer].doc_scores for layer in self.layers]).cpu()
 
@@ -519,6 +529,7 @@ def _check_documents(texts: Sequence[str], ids: Sequence[str] | None,
             raise InvalidInputError(f"document {doc_id!r} (position {i}) is a {type(t).__name__}, not a string")
         if not t.strip():
             raise InvalidInputError(f"document {doc_id!r} (position {i}) is empty")
+        check_text(t, f"document {doc_id!r} (position {i})")
         if not doc_id:
             raise InvalidInputError(f"document at position {i} has an empty id")
     dup = sorted(i for i, n in Counter(ids).items() if n > 1)

@@ -130,7 +130,7 @@ class MSARouting:
 
     def describe(self) -> dict[str, Any]:
         m = self.model
-        return {"kind": "msa", "model": m.name, "router": self._router or "native",
+        return {"kind": "msa", "model": m.name, "router": self._router or m.router_source,
                 "router_fingerprint": m.router_fingerprint[:16], "routing_layers": m.layers,
                 "chunk_size": m.config.encode.chunk_size, "normalization": m.config.routing.normalization,
                 "layer_aggregate": m.config.routing.layer_aggregate, "device": str(m.backbone.device),

@@ -1,0 +1,368 @@
+"""Router training: the loss, the cached states against the engine's own retrieval, learning, determinism,
+checkpoints and resumption, data handling and the CLI. Tiny random models; seconds each."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from msa_core.cli import main
+from msa_core.config import MSAConfig
+from msa_core.errors import InvalidInputError
+from msa_core.model import MSAModel
+from msa_core.router import RouterProjectors
+from msa_core.train import (
+    RouterTrainer,
+    TrainConfig,
+    choose_layers,
+    decoupled_infonce,
+    evaluate,
+    layer_doc_scores,
+    train_router,
+)
+from msa_core.train_cache import cache_documents, cache_queries
+from msa_core.train_data import load_pairs
+
+_SYLLABLES = ["ka", "lo", "mi", "ru", "te", "zu", "po", "na", "vi", "shi", "bo", "de", "fa", "gu", "ye"]
+_FILLER = ["of", "and", "in", "to", "a", "is", "the", "on", "at", "by"]
+
+
+# ---- the loss -------------------------------------------------------------------------------------
+
+
+def test_decoupled_infonce_matches_hand_computation():
+    scores = torch.tensor([[0.5, 0.2, -0.1], [0.1, 0.3, 0.0]])
+    positive = torch.tensor([[True, False, False], [False, True, True]])
+    # tau = 0.1: logits are scores * 10. Row 1 has two positives; each competes with the negative only.
+    row0 = -math.log(math.exp(5) / (math.exp(5) + math.exp(2) + math.exp(-1)))
+    row1_a = -math.log(math.exp(3) / (math.exp(3) + math.exp(1)))
+    row1_b = -math.log(math.exp(0) / (math.exp(0) + math.exp(1)))
+    expected = (row0 + row1_a + row1_b) / 3
+    assert decoupled_infonce(scores, positive, tau=0.1).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_decoupled_infonce_other_positives_are_not_negatives():
+    """Raising a second positive's score must not change the first positive's term."""
+    base = torch.tensor([[0.4, 0.1, 0.0]])
+    positive = torch.tensor([[True, True, False]])
+    a = decoupled_infonce(base, positive, tau=0.1)
+    b = decoupled_infonce(torch.tensor([[0.4, 0.9, 0.0]]), positive, tau=0.1)
+    first = -math.log(math.exp(4) / (math.exp(4) + math.exp(0)))
+    assert a.item() == pytest.approx((first + -math.log(math.exp(1) / (math.exp(1) + 1))) / 2, rel=1e-6)
+    assert b.item() == pytest.approx((first + -math.log(math.exp(9) / (math.exp(9) + 1))) / 2, rel=1e-6)
+
+
+def test_decoupled_infonce_rejects_batches_without_positives():
+    with pytest.raises(InvalidInputError, match="positive"):
+        decoupled_infonce(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.bool))
+
+
+# ---- a separable synthetic task -------------------------------------------------------------------
+
+
+def _keys(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    keys: list[str] = []
+    while len(keys) < n:
+        k = "".join(rng.sample(_SYLLABLES, 3))
+        if k not in keys:
+            keys.append(k)
+    return keys
+
+
+@pytest.fixture(scope="module")
+def keyword_model_dir(tmp_path_factory):
+    """A tiny random Llama whose tokenizer knows 200 made-up keywords as whole tokens."""
+    from tiny import hf_config, save_tiny_tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("keyword-model")
+    keys = _keys(200)
+    save_tiny_tokenizer(path, sentences=[" ".join(keys[i:i + 10]) for i in range(0, len(keys), 10)]
+                        + [" ".join(_FILLER) + " ?"], vocab_size=3000)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hf_config("llama", len(AutoTokenizer.from_pretrained(str(path)))),
+                                             dtype=torch.float32)
+    model.save_pretrained(str(path))
+    return path
+
+
+def _keyword_pairs(path: Path, n: int = 100, seed: int = 0) -> list[dict]:
+    """Each document hides one keyword among filler words; its question names the keyword."""
+    rng = random.Random(seed)
+    rows = []
+    for k in _keys(n, seed):
+        words = [rng.choice(_FILLER) for _ in range(rng.randint(4, 14))]
+        words.insert(rng.randint(0, len(words)), k)
+        rows.append({"query": f"{k}?", "positive": " ".join(words)})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return rows
+
+
+def _recall_at_5(model: MSAModel, rows: list[dict]) -> float:
+    bank = model.index([r["positive"] for r in rows], ids=[str(i) for i in range(len(rows))])
+    hits = model.retrieve([r["query"] for r in rows], bank, k=5)
+    return sum(str(i) in {h.id for h in hs} for i, hs in enumerate(hits)) / len(rows)
+
+
+def test_tiny_model_learns_a_separable_task(keyword_model_dir, tmp_path):
+    """Recall@5 of the trained router, through the engine's own index/retrieve, goes from chance to > 0.9."""
+    rows = _keyword_pairs(tmp_path / "pairs.jsonl")
+    before = _recall_at_5(MSAModel.from_pretrained(str(keyword_model_dir)), rows)
+    model = MSAModel.from_pretrained(str(keyword_model_dir))
+    config = TrainConfig(steps=150, batch_size=64, lr=1e-2, warmup_steps=10, heldout_fraction=0.0,
+                         bm25_depth=10, hard_negatives=2, mine_at=[0.5])
+    report = train_router(model, [tmp_path / "pairs.jsonl"], tmp_path / "router.safetensors", config,
+                          log=lambda m: None)
+    after = _recall_at_5(MSAModel.from_pretrained(str(keyword_model_dir), router=tmp_path / "router.safetensors"),
+                         rows)
+    assert before < 0.2  # chance is 5/100
+    assert after > 0.9, (before, after)
+    assert report.steps == 150 and (tmp_path / "router.md").is_file()
+
+
+# ---- cached states equal the engine's own --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fp32_model(tiny_model_dir):
+    cfg = MSAConfig.model_validate({"encode": {"storage_dtype": "float32"}})
+    return MSAModel.from_pretrained(str(tiny_model_dir("llama")), router="random", config=cfg)
+
+
+_DOCS = ["The lighthouse of Velmora was built in 1887 by the engineer Ada Quist. " * 5,
+         "Ferries leave the harbour every morning at seven.",
+         "What is the capital of France? Paris is the capital of France. " * 9,
+         "Memory sparse attention routes a question to the documents it needs."]
+_QUESTIONS = ["Who built the lighthouse?", "When do ferries leave the harbour every morning?"]
+
+
+def _states(model: MSAModel):
+    docs = cache_documents(model.backbone, model.tokenizer, _DOCS, model.layers, chunk_size=16,
+                           dtype=torch.float32)
+    qs = cache_queries(model.backbone, model.tokenizer, _QUESTIONS, model.layers,
+                       position_offset=model._position_offset(model.config.routing.top_k), dtype=torch.float32)
+    return docs, qs
+
+
+def test_cached_document_states_give_the_banks_routing_keys(fp32_model, tiny_model_dir):
+    cfg = MSAConfig.model_validate({"encode": {"storage_dtype": "float32", "chunk_size": 16}})
+    model = MSAModel.from_pretrained(str(tiny_model_dir("llama")), router="random", config=cfg)
+    bank = model.index(_DOCS, ids=[str(i) for i in range(len(_DOCS))])
+    docs, _ = _states(model)
+    assert docs.x.shape[0] == bank.kr_bar.shape[1]
+    for li, layer in enumerate(model.layers):
+        keys = model.router.project_keys(layer, docs.x[:, li])
+        torch.testing.assert_close(keys, bank.kr_bar[li], atol=1e-5, rtol=1e-4)
+
+
+def test_training_scores_equal_retrieval_scores(tiny_model_dir):
+    """layer_doc_scores on cached states == the per-layer scores `retrieve` reports (the loss trains
+    exactly what retrieval ranks by)."""
+    cfg = MSAConfig.model_validate({"encode": {"storage_dtype": "float32", "chunk_size": 16}})
+    model = MSAModel.from_pretrained(str(tiny_model_dir("llama")), router="random", config=cfg)
+    bank = model.index(_DOCS, ids=[str(i) for i in range(len(_DOCS))])
+    docs, qs = _states(model)
+    hits = model.retrieve(_QUESTIONS, bank, k=len(_DOCS), layer_scores=True)
+    all_docs = list(range(len(_DOCS)))
+    d_x, owner = docs.flat(all_docs)
+    q_x, q_mask = qs.padded([0, 1])
+    for li, layer in enumerate(model.layers):
+        scores = layer_doc_scores(model.router, layer, q_x[:, :, li], q_mask, d_x[:, li], owner, len(_DOCS),
+                                  model.config.routing)
+        for b, ranked in enumerate(hits):
+            for h in ranked:
+                assert scores[b, int(h.id)].item() == pytest.approx(h.layer_scores[layer], abs=1e-5)
+
+
+def test_long_questions_keep_their_first_routing_tokens(fp32_model):
+    long = " ".join(["lighthouse"] * 300)
+    qs = cache_queries(fp32_model.backbone, fp32_model.tokenizer, [long, "short?"], fp32_model.layers,
+                       max_query_tokens=32, dtype=torch.float32)
+    assert qs.lengths().tolist()[0] == 32 and 0 < qs.lengths().tolist()[1] < 32
+
+
+# ---- determinism, checkpoints, resumption ---------------------------------------------------------
+
+
+def _trainer(model: MSAModel, data: Path, config: TrainConfig, ckpt: Path | None = None) -> RouterTrainer:
+    full = load_pairs([data])
+    train, held = full.split(config.heldout_fraction)
+    if config.bm25_depth:
+        train.mine_bm25_negatives(config.bm25_depth)
+    layers = model.layers
+    tq = cache_queries(model.backbone, model.tokenizer, train.queries, layers, dtype=torch.float32)
+    td = cache_documents(model.backbone, model.tokenizer, train.documents, layers, dtype=torch.float32)
+    router = RouterProjectors({i: (model.router.q_weight(i).detach().clone(), model.router.k_weight(i).detach().clone())
+                               for i in layers}, model.router.num_heads, model.router.kv_heads, model.router.head_dim)
+    return RouterTrainer(router, layers, train, tq, td, None, None, None, config, model.config.routing,
+                         checkpoint_dir=ckpt)
+
+
+@pytest.fixture(scope="module")
+def keyword_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("kw") / "pairs.jsonl"
+    _keyword_pairs(path, n=60, seed=1)
+    return path
+
+
+def test_training_is_deterministic_under_a_seed(keyword_model_dir, keyword_data):
+    model = MSAModel.from_pretrained(str(keyword_model_dir))
+    config = TrainConfig(steps=8, batch_size=16, lr=1e-2, warmup_steps=2, heldout_fraction=0.0, bm25_depth=5,
+                         mine_at=[0.5])
+    a, b = _trainer(model, keyword_data, config), _trainer(model, keyword_data, config)
+    a.run()
+    b.run()
+    assert a.router.fingerprint() == b.router.fingerprint()
+    c = _trainer(model, keyword_data, config.model_copy(update={"seed": 1}))
+    c.run()
+    assert c.router.fingerprint() != a.router.fingerprint()
+
+
+def test_resumed_training_equals_uninterrupted(keyword_model_dir, keyword_data, tmp_path):
+    model = MSAModel.from_pretrained(str(keyword_model_dir))
+    config = TrainConfig(steps=8, batch_size=16, lr=1e-2, warmup_steps=2, heldout_fraction=0.0, bm25_depth=5,
+                         mine_at=[0.25], checkpoint_every=4)
+    straight = _trainer(model, keyword_data, config)
+    straight.run()
+    interrupted = _trainer(model, keyword_data, config, tmp_path / "ckpt")
+    interrupted.run(stop_at=5)  # checkpoint at step 4, then "killed" after step 5
+    resumed = _trainer(model, keyword_data, config, tmp_path / "ckpt")
+    assert resumed.load_checkpoint() and resumed.step == 4
+    resumed.run()
+    assert resumed.router.fingerprint() == straight.router.fingerprint()
+    assert (tmp_path / "ckpt" / "LATEST").read_text() == "step-000008"
+
+
+def test_corrupt_checkpoint_is_a_clear_error(keyword_model_dir, keyword_data, tmp_path):
+    model = MSAModel.from_pretrained(str(keyword_model_dir))
+    config = TrainConfig(steps=2, batch_size=16, heldout_fraction=0.0, bm25_depth=0, checkpoint_every=2)
+    _trainer(model, keyword_data, config, tmp_path / "ckpt").run()
+    (tmp_path / "ckpt" / "step-000002" / "router.safetensors").write_bytes(b"garbage")
+    with pytest.raises(InvalidInputError, match="step-000002"):
+        _trainer(model, keyword_data, config, tmp_path / "ckpt").load_checkpoint()
+
+
+# ---- evaluation and layer choice -------------------------------------------------------------------
+
+
+def test_layer_choice_and_evaluation_of_a_subset(keyword_model_dir, tmp_path):
+    model = MSAModel.from_pretrained(str(keyword_model_dir), config={"routing": {"layers": [1, 2, 3]}})
+    rows = _keyword_pairs(tmp_path / "p.jsonl", n=40)
+    data = load_pairs([tmp_path / "p.jsonl"])
+    docs = cache_documents(model.backbone, model.tokenizer, data.documents, model.layers, dtype=torch.float32)
+    qs = cache_queries(model.backbone, model.tokenizer, data.queries, model.layers, dtype=torch.float32)
+    chosen = choose_layers(model.router, model.layers, qs, docs, data.positives, model.config.routing, 2)
+    assert 1 <= len(chosen) <= 2 and set(chosen) <= {1, 2, 3}
+    # a subset evaluated on the full cache equals the subset evaluated on its own cache
+    only = [chosen[-1]]
+    own_docs = cache_documents(model.backbone, model.tokenizer, data.documents, only, dtype=torch.float32)
+    own_qs = cache_queries(model.backbone, model.tokenizer, data.queries, only, dtype=torch.float32)
+    a = evaluate(model.router, only, qs, docs, data.positives, model.config.routing, state_layers=model.layers)
+    b = evaluate(model.router, only, own_qs, own_docs, data.positives, model.config.routing)
+    assert a == b
+    assert len(rows) == 40
+
+
+# ---- data -------------------------------------------------------------------------------------------
+
+
+def test_load_pairs_groups_documents_and_queries(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in [
+        {"query": "q1", "positive": "doc A", "title": "T"},
+        {"query": "q2", "positive": "doc A", "title": "T"},
+        {"query": "q1", "positive": "doc B", "negatives": ["doc C", "doc A"]},
+    ]) + "\n")
+    data = load_pairs([f], title_rate=0.0)
+    assert data.queries == ["q1", "q2"]
+    assert [data.documents[d] for d in data.positives[0]] == ["doc A", "doc B"]
+    assert [data.documents[d] for d in data.given_negatives[0]] == ["doc C"]  # a positive is never a negative
+    titled = load_pairs([f], title_rate=1.0)
+    assert titled.documents[0] == "T\ndoc A"
+
+
+@pytest.mark.parametrize("line, message", [
+    ("not json", "d.jsonl:2: not valid JSON"),
+    ('{"query": "", "positive": "x"}', "d.jsonl:2: 'query'"),
+    ('{"query": "q"}', "d.jsonl:2: 'positive'"),
+    ('{"query": "q", "positive": "p", "negatives": "n"}', "d.jsonl:2: 'negatives'"),
+    ("[1, 2]", "d.jsonl:2: each line must be a JSON object"),
+])
+def test_bad_training_lines_name_file_and_line(tmp_path, line, message):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"query": "q0", "positive": "p0"}\n' + line + "\n")
+    with pytest.raises(InvalidInputError, match=message):
+        load_pairs([f])
+
+
+def test_split_shares_no_document_and_mining_skips_positives(tmp_path):
+    rows = _keyword_pairs(tmp_path / "p.jsonl", n=80)
+    data = load_pairs([tmp_path / "p.jsonl"])
+    train, held = data.split(0.25)
+    assert len(held) > 0 and len(train) > 0 and len(train) + len(held) <= len(rows)
+    assert not set(train.documents) & set(held.documents)
+    train.mine_bm25_negatives(depth=5)
+    for q in range(len(train)):
+        assert train.mined_negatives[q] and not set(train.mined_negatives[q]) & set(train.positives[q])
+
+
+# ---- the command line --------------------------------------------------------------------------------
+
+
+def test_cli_trains_a_router_the_engine_loads(keyword_model_dir, keyword_data, tmp_path, capsys):
+    out = tmp_path / "r.safetensors"
+    code = main(["train-router", str(keyword_data), "--model", str(keyword_model_dir), "--out", str(out),
+                 "--steps", "20", "--batch-size", "16", "--heldout", "0.2", "--eval-every", "10",
+                 "--bm25-depth", "5", "--report", str(tmp_path / "report.json"), "--no-progress"])
+    assert code == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["steps"] == 20 and "recall@5" in report["final"]
+    card = out.with_suffix(".md").read_text()
+    assert "Held-out metrics" in card and "20 steps" in card
+    model = MSAModel.from_pretrained(str(keyword_model_dir), router=out)
+    assert model.router.fingerprint() == RouterProjectors.load(out).fingerprint()
+    assert "held-out recall@1/5/10" in capsys.readouterr().err
+
+
+def test_cli_train_router_bad_data_exits_2(keyword_model_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{nope\n")
+    code = main(["train-router", str(bad), "--model", str(keyword_model_dir), "--out", str(tmp_path / "r.st")])
+    assert code == 2
+    assert "bad.jsonl:1: not valid JSON" in capsys.readouterr().err
+
+
+def test_needle_pairs_hide_a_key_the_question_asks_for(tmp_path):
+    from msa_core.train_data import add_needle_pairs
+
+    _keyword_pairs(tmp_path / "p.jsonl", n=80)
+    data = load_pairs([tmp_path / "p.jsonl"])
+    before = len(data)
+    vocabulary = {w for d in data.documents for w in d.split()}
+    add_needle_pairs(data, 30, doc_words=40, seed=3)
+    assert len(data) == before + 30 and data.sources[-1] == "needles"
+    for q in range(before, len(data)):
+        doc = data.documents[data.positives[q][0]]
+        key = data.queries[q].split(" for ")[1].split(" mentioned")[0]
+        assert f"for {key} is: " in doc and len(doc.split()) >= 40
+        assert set(key.split("-")) <= vocabulary  # keys are the documents' own words, not NIAH's lists
+    again = load_pairs([tmp_path / "p.jsonl"])
+    add_needle_pairs(again, 30, doc_words=40, seed=3)
+    assert again.queries == data.queries  # deterministic for a seed
+
+
+def test_heldout_sources_are_held_out_whole(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    _keyword_pairs(a, n=40, seed=1)
+    _keyword_pairs(b, n=20, seed=2)
+    data = load_pairs([a, b])
+    train, held = data.split(0.0, ["b"])
+    assert set(held.sources) == {"b"} and "b" not in train.sources and len(held) == 20
+    with pytest.raises(InvalidInputError, match="not in the data"):
+        data.split(0.0, ["c"])
