@@ -1,0 +1,214 @@
+"""Triton kernels of routing.chunk_scores. Imported on first use (it imports triton).
+
+1. `_group_queries_kernel` (one program per token, O(B*T*H*D), tiny): normalise / scale each query
+   head as router.score_chunks does, sum the heads of each kv group, and split the fp32 sum into
+   N_PARTS pieces of the bank's dtype (sum of pieces == value to 22-24 bits). The bank's 16-bit
+   K̄_R is exact in its own dtype, so N_PARTS 16-bit tensor-core dots reproduce the fp32 reference.
+   For an fp16 bank each token is first multiplied by a power of two that puts its largest entry
+   just under 2^14 (no overflow, full precision in the low piece); the main kernel undoes it.
+2. `_chunk_scores_kernel`: one program per block of BLOCK_C chunks (grid = ceil(C / BLOCK_C)). The
+   batch's tokens are flattened to B*T rows and walked in tiles of BLOCK_M (one tile for a single
+   question of <= 64-128 tokens). Per tile and kv head g: one [BLOCK_M, D] x [D, BLOCK_C] tensor-core
+   dot per piece, the cosine norm of K̄_R applied per (chunk, g) to the dot's columns, heads summed,
+   the per-token multiplier applied, padding masked; then the tile's max (or sum) over the tokens of
+   each batch row it overlaps is folded into out[b, block] (first tile of a row stores, later ones
+   read-modify-write: the program owns those outputs, no atomics). K̄_R is read from HBM by the first
+   tile; later tiles of the same program find it in L1/L2.
+HBM traffic: K̄_R once, plus the queries (B*T*Hkv*D*N_PARTS elements) and the [B, C] fp32 scores.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import interpreting, next_power_of_2
+
+_PIECES = {torch.float16: 2, torch.bfloat16: 3, torch.float32: 1}
+
+
+@triton.jit
+def _group_sum(q_row_ptr, stride_qh, g, offs_j, offs_d, d_ok,
+               G: tl.constexpr, D: tl.constexpr, NORMALIZE_Q: tl.constexpr, Q_SCALE: tl.constexpr):
+    """sum over the G heads of kv group g of the (normalised, scaled) query: [BLOCK_D] fp32."""
+    heads = g * G + offs_j
+    x = tl.load(q_row_ptr + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=(offs_j < G)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    if NORMALIZE_Q:
+        x = x / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), 1e-12)[:, None]
+    return tl.sum(x, axis=0) * Q_SCALE
+
+
+@triton.jit
+def _group_queries_kernel(
+    q_ptr, stride_qb, stride_qt, stride_qh,  # q [B, T, H, D], last dim contiguous
+    out_ptr, stride_op, stride_ob, stride_ot,  # pieces [P, B, T, HKV*D] in the bank's dtype
+    scale_ptr,  # [B, T] fp32: what the main kernel multiplies a token's scores by (1 / (2^e * H))
+    T, inv_heads,
+    HKV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    N_PARTS: tl.constexpr, NORMALIZE_Q: tl.constexpr, Q_SCALE: tl.constexpr, FP16_RANGE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // T
+    t = pid % T
+    offs_j = tl.arange(0, G_P2)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q_row = q_ptr + b * stride_qb + t * stride_qt
+    mult = 1.0
+    if FP16_RANGE:  # 2^(14 - e), e = exponent of the largest |entry| (as torch.frexp gives it)
+        amax = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for g in range(HKV):
+            amax = tl.maximum(amax, tl.abs(_group_sum(q_row, stride_qh, g, offs_j, offs_d, d_ok,
+                                                      G, D, NORMALIZE_Q, Q_SCALE)))
+        amax = tl.maximum(tl.max(amax, axis=0), 1e-30)
+        e = tl.floor(tl.log2(amax)).to(tl.int32) + 1
+        k = tl.minimum(tl.maximum(14 - e, -126), 127)
+        mult = ((k + 127) << 23).to(tl.float32, bitcast=True)  # exact power of two
+    tl.store(scale_ptr + pid, inv_heads / mult)
+    out_row = out_ptr + b * stride_ob + t * stride_ot
+    for g in range(HKV):
+        rest = _group_sum(q_row, stride_qh, g, offs_j, offs_d, d_ok, G, D, NORMALIZE_Q, Q_SCALE) * mult
+        for p in tl.static_range(N_PARTS):
+            piece = rest.to(out_ptr.dtype.element_ty)
+            tl.store(out_row + p * stride_op + g * D + offs_d, piece, mask=d_ok)
+            rest = rest - piece.to(tl.float32)
+
+
+@triton.jit
+def _score_tile(q_tile_ptr, q_tile_mask, stride_qp, k_tile_ptr, k_tile_mask, stride_kh,
+                HKV: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                N_PARTS: tl.constexpr, NORMALIZE_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """sum_g <q_g pieces, K̄_R[:, g]> (cosine: each g's column divided by its norm): [BLOCK_M, BLOCK_C] fp32."""
+    s = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    for g in tl.static_range(HKV):
+        k = tl.load(k_tile_ptr + g * stride_kh, mask=k_tile_mask, other=0.0)
+        kd = k
+        if UPCAST:  # Triton's CPU interpreter multiplies bf16 bit patterns in tl.dot (triton#11584)
+            kd = k.to(tl.float32)
+        part = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+        for p in tl.static_range(N_PARTS):
+            qp = tl.load(q_tile_ptr + p * stride_qp + g * D, mask=q_tile_mask, other=0.0)
+            if UPCAST:
+                qp = qp.to(tl.float32)
+            part = tl.dot(qp, kd, part, input_precision=DOT_PRECISION)
+        if NORMALIZE_K:  # cosine: divide column c by max(||k_c,g||, eps), F.normalize's formula
+            kf = k.to(tl.float32)
+            part = part / tl.maximum(tl.sqrt(tl.sum(kf * kf, axis=0)), 1e-12)[None, :]
+        s += part
+    return s
+
+
+@triton.jit
+def _chunk_scores_kernel(
+    q_ptr, stride_qp,  # pieces [P, B*T, HKV*D] (rows = flattened tokens), contiguous
+    tscale_ptr, mask_ptr,  # [B*T] fp32 per-token score multiplier, [B*T] uint8 routing-token mask
+    k_ptr, stride_kc, stride_kh,  # K̄_R [C, HKV, D], last dim contiguous
+    out_ptr, stride_ob,  # [B, C] fp32
+    B, T, C,
+    HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    N_PARTS: tl.constexpr, NORMALIZE_K: tl.constexpr, REDUCE_SUM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    k_tile_ptr = k_ptr + offs_c.to(tl.int64)[None, :] * stride_kc + offs_d[:, None]  # [BLOCK_D, BLOCK_C], head 0
+    k_tile_mask = d_ok[:, None] & c_ok[None, :]
+    n_tokens = B * T
+    for m0 in range(0, n_tokens, BLOCK_M):  # K̄_R comes from HBM on the first tile, from cache after
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_tokens
+        s = _score_tile(q_ptr + rows[:, None] * (HKV * D) + offs_d[None, :], row_ok[:, None] & d_ok[None, :],
+                        stride_qp, k_tile_ptr, k_tile_mask, stride_kh,
+                        HKV, D, BLOCK_M, BLOCK_C, N_PARTS, NORMALIZE_K, DOT_PRECISION, UPCAST)
+        routing = tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0
+        s = s * tl.load(tscale_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        s = tl.where(routing[:, None], s, 0.0 if REDUCE_SUM else float("-inf"))
+        # fold the tile into every batch row it overlaps; this program owns these outputs, so a
+        # row's first tile stores and later tiles read-modify-write
+        row_of = rows // T
+        b_last = tl.minimum(m0 + BLOCK_M, n_tokens) - 1
+        for b in range(m0 // T, b_last // T + 1):
+            sel = (row_of == b)[:, None]
+            out_ptrs = out_ptr + b * stride_ob + offs_c
+            if REDUCE_SUM:
+                val = tl.sum(tl.where(sel, s, 0.0), axis=0)
+                if b * T < m0:
+                    val += tl.load(out_ptrs, mask=c_ok, other=0.0)
+            else:
+                val = tl.max(tl.where(sel, s, float("-inf")), axis=0)
+                if b * T < m0:
+                    val = tl.maximum(val, tl.load(out_ptrs, mask=c_ok, other=0.0))
+            tl.store(out_ptrs, val, mask=c_ok)
+
+
+class GroupedQueries:
+    """Output of `group_queries`: the pieces [P, B, T, Hkv*D] and the per-token multiplier [B, T]."""
+
+    def __init__(self, pieces: torch.Tensor, token_scale: torch.Tensor, mask: torch.Tensor) -> None:
+        self.pieces, self.token_scale, self.mask = pieces, token_scale, mask
+
+
+def group_queries(q: torch.Tensor, token_mask: torch.Tensor, kr_dtype: torch.dtype, kv_heads: int,
+                  normalization: str, exact: bool = True) -> GroupedQueries:
+    """Launch the query-preparation kernel (inputs already checked). exact=False: one piece."""
+    b, t, h, d = q.shape
+    if q.stride(3) != 1:
+        q = q.contiguous()
+    n_parts = _PIECES[kr_dtype] if exact else 1
+    pieces = torch.empty(n_parts, b, t, kv_heads * d, dtype=kr_dtype, device=q.device)
+    token_scale = torch.empty(b, t, dtype=torch.float32, device=q.device)
+    g = h // kv_heads
+    _group_queries_kernel[(b * t,)](
+        q, q.stride(0), q.stride(1), q.stride(2),
+        pieces, pieces.stride(0), pieces.stride(1), pieces.stride(2),
+        token_scale, t, 1.0 / h,
+        HKV=kv_heads, G=g, G_P2=next_power_of_2(g), D=d, BLOCK_D=max(16, next_power_of_2(d)),
+        N_PARTS=n_parts, NORMALIZE_Q=normalization in ("cosine", "scaled_cosine"),
+        Q_SCALE=d ** -0.5 if normalization in ("scaled_dot", "scaled_cosine") else 1.0,
+        FP16_RANGE=kr_dtype == torch.float16,
+    )
+    return GroupedQueries(pieces, token_scale, token_mask.contiguous().view(torch.uint8))
+
+
+def default_blocks(tokens: int, head_dim: int) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_M) for a batch of `tokens` = B*T: token tiles no taller than needed; 64 chunks a
+    program, 32 when many tokens meet 128-wide heads (measured on an H100: benchmarks/kernels_bench.py)."""
+    block_m = 64 if tokens <= 64 else 128
+    return (32 if block_m > 64 and head_dim > 64 else 64), block_m
+
+
+def chunk_scores_triton(grouped: GroupedQueries, kr_bar: torch.Tensor, *, normalize_k: bool, reduce_sum: bool,
+                        exact: bool = True, block_c: int | None = None, block_m: int | None = None,
+                        num_warps: int | None = None) -> torch.Tensor:
+    """Launch the scoring kernel: [B, C] fp32 max (or, reduce_sum, sum) over routing tokens.
+
+    exact=False: an fp32 bank is multiplied in one tf32 pass instead of three (the 16-bit banks'
+    precision is set by the pieces of `grouped`).
+    """
+    pieces = grouped.pieces
+    n_parts, b, t, _ = pieces.shape
+    c, hkv, d = kr_bar.shape
+    if kr_bar.stride(2) != 1:
+        kr_bar = kr_bar.contiguous()
+    out = torch.empty(b, c, dtype=torch.float32, device=kr_bar.device)
+    if c == 0 or b == 0:
+        return out
+    auto_c, auto_m = default_blocks(b * t, d)
+    block_c, block_m = block_c or auto_c, block_m or auto_m
+    block_d = max(16, next_power_of_2(d))
+    _chunk_scores_kernel[(triton.cdiv(c, block_c),)](
+        pieces, pieces.stride(0), grouped.token_scale, grouped.mask,
+        kr_bar, kr_bar.stride(0), kr_bar.stride(1), out, out.stride(0), b, t, c,
+        HKV=hkv, D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_C=block_c, N_PARTS=n_parts,
+        NORMALIZE_K=normalize_k, REDUCE_SUM=reduce_sum,
+        DOT_PRECISION="tf32x3" if kr_bar.dtype == torch.float32 and exact else "tf32",  # unused for 16-bit
+        UPCAST=interpreting() and kr_bar.dtype == torch.bfloat16,
+        num_warps=num_warps or (8 if block_m * block_c > 64 * 64 or block_d > 64 else 4),
+        num_stages=1,  # the loads sit in unrolled kv-head loops: pipelining them only costs shared memory
+    )
+    return out

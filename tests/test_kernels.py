@@ -1,0 +1,333 @@
+"""msa_core.kernels: the PyTorch references agree with the existing PyTorch path (router.py scoring,
+backbone.Attention with Memory), and the Triton kernels agree with the references.
+
+Triton cases run on CUDA when a GPU is present, else on CPU under Triton's interpreter
+(TRITON_INTERPRET=1, set here before any kernel module loads) when `triton` is installed, else they
+skip. On the device machine: `pytest tests/test_kernels.py`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+_KERNEL_MODULES = ("msa_core.kernels.routing_triton", "msa_core.kernels.attention_triton")
+_IMPORTED_EARLY = any(m in sys.modules for m in _KERNEL_MODULES)
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton reads it when a kernel module is imported
+
+from msa_core.backbone import Attention, BackboneArgs, LayerCache, Memory
+from msa_core.errors import InvalidInputError
+from msa_core.kernels import (
+    chunk_scores,
+    chunk_scores_reference,
+    interpreting,
+    memory_attention,
+    memory_attention_reference,
+    routing_scores,
+    routing_scores_reference,
+    routing_top_k,
+    triton_available,
+)
+from msa_core.kernels._common import resolve_backend
+from msa_core.kernels.attention import gather_chunks
+from msa_core.kernels.routing import docs_from_chunks
+from msa_core.rope import RopeSpec
+from msa_core.router import reduce_to_docs, select_top_k
+
+
+def _triton_skip_reason() -> str | None:
+    if not triton_available():
+        return "triton is not installed (pip install triton): the kernel-vs-reference cases need it"
+    if CUDA:
+        return None
+    if not interpreting():
+        return "no CUDA GPU and TRITON_INTERPRET is not 1: set it (or unset it to let this file set it)"
+    if _IMPORTED_EARLY:
+        return "a kernel module was imported before TRITON_INTERPRET was set; run this file on its own"
+    return None
+
+
+_SKIP = _triton_skip_reason()
+needs_triton = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+# --------------------------------------------------------------------------------------------
+# Routing inputs
+# --------------------------------------------------------------------------------------------
+
+def _doc_layout(num_chunks: int, seed: int) -> tuple[torch.Tensor, int]:
+    """chunk_doc [C]: contiguous ascending documents of 1..6 chunks, the first three single-chunk."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [1, 1, 1]
+    while sum(sizes) < num_chunks:
+        sizes.append(int(torch.randint(1, 7, (1,), generator=gen)))
+    sizes[-1] -= sum(sizes) - num_chunks
+    sizes = [s for s in sizes if s > 0]
+    return torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)), len(sizes)
+
+
+def _routing_inputs(b=3, t=37, hkv=3, g=3, d=64, c=203, q_dtype=torch.float32, k_dtype=torch.float16, seed=0,
+                    q_scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    q = (torch.randn(b, t, hkv * g, d, generator=gen) * q_scale).to(q_dtype)
+    mask = torch.zeros(b, t, dtype=torch.bool)
+    mask[0, 6:] = True  # left padding
+    mask[1 % b, : t - 9] = True  # right padding
+    if b > 2:
+        mask[2, 3:t - 2:3] = True  # holes: any pattern is allowed
+    kr = (torch.randn(c, hkv, d, generator=gen) * 0.5 + 0.1).to(k_dtype)
+    chunk_doc, n = _doc_layout(c, seed)
+    return q.to(DEVICE), mask.to(DEVICE), kr.to(DEVICE), chunk_doc.to(DEVICE), n
+
+
+def _brute_force_doc_scores(q, mask, kr, chunk_doc, n, normalization):
+    """The definition, materialised: S[b, t, h, c], mean over h, max over routing tokens and chunks."""
+    qf, kf = q.float(), kr.float()
+    if normalization == "cosine":
+        qf, kf = torch.nn.functional.normalize(qf, dim=-1), torch.nn.functional.normalize(kf, dim=-1)
+    else:
+        qf = qf / qf.shape[-1] ** 0.5
+    g = q.shape[2] // kr.shape[1]
+    s = torch.einsum("bthd,chd->bthc", qf, kf.repeat_interleave(g, dim=1)).mean(dim=2)
+    chunk = s.masked_fill(~mask[:, :, None], float("-inf")).amax(dim=1)
+    return torch.stack([chunk[:, chunk_doc == i].amax(dim=1) for i in range(n)], dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Routing: reference vs the existing path
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("normalization", ["cosine", "scaled_dot"])
+def test_routing_reference_is_the_definition(normalization):
+    q, mask, kr, chunk_doc, n = (x.cpu() if torch.is_tensor(x) else x for x in _routing_inputs(hkv=2, g=3, c=41))
+    ref = routing_scores_reference(q, mask, kr, chunk_doc, n, normalization=normalization)
+    torch.testing.assert_close(ref, _brute_force_doc_scores(q, mask, kr, chunk_doc, n, normalization),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_reduce", ["max", "mean"])
+def test_docs_from_chunks_matches_reduce_to_docs(chunk_reduce):
+    scores = torch.randn(2, 9)
+    chunk_doc = torch.tensor([0, 0, 1, 3, 3, 3, 4, 5, 5])  # doc 2 has no chunk: -inf
+    out = docs_from_chunks(scores, chunk_doc, 6, chunk_reduce)
+    torch.testing.assert_close(out, reduce_to_docs(scores, chunk_doc, 6, chunk_reduce=chunk_reduce))
+
+
+def test_auto_backend_falls_back_to_reference_without_cuda():
+    x = torch.zeros(1)
+    assert resolve_backend("auto", x) == "reference"
+    assert resolve_backend("reference", x) == "reference"
+    with pytest.raises(InvalidInputError, match="backend must be one of"):
+        resolve_backend("cuda", x)
+
+
+def test_triton_backend_on_cpu_without_interpreter_says_how(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(InvalidInputError, match="triton"):
+        resolve_backend("triton", torch.zeros(1))
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_all_padding_row_is_rejected(backend):
+    q, mask, kr, chunk_doc, n = _routing_inputs(c=40)
+    mask[1] = False
+    with pytest.raises(InvalidInputError, match=r"rows \[1\] have no valid routing token"):
+        routing_scores(q, mask, kr, chunk_doc, n, backend=backend)
+
+
+@needs_triton
+def test_bad_chunk_doc_is_rejected():
+    q, mask, kr, chunk_doc, _n = _routing_inputs(c=40)
+    with pytest.raises(InvalidInputError, match=r"chunk_doc values must lie in \[0, 3\)"):
+        routing_scores(q, mask, kr, chunk_doc, 3, backend="triton")
+
+
+# --------------------------------------------------------------------------------------------
+# Routing: Triton vs reference
+# --------------------------------------------------------------------------------------------
+
+ROUTING_CASES = [
+    # hkv, g, d, q dtype, bank dtype, normalization, query_reduce, block_m
+    (1, 1, 64, torch.float32, torch.float16, "cosine", "max", None),
+    (3, 3, 64, torch.bfloat16, torch.float16, "cosine", "max", 16),  # SmolLM2-135M shapes
+    (2, 4, 128, torch.bfloat16, torch.bfloat16, "scaled_dot", "max", 16),
+    (1, 3, 128, torch.float32, torch.float32, "scaled_dot", "max", None),
+    (2, 1, 64, torch.float16, torch.float16, "scaled_cosine", "mean", 16),
+    (1, 4, 64, torch.float32, torch.float16, "cosine", "last", None),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("hkv,g,d,q_dtype,k_dtype,normalization,query_reduce,block_m", ROUTING_CASES)
+def test_routing_triton_matches_reference(hkv, g, d, q_dtype, k_dtype, normalization, query_reduce, block_m):
+    q, mask, kr, chunk_doc, n = _routing_inputs(hkv=hkv, g=g, d=d, q_dtype=q_dtype, k_dtype=k_dtype)
+    kw = {"normalization": normalization, "query_reduce": query_reduce}
+    got = chunk_scores(q, mask, kr, backend="triton", block_m=block_m, **kw)
+    want = chunk_scores_reference(q, mask, kr, **kw)
+    scale = want.abs().max().item()
+    # The kernel reproduces the fp32 reference (16-bit banks are exact; q is split into 16-bit parts).
+    torch.testing.assert_close(got, want, atol=2e-6 * max(scale, 1.0), rtol=1e-5)
+    docs = routing_scores(q, mask, kr, chunk_doc, n, backend="triton", block_m=block_m, **kw)
+    torch.testing.assert_close(docs, routing_scores_reference(q, mask, kr, chunk_doc, n, **kw),
+                               atol=2e-6 * max(scale, 1.0), rtol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("k_dtype", [torch.float16, torch.float32])
+def test_routing_fast_mode_is_close(k_dtype):
+    q, mask, kr, chunk_doc, n = _routing_inputs(hkv=3, g=3, c=90, k_dtype=k_dtype)
+    got = routing_scores(q, mask, kr, chunk_doc, n, backend="triton", exact=False)
+    torch.testing.assert_close(got, routing_scores_reference(q, mask, kr, chunk_doc, n), atol=2e-3, rtol=2e-3)
+
+
+@needs_triton
+def test_routing_triton_large_scaled_dot_queries_do_not_overflow_fp16():
+    q, mask, kr, chunk_doc, n = _routing_inputs(hkv=1, g=2, c=70, q_scale=3e4)
+    got = routing_scores(q, mask, kr, chunk_doc, n, normalization="scaled_dot", chunk_reduce="mean",
+                         backend="triton", block_c=32)
+    want = routing_scores_reference(q, mask, kr, chunk_doc, n, normalization="scaled_dot", chunk_reduce="mean")
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+
+
+@needs_triton
+def test_routing_top_k_matches_select_top_k():
+    q, mask, kr, chunk_doc, n = _routing_inputs(hkv=3, g=3, c=120, seed=3)
+    allowed = torch.ones(n, dtype=torch.bool, device=DEVICE)
+    allowed[::4] = False
+    values, idx = routing_top_k(q, mask, kr, chunk_doc, n, 5, allowed=allowed, backend="triton")
+    ref = routing_scores_reference(q, mask, kr, chunk_doc, n)
+    want_values, want_idx = select_top_k(ref, 5, allowed)
+    assert torch.equal(idx, want_idx)
+    torch.testing.assert_close(values, want_values, atol=1e-6, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Memory attention: inputs, reference vs backbone.Attention
+# --------------------------------------------------------------------------------------------
+
+def _attention_inputs(b=2, hkv=2, g=3, d=64, tq=5, tk=23, m=11, c=40, dtype=torch.float32,
+                      bank_dtype=torch.float16, left_pad=(0, 4), seed=0, device=DEVICE):
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    q, k, v = randn(b, hkv * g, tq, d).to(dtype), randn(b, hkv, tk, d).to(dtype), randn(b, hkv, tk, d).to(dtype)
+    k_bar, v_bar = randn(c, hkv, d).to(bank_dtype), randn(c, hkv, d).to(bank_dtype)
+    chunk_idx = torch.randint(0, max(c, 1), (b, m), generator=gen)
+    chunk_valid = torch.rand(b, m, generator=gen) > 0.25
+    if m:
+        chunk_valid[:, 0] = c > 0
+    if b > 1 and m > 2:
+        chunk_valid[1, m // 2:] = False  # a row with fewer chunks: right padding, as generate.py builds it
+    chunk_idx = torch.where(chunk_valid, chunk_idx, -7)  # padding indices are never read
+    local_valid = torch.ones(b, tk, dtype=torch.bool)
+    for row, pad in enumerate(left_pad[:b]):
+        local_valid[row, :pad] = False
+    return tuple(x.to(device) for x in (q, k_bar, v_bar, chunk_idx, chunk_valid, k, v, local_valid))
+
+
+def _identity_attention(h, hkv, d, qkv):
+    """backbone.Attention whose projections hand back the given q, k, v and whose o_proj is the identity."""
+    rope = RopeSpec(theta=10000.0, dim=d)
+    args = BackboneArgs(family="llama", vocab_size=8, hidden_size=h * d, intermediate_size=8, num_layers=1,
+                        num_heads=h, kv_heads=hkv, head_dim=d, rms_norm_eps=1e-6, rope=rope)
+    attn = Attention(args)
+    with torch.no_grad():
+        attn.o_proj.weight.copy_(torch.eye(h * d))
+    attn.project = lambda x, cos, sin: qkv.pop(0)
+    return attn
+
+
+def _heads_last(out):
+    return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+
+
+def test_attention_reference_matches_backbone_prefill():
+    q, k_bar, v_bar, idx, cv, k, v, lv = _attention_inputs(tq=9, tk=9, device="cpu")
+    b, h, tq, d = q.shape
+    attn = _identity_attention(h, k.shape[1], d, [(q, k, v)])
+    memory = Memory(*gather_chunks(k_bar, v_bar, idx, cv, q.dtype), cv)
+    want = attn(torch.zeros(b, tq, h * d), None, None, lv, None, memory)
+    got = memory_attention_reference(q, k_bar, v_bar, idx, cv, k, v, lv)
+    torch.testing.assert_close(_heads_last(got), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_reference_matches_backbone_decode(causal):
+    """Prefill fills a LayerCache (memory, then prompt); then a block of 2 new tokens attends to it."""
+    q, k_bar, v_bar, idx, cv, k, v, lv = _attention_inputs(tq=2, tk=12, device="cpu")
+    b, h, _, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    prompt = (torch.randn(b, h, tk - 2, d), k[:, :, :-2], v[:, :, :-2])
+    attn = _identity_attention(h, hkv, d, [prompt, (q, k[:, :, -2:], v[:, :, -2:])])
+    cache = LayerCache(b, hkv, d, q.dtype, q.device, capacity=4)
+    memory = Memory(*gather_chunks(k_bar, v_bar, idx, cv, q.dtype), cv)
+    attn(torch.zeros(b, tk - 2, h * d), None, None, lv[:, :-2], cache, memory)
+    want = attn(torch.zeros(b, 2, h * d), None, None, lv[:, -2:], cache, None, causal=causal)
+    got = memory_attention_reference(q, k_bar, v_bar, idx, cv, k, v, lv, causal=causal)
+    torch.testing.assert_close(_heads_last(got), want, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_rejects_bad_inputs():
+    q, k_bar, v_bar, idx, cv, k, v, lv = _attention_inputs(tq=5, tk=23, device="cpu")
+    with pytest.raises(InvalidInputError, match="Tq <= Tk"):
+        memory_attention(q, k_bar, v_bar, idx, cv, k[:, :, :3], v[:, :, :3], lv[:, :3])
+    bad = idx.clone()
+    bad[1, 0] = k_bar.shape[0]
+    with pytest.raises(InvalidInputError, match=r"chunk_idx\[1, 0\] = 40 is a valid slot outside"):
+        memory_attention(q, k_bar, v_bar, bad, cv, k, v, lv)
+    with pytest.raises(InvalidInputError, match="multiple of kv heads"):
+        memory_attention(q[:, :5], k_bar, v_bar, idx, cv, k, v, lv)
+
+
+# --------------------------------------------------------------------------------------------
+# Memory attention: Triton vs reference
+# --------------------------------------------------------------------------------------------
+
+def _case(name, causal=True, num_splits=None, block_m=None, block_n=None, **inputs):
+    return pytest.param(inputs, causal, num_splits, block_m, block_n, id=name)
+
+
+ATTENTION_CASES = [
+    _case("decode-smollm2", hkv=3, g=3, d=64, tq=1, tk=29, m=13, dtype=torch.bfloat16),
+    _case("decode-split", num_splits=3, hkv=2, g=4, d=128, tq=1, tk=70, m=20, dtype=torch.float32),
+    _case("prefill-tiles", block_m=16, block_n=16, hkv=2, g=1, d=64, tq=19, tk=19, m=9, dtype=torch.float32),
+    _case("prefill-cache-no-memory", block_n=16, hkv=1, g=3, d=128, tq=7, tk=40, m=0, dtype=torch.bfloat16,
+          bank_dtype=torch.float32),
+    _case("noncausal-split", causal=False, num_splits=2, block_n=16, hkv=1, g=4, d=64, tq=4, tk=30, m=6,
+          dtype=torch.float16),
+    _case("prefill-fp32-bank-bf16", num_splits=2, block_m=16, block_n=16, hkv=3, g=1, d=64, tq=12, tk=12, m=5,
+          dtype=torch.float32, bank_dtype=torch.bfloat16, left_pad=(5, 0)),
+]
+ATOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+@needs_triton
+@pytest.mark.parametrize("inputs,causal,num_splits,block_m,block_n", ATTENTION_CASES)
+def test_attention_triton_matches_reference(inputs, causal, num_splits, block_m, block_n):
+    args = _attention_inputs(**inputs)
+    got = memory_attention(*args, causal=causal, backend="triton", num_splits=num_splits, block_m=block_m,
+                           block_n=block_n)
+    want = memory_attention_reference(*args, causal=causal)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    atol = ATOL[got.dtype]
+    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=atol)
+
+
+@needs_triton
+def test_attention_triton_without_local_valid_and_empty_bank():
+    q, _, _, _, _, k, v, _ = _attention_inputs(hkv=1, g=1, tq=3, tk=8, m=0)
+    empty = torch.empty(0, 1, q.shape[-1], dtype=torch.float16, device=DEVICE)
+    idx = torch.zeros(q.shape[0], 2, dtype=torch.long, device=DEVICE)
+    cv = torch.zeros(q.shape[0], 2, dtype=torch.bool, device=DEVICE)
+    got = memory_attention(q, empty, empty, idx, cv, k, v, backend="triton")
+    want = memory_attention_reference(q, empty, empty, idx, cv, k, v)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
