@@ -510,8 +510,10 @@ def model_card(report: TrainReport, config: TrainConfig, data: Sequence[str], mo
              f"- files: {', '.join(Path(d).name for d in data)}",
              f"- {report.train_queries} training questions over {report.train_documents} documents; "
              f"{report.heldout_queries} held-out questions over {report.heldout_documents} documents "
-             "(split by document, no document in both)",
-             f"- questions per source: {json.dumps(report.sources)}", "",
+             f"(split by document, no document in both; {config.heldout_fraction:.1%} of documents"
+             + (f", plus the whole sources {', '.join(config.heldout_sources)}" if config.heldout_sources else "")
+             + ")",
+             f"- questions per source, before the split: {json.dumps(report.sources)}", "",
              "## Training", "",
              f"- {report.steps} steps of {config.batch_size} questions, lr {config.lr}, "
              f"{config.hard_negatives} hard negatives per question, seed {config.seed}",

@@ -9,7 +9,8 @@ import pytest
 
 from msa_core import MSAModel
 from msa_core.corpus import DEMO_CORPUS_PATH, DEMO_QUESTIONS_PATH, read_corpus
-from msa_core.defaults import default_model_dir
+from msa_core.defaults import DEFAULT_ROUTER, default_model_dir
+from msa_core.router import RouterProjectors
 
 pytestmark = pytest.mark.integration
 
@@ -34,9 +35,27 @@ def demo(model):
 def test_default_model_is_smollm2_and_loads_fast_once_converted(model):
     a = model.backbone.args
     assert (a.family, a.num_layers, a.hidden_size, a.num_heads, a.kv_heads) == ("llama", 30, 576, 9, 3)
-    assert model.layers == list(range(15, 30))  # the upper half routes
-    assert model.router.init_mode == "native"
+    # the shipped trained router decides which layers route (msa_core/data/routers, model card beside it)
+    shipped = RouterProjectors.load(DEFAULT_ROUTER, expected_backbone_fingerprint=model.backbone_fingerprint)
+    assert model.layers == shipped.layers and model.router.fingerprint() == shipped.fingerprint()
+    assert model.router.init_mode.startswith("trained")
     assert model.load_seconds < 5.0, f"loading the cached default model took {model.load_seconds:.1f} s"
+
+
+def test_trained_router_beats_the_native_one_on_the_demo_corpus(model, demo):
+    """The shipped router finds more demo gold documents in the top 3 than the untrained native one
+    (which found 0 of 7 before training)."""
+    records, _ = demo
+    questions = json.loads(DEMO_QUESTIONS_PATH.read_text())
+
+    def hits_at_3(m: MSAModel) -> int:
+        bank = m.index([r.text for r in records], ids=[r.id for r in records])
+        ranked = m.retrieve([q["question"] for q in questions], bank, k=3)
+        return sum(q["gold_id"] in {h.id for h in r} for q, r in zip(questions, ranked))
+
+    native = MSAModel.from_pretrained("default", router="native", device="cpu")
+    trained, untrained = hits_at_3(model), hits_at_3(native)
+    assert trained > untrained, (trained, untrained)
 
 
 def test_index_and_retrieve_demo_corpus(model, demo):
