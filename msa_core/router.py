@@ -378,6 +378,16 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def _check_score_inputs(q: Tensor, token_mask: Tensor, kr_bar: Tensor, chunk_block: int) -> None:
+    check_score_shapes(q, token_mask, kr_bar)
+    if chunk_block <= 0:
+        raise InvalidInputError(f"chunk_block must be > 0, got {chunk_block}")
+    empty = (~token_mask.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise InvalidInputError(f"rows {empty} have no valid routing token (token_mask is all False)")
+
+
+def check_score_shapes(q: Tensor, token_mask: Tensor, kr_bar: Tensor) -> None:
+    """Shapes and head layout of routing-score inputs (shared with the Triton kernels' dispatcher)."""
     if q.dim() != 4:
         raise InvalidInputError(f"q must be [B, T, H, D], got shape {tuple(q.shape)}")
     if kr_bar.dim() != 3:
@@ -393,11 +403,6 @@ def _check_score_inputs(q: Tensor, token_mask: Tensor, kr_bar: Tensor, chunk_blo
         raise InvalidInputError(f"head_dim differs: q has {d}, kr_bar has {kr_bar.shape[2]}")
     if hkv == 0 or h % hkv:
         raise InvalidInputError(f"query heads ({h}) must be a multiple of kv heads ({hkv})")
-    if chunk_block <= 0:
-        raise InvalidInputError(f"chunk_block must be > 0, got {chunk_block}")
-    empty = (~token_mask.any(dim=1)).nonzero().flatten().tolist()
-    if empty:
-        raise InvalidInputError(f"rows {empty} have no valid routing token (token_mask is all False)")
 
 
 def _last_valid_token(q: Tensor, token_mask: Tensor) -> tuple[Tensor, Tensor]:

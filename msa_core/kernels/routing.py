@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..config import ChunkReduce, Normalization, QueryReduce
 from ..errors import InvalidInputError
-from ..router import reduce_to_docs, score_chunks, select_top_k
+from ..router import check_score_shapes, reduce_to_docs, score_chunks, select_top_k
 from ._common import Backend, resolve_backend
 
 NORMALIZATIONS = ("cosine", "scaled_dot", "scaled_cosine")
@@ -159,19 +159,7 @@ def _check_choices(normalization: str, query_reduce: str, chunk_reduce: str) -> 
 
 
 def _check_inputs(q: Tensor, token_mask: Tensor, kr_bar: Tensor) -> None:
-    if q.dim() != 4:
-        raise InvalidInputError(f"q must be [B, T, H, D], got shape {tuple(q.shape)}")
-    if kr_bar.dim() != 3:
-        raise InvalidInputError(f"kr_bar must be [C, Hkv, D], got shape {tuple(kr_bar.shape)}")
-    b, t, h, d = q.shape
-    if token_mask.shape != (b, t) or token_mask.dtype != torch.bool:
-        raise InvalidInputError(f"token_mask must be a bool tensor of shape {(b, t)}, "
-                                f"got {token_mask.dtype} {tuple(token_mask.shape)}")
-    hkv = kr_bar.shape[1]
-    if kr_bar.shape[2] != d:
-        raise InvalidInputError(f"head_dim differs: q has {d}, kr_bar has {kr_bar.shape[2]}")
-    if hkv == 0 or h % hkv:
-        raise InvalidInputError(f"query heads ({h}) must be a multiple of kv heads ({hkv})")
+    check_score_shapes(q, token_mask, kr_bar)
     if not q.is_floating_point() or kr_bar.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise InvalidInputError(f"q must be floating point and kr_bar float32/float16/bfloat16, "
                                 f"got {q.dtype} and {kr_bar.dtype}")
