@@ -63,7 +63,7 @@ from .memory import (
     _verify_file,
 )
 from .model import Answer, MSAModel, RetrievedDocument
-from .router import RouterProjectors, aggregate_layers, reduce_to_docs, relevance, score_chunks, select_top_k
+from .router import RouterProjectors, aggregate_layers, reduce_to_docs, score_chunks, select_top_k
 
 Strategy = Literal["contiguous", "round_robin"]
 
@@ -373,26 +373,9 @@ def _route_scores(model: MSAModel, questions: list[str], shard: ShardedBank, all
 def _local_hits(model: MSAModel, shard: ShardedBank, total: torch.Tensor, per_layer: torch.Tensor,
                 allowed: torch.Tensor, k: int, include_parts: bool, with_layers: bool
                 ) -> list[tuple[float, int, RetrievedDocument]]:
-    """MSAModel._rank on the local rows, each hit with its score and global row (the merge keys)."""
-    bank = shard.local
-    order = torch.sort(total, descending=True, stable=True).indices.tolist()
-    rel = relevance(total, model.config.routing.normalization, model.backbone.args.head_dim)
-    out: list[tuple[float, int, RetrievedDocument]] = []
-    seen: set[str] = set()
-    for row in order:
-        if not allowed[row] or len(out) == k:
-            continue
-        rec = bank.docstore[row]
-        key = rec.id if include_parts else rec.parent_id
-        if key in seen:
-            continue
-        seen.add(key)
-        text = rec.text if include_parts else bank.get([rec.parent_id])[0]["text"]
-        layers = ({layer: float(per_layer[i, row]) for i, layer in enumerate(model.layers)}
-                  if with_layers else None)
-        hit = RetrievedDocument(key, float(total[row]), float(rel[row]), text, dict(rec.metadata), layers)
-        out.append((float(total[row]), int(shard.global_rows[row]), hit))
-    return out
+    """MSAModel.ranked_rows on the local rows, each hit with its score and global row (the merge keys)."""
+    hits = model.ranked_rows(shard.local, total, per_layer, allowed, k, include_parts, with_layers)
+    return [(hit.score, int(shard.global_rows[row]), hit) for row, hit in hits]
 
 
 @torch.no_grad()

@@ -276,11 +276,16 @@ class MSAModel:
 
     def _rank(self, bank: MemoryBank, total: torch.Tensor, per_layer: torch.Tensor, allowed: torch.Tensor,
               k: int, include_parts: bool, with_layers: bool) -> list[RetrievedDocument]:
-        """Best part rows first; a parent is ranked by its best part unless parts are asked for."""
+        return [hit for _, hit in self.ranked_rows(bank, total, per_layer, allowed, k, include_parts, with_layers)]
+
+    def ranked_rows(self, bank: MemoryBank, total: torch.Tensor, per_layer: torch.Tensor, allowed: torch.Tensor,
+                    k: int, include_parts: bool, with_layers: bool) -> list[tuple[int, RetrievedDocument]]:
+        """(bank row, hit), best part rows first; a parent is ranked by its best part unless parts are
+        asked for. Memory Parallel merges these per-rank lists by (score, global row)."""
         order = torch.sort(total, descending=True, stable=True).indices.tolist()
         records, seen = bank.docstore, set()
         rel = relevance(total, self.config.routing.normalization, self.backbone.args.head_dim)
-        out: list[RetrievedDocument] = []
+        out: list[tuple[int, RetrievedDocument]] = []
         for row in order:
             if not allowed[row] or len(out) == k:
                 continue
@@ -292,8 +297,8 @@ class MSAModel:
             text = rec.text if include_parts else bank.get([rec.parent_id])[0]["text"]
             layers = ({layer: float(per_layer[i, row]) for i, layer in enumerate(self.layers)}
                       if with_layers else None)
-            out.append(RetrievedDocument(key, float(total[row]), float(rel[row]), text,
-                                         dict(rec.metadata), layers))
+            out.append((row, RetrievedDocument(key, float(total[row]), float(rel[row]), text,
+                                               dict(rec.metadata), layers)))
         return out
 
     # ---- generation ---------------------------------------------------------------------
