@@ -166,6 +166,18 @@ class RouterProjectors(nn.Module):
         except InvalidInputError as e:
             raise ModelLoadError(f"router tensors do not fit the head layout: {e}") from e
 
+    def copy(self, layers: Sequence[int] | None = None, *, dtype: torch.dtype | None = None,
+             device: str | torch.device | None = None, init_mode: str | None = None) -> RouterProjectors:
+        """A detached copy of `layers` (default: all), optionally cast and moved."""
+        keep = self.layers if layers is None else sorted(int(i) for i in layers)
+
+        def convert(t: Tensor) -> Tensor:
+            return t.detach().to(device=device or t.device, dtype=dtype or t.dtype).clone()
+
+        weights = {i: (convert(self.q_weight(i)), convert(self.k_weight(i))) for i in keep}
+        return RouterProjectors(weights, self.num_heads, self.kv_heads, self.head_dim,
+                                init_mode=init_mode or self.init_mode)
+
     # ---- access -------------------------------------------------------------------------
 
     @property

@@ -408,15 +408,15 @@ class RouterTrainer:
 # ---- the whole job ------------------------------------------------------------------------------
 
 
-def train_router(model: Any, data: Sequence[str | Path], out: str | Path, config: TrainConfig | None = None, *,
-                 checkpoint_dir: str | Path | None = None, resume: bool = False, log: Any = print,
-                 show_progress_bar: bool | None = None) -> TrainReport:
-    """Train `model`'s routing layers on JSONL pairs and write the router to `out` (safetensors, with
-    a model card `out`.md beside it). Starts from the model's own router; the backbone stays frozen."""
+def prepare_trainer(model: Any, data: Sequence[str | Path], config: TrainConfig, *,
+                    checkpoint_dir: str | Path | None = None, log: Any = print,
+                    show_progress_bar: bool | None = None) -> tuple[RouterTrainer, dict[str, Any]]:
+    """Read and split the pairs, mine BM25 negatives, cache the frozen backbone's states and start from
+    a float32 copy of the model's router. Returns the trainer and {"sources", "timings"}."""
     from .train_cache import cache_documents, cache_queries
     from .train_data import add_needle_pairs, load_pairs
 
-    c = config or TrainConfig()
+    c = config
     torch.manual_seed(c.seed)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -452,16 +452,28 @@ def train_router(model: Any, data: Sequence[str | Path], out: str | Path, config
     timings["cache"] = round(time.perf_counter() - t, 2)
     log(f"cached {td.x.shape[0]} document chunks and {tq.x.shape[0]} question tokens in {timings['cache']} s")
 
-    router = RouterProjectors({i: (model.router.q_weight(i).detach().float().clone(),
-                                   model.router.k_weight(i).detach().float().clone()) for i in layers},
-                              model.router.num_heads, model.router.kv_heads, model.router.head_dim,
-                              init_mode=f"trained-from-{model.router.init_mode}").to(bb.device)
+    router = model.router.copy(layers, dtype=torch.float32, device=bb.device,
+                               init_mode=f"trained-from-{model.router.init_mode}")
     trainer = RouterTrainer(router, layers, train, tq, td, heldout if len(heldout) else None, hq, hd, c,
                             model.config.routing, checkpoint_dir=checkpoint_dir, log=log)
+    return trainer, {"sources": full.source_counts(), "timings": timings}
+
+
+def train_router(model: Any, data: Sequence[str | Path], out: str | Path, config: TrainConfig | None = None, *,
+                 checkpoint_dir: str | Path | None = None, resume: bool = False, log: Any = print,
+                 show_progress_bar: bool | None = None) -> TrainReport:
+    """Train `model`'s routing layers on JSONL pairs and write the router to `out` (safetensors, with
+    a model card `out`.md beside it). Starts from the model's own router; the backbone stays frozen."""
+    c = config or TrainConfig()
+    t0 = time.perf_counter()
+    trainer, prep = prepare_trainer(model, data, c, checkpoint_dir=checkpoint_dir, log=log,
+                                    show_progress_bar=show_progress_bar)
+    timings = prep["timings"]
+    router, layers, heldout = trainer.router, trainer.layers, trainer.heldout
     if resume and trainer.load_checkpoint():
         log(f"resumed at step {trainer.step}")
     t = time.perf_counter()
-    if trainer.step == 0 and hq is not None:
+    if trainer.step == 0 and heldout is not None:
         trainer.history.append({"step": 0, "heldout": trainer.evaluate_heldout()})
         log(json.dumps(trainer.history[-1]))
     trainer.run()
@@ -469,21 +481,22 @@ def train_router(model: Any, data: Sequence[str | Path], out: str | Path, config
 
     chosen = layers
     final: dict[str, Any] = {}
-    if hq is not None and hd is not None:
-        final["all_layers"] = evaluate(router, layers, hq, hd, heldout.positives, model.config.routing)
+    if heldout is not None:
+        hq, hd, routing = trainer.hq, trainer.hd, model.config.routing
+        final["all_layers"] = evaluate(router, layers, hq, hd, heldout.positives, routing)
         if c.max_layers:
-            chosen = choose_layers(router, layers, hq, hd, heldout.positives, model.config.routing, c.max_layers)
+            chosen = choose_layers(router, layers, hq, hd, heldout.positives, routing, c.max_layers)
             log(f"kept layers {chosen}")
-        final.update(evaluate(router, chosen, hq, hd, heldout.positives, model.config.routing, state_layers=layers))
+        final.update(evaluate(router, chosen, hq, hd, heldout.positives, routing, state_layers=layers))
         final["heldout_documents"] = len(heldout.documents)
-    kept = RouterProjectors({i: (router.q_weight(i).detach().cpu().float(), router.k_weight(i).detach().cpu().float())
-                             for i in chosen}, router.num_heads, router.kv_heads, router.head_dim,
-                            init_mode=router.init_mode)
-    report = TrainReport(steps=trainer.step, seconds=round(time.perf_counter() - t0, 2), device=_device_name(bb.device),
-                         layers=chosen, train_queries=len(train), train_documents=len(train.documents),
-                         heldout_queries=len(heldout), heldout_documents=len(heldout.documents),
-                         sources=full.source_counts(), history=trainer.history, final=final, timings=timings)
-    save_trained_router(kept, out, model, c, report, [str(p) for p in data])
+    held_queries, held_docs = (len(heldout), len(heldout.documents)) if heldout is not None else (0, 0)
+    report = TrainReport(steps=trainer.step, seconds=round(time.perf_counter() - t0, 2),
+                         device=_device_name(model.backbone.device), layers=chosen,
+                         train_queries=len(trainer.train), train_documents=len(trainer.train.documents),
+                         heldout_queries=held_queries, heldout_documents=held_docs, sources=prep["sources"],
+                         history=trainer.history, final=final, timings=timings)
+    save_trained_router(router.copy(chosen, dtype=torch.float32, device="cpu"), out, model, c, report,
+                        [str(p) for p in data])
     return report
 
 
@@ -491,8 +504,7 @@ def save_trained_router(router: RouterProjectors, out: str | Path, model: Any, c
                         report: TrainReport, data: Sequence[str]) -> Path:
     """The router as safetensors (fp16 weights; training summary in its metadata) and a model card."""
     out = Path(out)
-    half = RouterProjectors({i: (router.q_weight(i).half(), router.k_weight(i).half()) for i in router.layers},
-                            router.num_heads, router.kv_heads, router.head_dim, init_mode=router.init_mode)
+    half = router.copy(dtype=torch.float16)
     summary = {"final": report.final, "steps": report.steps, "seconds": report.seconds, "device": report.device,
                "data": [Path(d).name for d in data], "config": config.model_dump()}
     half.save(out, model.backbone_fingerprint, extra={"training": summary})

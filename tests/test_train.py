@@ -23,6 +23,7 @@ from msa_core.train import (
     decoupled_infonce,
     evaluate,
     layer_doc_scores,
+    prepare_trainer,
     train_router,
 )
 from msa_core.train_cache import cache_documents, cache_queries
@@ -191,17 +192,7 @@ def test_long_questions_keep_their_first_routing_tokens(fp32_model):
 
 
 def _trainer(model: MSAModel, data: Path, config: TrainConfig, ckpt: Path | None = None) -> RouterTrainer:
-    full = load_pairs([data])
-    train, held = full.split(config.heldout_fraction)
-    if config.bm25_depth:
-        train.mine_bm25_negatives(config.bm25_depth)
-    layers = model.layers
-    tq = cache_queries(model.backbone, model.tokenizer, train.queries, layers, dtype=torch.float32)
-    td = cache_documents(model.backbone, model.tokenizer, train.documents, layers, dtype=torch.float32)
-    router = RouterProjectors({i: (model.router.q_weight(i).detach().clone(), model.router.k_weight(i).detach().clone())
-                               for i in layers}, model.router.num_heads, model.router.kv_heads, model.router.head_dim)
-    return RouterTrainer(router, layers, train, tq, td, None, None, None, config, model.config.routing,
-                         checkpoint_dir=ckpt)
+    return prepare_trainer(model, [data], config, checkpoint_dir=ckpt, log=lambda m: None)[0]
 
 
 @pytest.fixture(scope="module")
