@@ -19,6 +19,7 @@ from langchain_tests.unit_tests import ChatModelUnitTests
 from msa_core import MSAConfig, MSAModel
 from msa_core.store import MemoryStore
 from heartbeat import ticks_during
+from langchain_chat_flags import ChatMSASuiteFlags
 from msa_integrations.langchain import ChatMSA, MSARetriever, MSAVectorStore, build_rag_chain, format_docs
 from msa_integrations.langchain.chat_models import to_conversation
 
@@ -300,32 +301,12 @@ def test_messages_map_to_chat_roles():
         to_conversation([HumanMessage(content=[{"type": "image", "base64": "xx", "mime_type": "image/png"}])])
 
 
-class TestChatMSAStandardUnit(ChatModelUnitTests):
+class TestChatMSAStandardUnit(ChatMSASuiteFlags, ChatModelUnitTests):
     """langchain-tests' unit suite: construction and params only, nothing is loaded."""
-
-    @property
-    def chat_model_class(self) -> type[ChatMSA]:
-        return ChatMSA
 
     @property
     def chat_model_params(self) -> dict:
         return {"max_new_tokens": 8}
-
-    @property
-    def has_tool_calling(self) -> bool:
-        return False
-
-    @property
-    def has_structured_output(self) -> bool:
-        return False
-
-    @property
-    def returns_usage_metadata(self) -> bool:
-        return True
-
-    @property
-    def supports_model_override(self) -> bool:
-        return False
 
 
 # ---- the hybrid chain helper -------------------------------------------------------------------

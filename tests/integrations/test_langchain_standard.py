@@ -15,6 +15,7 @@ from langchain_tests.integration_tests import (ChatModelIntegrationTests, Retrie
 
 from msa_core.corpus import DEMO_CORPUS_PATH, read_corpus
 from msa_core.store import MemoryStore
+from langchain_chat_flags import ChatMSASuiteFlags
 from msa_integrations.langchain import ChatMSA, MSARetriever, MSAVectorStore
 
 pytestmark = [
@@ -55,37 +56,17 @@ class TestMSAVectorStoreStandard(VectorStoreIntegrationTests):
         yield MSAVectorStore()  # an empty bank on the shared default model
 
 
-class TestChatMSAStandard(ChatModelIntegrationTests):
+class TestChatMSAStandard(ChatMSASuiteFlags, ChatModelIntegrationTests):
     """Plain generation (no bank): what the chat-model contract checks. Tool calling and structured
     output are out of reach of the model and switched off with the suite's own flags."""
-
-    @property
-    def chat_model_class(self) -> type[ChatMSA]:
-        return ChatMSA
 
     @property
     def chat_model_params(self) -> dict:
         return {"max_new_tokens": 16}
 
     @property
-    def has_tool_calling(self) -> bool:
-        return False
-
-    @property
-    def has_structured_output(self) -> bool:
-        return False
-
-    @property
     def supports_json_mode(self) -> bool:
         return False
-
-    @property
-    def returns_usage_metadata(self) -> bool:
-        return True
-
-    @property
-    def supports_model_override(self) -> bool:
-        return False  # one ChatMSA runs one loaded model; pick another by building another ChatMSA
 
 
 # ---- beyond the suites, on the same demo corpus ------------------------------------------------
