@@ -293,7 +293,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         width = max(len(k) for k in info)
         for key, value in info.items():
-            shown = f"{value:,}" if isinstance(value, int) else value
+            shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value
             _out(f"{key + ':':<{width + 1}} {shown}")
     return 0
 
