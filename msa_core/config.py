@@ -45,6 +45,17 @@ class RoutingConfig(_Strict):
         default="top_k",
         description="First RoPE position of the question: the paper's k ('top_k') or a fixed integer.",
     )
+    kernel: Literal["auto", "triton", "reference"] = Field(
+        default="auto",
+        description="Routing scores: 'auto' runs the Triton kernel when the bank's routing keys sit on a CUDA GPU "
+                    "(and head_reduce is 'mean'), else the PyTorch reference; 'triton' insists, 'reference' never.",
+    )
+    exact_scores: bool = Field(
+        default=False,
+        description="Triton routing: reproduce the fp32 reference scores (2-3 tensor-core passes) instead of one "
+                    "pass on queries rounded to the bank's dtype (scores within ~1e-3, as bf16 scoring; up to 2x "
+                    "faster for 128-wide heads).",
+    )
     retrieve_with_memory: bool = Field(
         default=False,
         description="retrieve(): let routing layers attend to their top-k while scoring (as latent generation "

@@ -63,7 +63,7 @@ from .memory import (
     _verify_file,
 )
 from .model import Answer, MSAModel, RetrievedDocument
-from .router import RouterProjectors, aggregate_layers, reduce_to_docs, score_chunks, select_top_k
+from .router import RouterProjectors, aggregate_layers, select_top_k
 
 Strategy = Literal["contiguous", "round_robin"]
 
@@ -130,7 +130,11 @@ class ShardedBank:
         rows = shard_rows(list(bank._state.parent_rows.values()), rank, world_size, strategy)
         rows_t = torch.tensor(rows, dtype=torch.long)
         chunks = bank.chunks_of(rows_t)
-        tensors = {n: getattr(bank, n).index_select(1, chunks) for n in TENSOR_NAMES}
+        # Any K/V tier in, a plain bank on bank.device out (a shard is meant to be resident).
+        tensors = {}
+        for name in TENSOR_NAMES:
+            t = getattr(bank, name)
+            tensors[name] = t.index_select(1, chunks.to(t.device)).to(bank.device)
         local = _bank_like(bank, tuple(bank.docstore[r] for r in rows), tensors)
         return cls(local, rows_t, bank.chunk_counts.cpu(), len(bank), rank, world_size, group)
 
@@ -251,9 +255,7 @@ class DistributedMemoryRouter(MemoryRouter):
         bank = self.bank
         if bank.num_parts == 0:
             return torch.empty(q.shape[0], 0, dtype=torch.float32, device=q.device)
-        chunk_scores = score_chunks(q, self.routing_mask, bank.kr_bar[li], head_reduce=self.cfg.head_reduce,
-                                    query_reduce=self.cfg.query_reduce, normalization=self.cfg.normalization)
-        doc_scores = reduce_to_docs(chunk_scores, bank.chunk_doc, bank.num_parts, chunk_reduce=self.cfg.chunk_reduce)
+        doc_scores = self._doc_scores(li, q)  # the Triton kernel on a GPU shard, else the reference
         if self.allowed is not None:
             doc_scores = doc_scores.masked_fill(~self.allowed.to(doc_scores.device), float("-inf"))
         return doc_scores
@@ -295,10 +297,10 @@ class DistributedMemoryRouter(MemoryRouter):
             # destination slots: start..start+count of each owned choice, concatenated in choice order
             n = counts[row][mine]
             dest = torch.repeat_interleave(starts[row][mine] - (torch.cumsum(n, 0) - n), n) + torch.arange(int(n.sum()))
-            chunks_dev = chunks.to(self.bank.device)
             dest = dest.to(self.comm)
-            buf[0, row][:, dest] = self.bank.k_bar[li, chunks_dev].transpose(0, 1).to(self.comm, dtype)
-            buf[1, row][:, dest] = self.bank.v_bar[li, chunks_dev].transpose(0, 1).to(self.comm, dtype)
+            k_rows, v_rows = self.bank.gather_kv(li, chunks, self.comm, dtype)  # any K/V tier
+            buf[0, row][:, dest] = k_rows.transpose(0, 1)
+            buf[1, row][:, dest] = v_rows.transpose(0, 1)
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.shard.group)
         valid = torch.arange(m).unsqueeze(0) < totals.unsqueeze(1)
         return Memory(buf[0].to(device), buf[1].to(device), valid.to(device))

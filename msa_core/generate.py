@@ -8,17 +8,32 @@ Routing happens once, in the prefill; decode steps reuse the caches.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from . import kernels
 from .backbone import Backbone, Memory
 from .config import RoutingConfig
 from .errors import InvalidInputError, check_text
 from .memory import MemoryBank
 from .router import RouterProjectors, reduce_to_docs, score_chunks, select_top_k
+
+# Inverse routing-key norms of a bank state, keyed by id of its kr_bar tensor (a new tensor object after
+# every mutation) and dropped when that tensor dies. Not a WeakKeyDictionary: it would compare tensors with ==.
+_KEY_INV_NORMS: dict[int, torch.Tensor] = {}
+
+
+def _key_inv_norms(kr_bar: torch.Tensor) -> torch.Tensor:
+    key = id(kr_bar)
+    inv = _KEY_INV_NORMS.get(key)
+    if inv is None:
+        inv = _KEY_INV_NORMS[key] = kernels.inverse_key_norms(kr_bar)
+        weakref.finalize(kr_bar, _KEY_INV_NORMS.pop, key, None)
+    return inv
 
 _QUESTION_SLOT = "\u2063MSA_QUESTION\u2063"  # an invisible marker no real question contains
 
@@ -122,24 +137,72 @@ class MemoryRouter:
         self.attend = attend  # False: score only (retrieval of documents without generation)
         self.layer_pos = {layer: i for i, layer in enumerate(bank.layers)}
         self.routings: dict[int, LayerRouting] = {}
+        self.pending: dict[int, torch.Tensor] = {}  # layer -> routing queries awaiting `finish`
 
     def __call__(self, layer: int, x: torch.Tensor) -> Memory | None:
         li = self.layer_pos.get(layer)
         if li is None or len(self.bank) == 0:
             return None
         q = self._routing_queries(layer, x)
-        chunk_scores = score_chunks(q, self.routing_mask, self.bank.kr_bar[li],
-                                    head_reduce=self.cfg.head_reduce, query_reduce=self.cfg.query_reduce,
-                                    normalization=self.cfg.normalization)
-        doc_scores = reduce_to_docs(chunk_scores, self.bank.chunk_doc, self.bank.num_parts,
-                                    chunk_reduce=self.cfg.chunk_reduce)
+        if not self.attend and self._on_kernel():
+            # scoring only: nothing this layer returns depends on the scores, so keep the queries and
+            # score every layer in one kernel launch in `finish` (one long read of K̄_R, not L short ones)
+            self.pending[layer] = q
+            return None
+        _, rows = self._record(layer, self._doc_scores(li, q))
+        if not self.attend or rows.shape[1] == 0:
+            return None
+        return self._gather(li, rows, x.device, x.dtype)
+
+    def finish(self) -> None:
+        """Score the layers a scoring-only pass deferred (see __call__); a no-op when none were."""
+        if not self.pending:
+            return
+        layers = sorted(self.pending)
+        lis = [self.layer_pos[layer] for layer in layers]
+        cfg, bank = self.cfg, self.bank
+        kr_all = bank.kr_bar
+        whole = lis == list(range(kr_all.shape[0]))  # the usual case: no copy of the bank's keys
+        kr = kr_all if whole else kr_all[lis]
+        inv = None
+        if cfg.normalization != "scaled_dot":
+            inv = _key_inv_norms(kr_all) if whole else _key_inv_norms(kr_all)[lis]
+        q = torch.stack([self.pending.pop(layer) for layer in layers]).to(kr.device)
+        scores = kernels.layer_routing_scores(
+            q, self.routing_mask.to(kr.device), kr, bank.chunk_doc, bank.num_parts, normalization=cfg.normalization,
+            query_reduce=cfg.query_reduce, chunk_reduce=cfg.chunk_reduce, backend=cfg.kernel, key_inv_norms=inv,
+            exact=cfg.exact_scores)
+        for layer, doc_scores in zip(layers, scores):
+            self._record(layer, doc_scores)
+
+    def _record(self, layer: int, doc_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask filtered documents, keep this layer's top-k, remember the decision."""
         if self.allowed is not None:
             doc_scores = doc_scores.masked_fill(~self.allowed.to(doc_scores.device), float("-inf"))
         values, rows = select_top_k(doc_scores, self.top_k, self.allowed)
         self.routings[layer] = LayerRouting(doc_scores, rows, values)
-        if not self.attend or rows.shape[1] == 0:
-            return None
-        return self._gather(li, rows, x.device, x.dtype)
+        return values, rows
+
+    def _on_kernel(self) -> bool:
+        """Whether scores come from the Triton kernels (a GPU bank, or kernel='triton')."""
+        cfg = self.cfg
+        return cfg.kernel != "reference" and cfg.head_reduce == "mean" and (
+            self.bank.kr_bar.is_cuda or cfg.kernel == "triton")
+
+    def _doc_scores(self, li: int, q: torch.Tensor) -> torch.Tensor:
+        """[B, N] document scores of routing-layer position li: the Triton kernel where the bank's routing
+        keys are on a GPU (kernels.routing_scores, parity-tested against the reference), else router.py."""
+        cfg, bank = self.cfg, self.bank
+        kr_all = bank.kr_bar
+        if self._on_kernel():
+            inv = _key_inv_norms(kr_all)[li] if cfg.normalization != "scaled_dot" else None
+            return kernels.routing_scores(
+                q.to(kr_all.device), self.routing_mask.to(kr_all.device), kr_all[li], bank.chunk_doc, bank.num_parts,
+                normalization=cfg.normalization, query_reduce=cfg.query_reduce, chunk_reduce=cfg.chunk_reduce,
+                backend=cfg.kernel, key_inv_norms=inv, exact=cfg.exact_scores)
+        chunk_scores = score_chunks(q, self.routing_mask, kr_all[li], head_reduce=cfg.head_reduce,
+                                    query_reduce=cfg.query_reduce, normalization=cfg.normalization)
+        return reduce_to_docs(chunk_scores, bank.chunk_doc, bank.num_parts, chunk_reduce=cfg.chunk_reduce)
 
     def _routing_queries(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         if getattr(self.router, "needs_positions", False):
@@ -150,18 +213,21 @@ class MemoryRouter:
         return self.router.project_queries(layer, x)
 
     def _gather(self, li: int, rows: torch.Tensor, device: torch.device, dtype: torch.dtype) -> Memory:
-        """Pooled K/V of each row's chosen documents, right-padded to the longest row."""
-        chunk_lists = [self.bank.chunks_of(r.cpu()) for r in rows]
-        m = max(len(c) for c in chunk_lists)
-        b, kv, d = rows.shape[0], self.bank.kv_heads, self.bank.head_dim
-        k = torch.zeros(b, kv, m, d, dtype=dtype, device=device)
+        """Pooled K/V of each row's chosen documents, right-padded to the longest row. Only those chunks
+        move (bank.gather_kv: one copy per tier, through pinned memory from a host tier to a GPU)."""
+        chunk_lists = [self.bank.chunks_of(r) for r in rows]
+        counts = [len(c) for c in chunk_lists]
+        k_all, v_all = self.bank.gather_kv(li, torch.cat(chunk_lists), device, dtype)  # [sum(counts), kv, D]
+        b, m = rows.shape[0], max(counts)
+        k = torch.zeros(b, self.bank.kv_heads, m, self.bank.head_dim, dtype=dtype, device=device)
         v = torch.zeros_like(k)
         valid = torch.zeros(b, m, dtype=torch.bool, device=device)
-        for row, chunks in enumerate(chunk_lists):
-            n = len(chunks)
-            k[row, :, :n] = self.bank.k_bar[li, chunks].transpose(0, 1).to(device, dtype)
-            v[row, :, :n] = self.bank.v_bar[li, chunks].transpose(0, 1).to(device, dtype)
+        start = 0
+        for row, n in enumerate(counts):
+            k[row, :, :n] = k_all[start:start + n].transpose(0, 1)
+            v[row, :, :n] = v_all[start:start + n].transpose(0, 1)
             valid[row, :n] = True
+            start += n
         return Memory(k, v, valid)
 
 

@@ -214,9 +214,14 @@ class MSAModel:
                                pad_id=self.tokenizer.pad_token_id or 0, show_progress_bar=show_progress_bar)
         return bank.add(encoded)
 
-    def load_bank(self, path: str | Path) -> MemoryBank:
-        """Load a saved bank and check it was built by this backbone and router."""
-        bank = MemoryBank.load(path, map_location="cpu")
+    def load_bank(self, path: str | Path, *, device: str | torch.device = "cpu", kv: str = "same") -> MemoryBank:
+        """Load a saved bank and check it was built by this backbone and router.
+
+        device: where routing happens (K̄_R, the chunk index); on a GPU, routing runs the Triton kernel.
+        kv: "same" (K̄/V̄ on `device` too), "host" (pinned CPU memory, only the chosen documents' chunks are
+        copied per question) or "disk" (memory-mapped from the bank's file, for banks larger than RAM).
+        """
+        bank = MemoryBank.load(path, map_location=device, kv=kv)
         self.check_bank(bank)
         return bank
 
@@ -272,6 +277,7 @@ class MSAModel:
         router = MemoryRouter(bank, self.router, self.config.routing, routing, allowed=allowed, positions=pos,
                               attend=self.config.routing.retrieve_with_memory)
         self.backbone(ids, pos, valid=valid, memory_hook=router, last_layer=max(self.layers))
+        router.finish()
         return torch.stack([router.routings[layer].doc_scores for layer in self.layers]).cpu()
 
     def _rank(self, bank: MemoryBank, total: torch.Tensor, per_layer: torch.Tensor, allowed: torch.Tensor,
@@ -287,7 +293,9 @@ class MSAModel:
         rel = relevance(total, self.config.routing.normalization, self.backbone.args.head_dim)
         out: list[tuple[int, RetrievedDocument]] = []
         for row in order:
-            if not allowed[row] or len(out) == k:
+            if len(out) == k:
+                break
+            if not allowed[row]:
                 continue
             rec = records[row]
             key = rec.id if include_parts else rec.parent_id

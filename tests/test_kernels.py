@@ -81,6 +81,7 @@ def _routing_inputs(b=3, t=37, hkv=3, g=3, d=64, c=203, q_dtype=torch.float32, k
     mask[1 % b, : t - 9] = True  # right padding
     if b > 2:
         mask[2, 3:t - 2:3] = True  # holes: any pattern is allowed
+    mask[3:, 1:] = True
     kr = (torch.randn(c, hkv, d, generator=gen) * 0.5 + 0.1).to(k_dtype)
     chunk_doc, n = _doc_layout(c, seed)
     return q.to(DEVICE), mask.to(DEVICE), kr.to(DEVICE), chunk_doc.to(DEVICE), n
@@ -176,6 +177,47 @@ def test_routing_triton_matches_reference(hkv, g, d, q_dtype, k_dtype, normaliza
     docs = routing_scores(q, mask, kr, chunk_doc, n, backend="triton", block_m=block_m, **kw)
     torch.testing.assert_close(docs, routing_scores_reference(q, mask, kr, chunk_doc, n, **kw),
                                atol=2e-6 * max(scale, 1.0), rtol=1e-5)
+
+
+STREAM_CASES = [
+    # b, t, hkv, g, d, bank dtype, normalization, query_reduce, precomputed inverse norms
+    (1, 19, 3, 3, 64, torch.bfloat16, "cosine", "max", True),  # one question, SmolLM2-135M shapes
+    (1, 5, 2, 4, 128, torch.float16, "cosine", "max", False),  # short question padded to 16 rows
+    (3, 37, 1, 2, 64, torch.float16, "scaled_cosine", "mean", True),  # 4 x 64 rows > 128: tiled kernel
+    (4, 20, 3, 3, 64, torch.bfloat16, "cosine", "last", True),  # 4 x 32 rows: streaming, padded batch
+    (2, 13, 2, 1, 64, torch.float32, "scaled_dot", "max", False),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("b,t,hkv,g,d,k_dtype,normalization,query_reduce,inv", STREAM_CASES)
+def test_routing_streaming_kernel_matches_reference_and_tiled(b, t, hkv, g, d, k_dtype, normalization,
+                                                               query_reduce, inv):
+    from msa_core.kernels import inverse_key_norms
+
+    q, mask, kr, chunk_doc, n = _routing_inputs(b=b, t=t, hkv=hkv, g=g, d=d, c=150, k_dtype=k_dtype,
+                                                q_dtype=torch.bfloat16)
+    kw = {"normalization": normalization, "query_reduce": query_reduce}
+    norms = inverse_key_norms(kr) if inv else None
+    got = chunk_scores(q, mask, kr, backend="triton", key_inv_norms=norms, block_c=32, **kw)
+    tiled = chunk_scores(q, mask, kr, backend="triton", stream=False, block_c=32, **kw)
+    want = chunk_scores_reference(q, mask, kr, **kw)
+    scale = max(want.abs().max().item(), 1.0)
+    torch.testing.assert_close(got, want, atol=2e-6 * scale, rtol=1e-5)
+    torch.testing.assert_close(got, tiled, atol=2e-6 * scale, rtol=1e-5)
+    docs = routing_scores(q, mask, kr, chunk_doc, n, backend="triton", key_inv_norms=norms, **kw)
+    torch.testing.assert_close(docs, routing_scores_reference(q, mask, kr, chunk_doc, n, **kw),
+                               atol=2e-6 * scale, rtol=1e-5)
+
+
+def test_inverse_key_norms_are_checked():
+    from msa_core.kernels import inverse_key_norms
+
+    q, mask, kr, _, _ = _routing_inputs(c=40)
+    with pytest.raises(InvalidInputError, match="key_inv_norms must be float32"):
+        chunk_scores(q, mask, kr, key_inv_norms=inverse_key_norms(kr)[:-1])
+    norms = inverse_key_norms(kr)
+    torch.testing.assert_close(kr.float() * norms[..., None], torch.nn.functional.normalize(kr.float(), dim=-1))
 
 
 @needs_triton
@@ -331,3 +373,60 @@ def test_attention_triton_without_local_valid_and_empty_bank():
     got = memory_attention(q, empty, empty, idx, cv, k, v, backend="triton")
     want = memory_attention_reference(q, empty, empty, idx, cv, k, v)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# The model routes through the kernel (MemoryRouter wiring)
+# --------------------------------------------------------------------------------------------
+
+@needs_triton
+@pytest.mark.parametrize("normalization", ["cosine", "scaled_dot"])
+def test_model_routing_through_the_kernel_matches_the_reference(tiny_model_dir, normalization):
+    from msa_core import MSAConfig, MSAModel
+
+    texts = [f"document {i} about {w} and {w}s" * (1 + i % 3) for i, w in
+             enumerate(["ships", "trains", "cats", "bread", "rain", "stars", "maps", "tea", "glass"])]
+    models = {}
+    for kernel in ("triton", "reference"):
+        cfg = MSAConfig(routing={"top_k": 3, "normalization": normalization, "kernel": kernel, "exact_scores": True},
+                        encode={"chunk_size": 4})
+        models[kernel] = MSAModel.from_pretrained(tiny_model_dir("llama"), config=cfg, router="random", device=DEVICE)
+    bank = models["reference"].index(texts)
+    questions = ["which document is about trains?", "tea and glass"]
+    got = models["triton"].retrieve(questions, bank, k=4, layer_scores=True)
+    want = models["reference"].retrieve(questions, bank, k=4, layer_scores=True)
+    for g_row, w_row in zip(got, want):
+        assert [h.id for h in g_row] == [h.id for h in w_row]
+        for g, w in zip(g_row, w_row):
+            assert g.score == pytest.approx(w.score, abs=1e-5)
+    answers = {k: m.answer("tell me about trains", bank, k=3, max_new_tokens=4, temperature=0.0).to_dict()
+               for k, m in models.items()}
+    assert answers["triton"]["layer_selections"] == answers["reference"]["layer_selections"]
+    assert answers["triton"]["answer"] == answers["reference"]["answer"]
+
+
+@needs_triton
+@pytest.mark.parametrize("b,t,normalization,inv", [(1, 19, "cosine", True), (2, 13, "scaled_dot", False),
+                                                   (4, 40, "cosine", False)])  # 4 x 64 rows: layer by layer
+def test_layer_routing_scores_one_launch_equals_each_layer(b, t, normalization, inv):
+    from msa_core.kernels import inverse_key_norms, layer_routing_scores
+
+    _, mask, _, chunk_doc, n = _routing_inputs(b=b, t=t, hkv=3, g=3, d=64, c=130, seed=0)
+    layers = []  # three routing layers: their own queries and keys, one mask and document layout
+    for seed in range(3):
+        q, _, kr, _, _ = _routing_inputs(b=b, t=t, hkv=3, g=3, d=64, c=130, k_dtype=torch.float16,
+                                         q_dtype=torch.bfloat16, seed=seed + 1)
+        layers.append((q, kr))
+    q_all = torch.stack([x for x, _ in layers])
+    kr_all = torch.stack([k for _, k in layers])
+    norms = inverse_key_norms(kr_all) if inv else None
+    got = layer_routing_scores(q_all, mask, kr_all, chunk_doc, n, normalization=normalization, backend="triton",
+                               key_inv_norms=norms)
+    for i in range(3):
+        want = routing_scores_reference(q_all[i], mask, kr_all[i], chunk_doc, n, normalization=normalization)
+        scale = max(want[torch.isfinite(want)].abs().max().item(), 1.0)
+        torch.testing.assert_close(got[i], want, atol=2e-6 * scale, rtol=1e-5)
+    ref = layer_routing_scores(q_all, mask, kr_all, chunk_doc, n, normalization=normalization, backend="reference")
+    assert ref.shape == got.shape
+    with pytest.raises(InvalidInputError, match=r"\[L, B, T, H, D\]"):
+        layer_routing_scores(q_all[0], mask, kr_all, chunk_doc, n)

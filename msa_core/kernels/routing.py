@@ -5,7 +5,10 @@ S(c)    = max (or mean) over a row's routing tokens t;  s(d) = max (or mean) ove
 
 The reference is msa_core.router (score_chunks + reduce_to_docs + select_top_k); the Triton path
 (routing_triton.py) computes the same chunk scores while reading the bank K̄_R exactly once per call,
-for every row of the batch, and never builds the tokens x heads x chunks tensor:
+for every row of the batch, and never builds the tokens x heads x chunks tensor. One question or a few
+take a persistent, software-pipelined streaming kernel that can also score several routing layers in
+one launch (`layer_routing_scores`, what retrieve() uses); bigger batches take a tiled kernel.
+
 mean_h <q_h, k_g(h)> = (1/H) sum_g <sum_{h in g} q_h, k_g>, so a small kernel first sums the
 normalised query heads per kv group (O(B*T*H*D)) and the scoring kernel does one dot product per
 (token, kv head, chunk). Document scores are a segment reduction of the [B, C] chunk scores (torch
@@ -15,6 +18,7 @@ scatter_reduce, as in the reference). A Triton call syncs with the host once, to
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import ChunkReduce, Normalization, QueryReduce
@@ -59,6 +63,7 @@ def chunk_scores(
     q: Tensor, token_mask: Tensor, kr_bar: Tensor, *,
     normalization: Normalization = "cosine", query_reduce: QueryReduce = "max", backend: Backend = "auto",
     block_c: int | None = None, block_m: int | None = None, validate: bool = True, exact: bool = True,
+    key_inv_norms: Tensor | None = None, stream: bool = True,
 ) -> Tensor:
     """Chunk scores [B, C] fp32 for routing queries q [B, T, H, D] against kr_bar [C, Hkv, D].
 
@@ -69,67 +74,136 @@ def chunk_scores(
     e.g. inside a CUDA graph. exact=False: the kernel multiplies the fp32 group-summed queries rounded
     once to the bank's dtype (half the tensor-core work; scores off by ~1e-3 relative, still finer
     than the reference release's bf16 scoring) instead of reproducing the fp32 reference.
+    key_inv_norms [C, Hkv] fp32 (`inverse_key_norms(kr_bar)`, cached by the caller): cosine scoring
+    reads them instead of recomputing the key norms (the kernel's loads then pipeline). stream=False
+    forces the tiled kernel even for batches small enough for the streaming one (tests, tuning).
     """
     _check_choices(normalization, query_reduce, "max")
     _check_inputs(q, token_mask, kr_bar)
+    _check_inv_norms(key_inv_norms, kr_bar)
     if resolve_backend(backend, q, kr_bar) == "reference":
         return chunk_scores_reference(q, token_mask, kr_bar, normalization=normalization, query_reduce=query_reduce)
     if validate:
         _check_rows_and_docs(token_mask, None, 0)
-    return _chunk_scores_triton(q, token_mask, kr_bar, normalization, query_reduce, block_c, block_m, exact)
+    return _chunk_scores_triton(q, token_mask, kr_bar, normalization, query_reduce, block_c, block_m, exact,
+                                key_inv_norms, stream)
 
 
 def routing_scores(
     q: Tensor, token_mask: Tensor, kr_bar: Tensor, chunk_doc: Tensor, num_docs: int, *,
     normalization: Normalization = "cosine", query_reduce: QueryReduce = "max", chunk_reduce: ChunkReduce = "max",
     backend: Backend = "auto", block_c: int | None = None, block_m: int | None = None, validate: bool = True,
-    exact: bool = True,
+    exact: bool = True, key_inv_norms: Tensor | None = None, stream: bool = True,
 ) -> Tensor:
     """Document scores [B, N] fp32 (same contract as routing_scores_reference).
 
     chunk_doc [C] holds each chunk's document index in [0, num_docs); a document without chunks
     scores -inf. validate=False skips the one host sync (empty rows, chunk_doc range): for callers
-    whose inputs come from the bank, or CUDA graphs. exact: see chunk_scores.
+    whose inputs come from the bank, or CUDA graphs. exact, key_inv_norms, stream: see chunk_scores.
     """
     _check_choices(normalization, query_reduce, chunk_reduce)
     if resolve_backend(backend, q, kr_bar) == "reference":
         return routing_scores_reference(q, token_mask, kr_bar, chunk_doc, num_docs, normalization=normalization,
                                         query_reduce=query_reduce, chunk_reduce=chunk_reduce)
     _check_inputs(q, token_mask, kr_bar)
+    _check_inv_norms(key_inv_norms, kr_bar)
     _check_doc_map(chunk_doc, num_docs, kr_bar.shape[0])
     chunk_doc = chunk_doc.to(q.device)
     if validate:
         _check_rows_and_docs(token_mask, chunk_doc, num_docs)  # the one host sync of the call
-    chunks = _chunk_scores_triton(q, token_mask, kr_bar, normalization, query_reduce, block_c, block_m, exact)
+    chunks = _chunk_scores_triton(q, token_mask, kr_bar, normalization, query_reduce, block_c, block_m, exact,
+                                  key_inv_norms, stream)
     return docs_from_chunks(chunks, chunk_doc, num_docs, chunk_reduce)
 
 
 def _chunk_scores_triton(q: Tensor, token_mask: Tensor, kr_bar: Tensor, normalization: str, query_reduce: str,
-                         block_c: int | None, block_m: int | None, exact: bool) -> Tensor:
-    from .routing_triton import chunk_scores_triton, group_queries  # first use only: see _common.interpreting
+                         block_c: int | None, block_m: int | None, exact: bool, key_inv_norms: Tensor | None,
+                         stream: bool) -> Tensor:
+    """[B, C] for q [B, T, H, D] and kr_bar [C, Hkv, D], or [L, B, C] for q [L, B, T, H, D] and kr_bar
+    [L, C, Hkv, D] (several layers: streaming kernel only, callers check `stream_shape` first)."""
+    # first use only: see _common.interpreting
+    from .routing_triton import chunk_scores_triton, group_queries, stream_scores_triton, stream_shape
 
-    token_mask = token_mask.to(q.device)
-    if query_reduce == "last":  # keep only each row's highest-index routing token
-        positions = torch.arange(token_mask.shape[1], device=q.device)
-        token_mask = positions == torch.where(token_mask, positions, -1).amax(dim=1, keepdim=True)
-    grouped = group_queries(q, token_mask, kr_bar.dtype, kr_bar.shape[1], normalization, exact)
-    out = chunk_scores_triton(grouped, kr_bar, normalize_k=normalization != "scaled_dot",
-                              reduce_sum=query_reduce == "mean", exact=exact, block_c=block_c, block_m=block_m)
+    token_mask = _last_token_only(token_mask.to(q.device)) if query_reduce == "last" else token_mask.to(q.device)
+    shape = stream_shape(*token_mask.shape) if stream and block_m is None else None
+    if shape is not None:  # one question or a few: the persistent, pipelined kernel
+        pad = shape[1] - token_mask.shape[1]
+        layers = q.shape[0] if q.dim() == 5 else 1
+        q_rows = F.pad(q, (0, 0, 0, 0, 0, pad)).reshape(-1, shape[1], *q.shape[-2:])  # [L*B, TP, H, D]
+        mask = F.pad(token_mask, (0, pad)).repeat(layers, 1)
+        grouped = group_queries(q_rows, mask, kr_bar.dtype, kr_bar.shape[-2], normalization, exact)
+        out = stream_scores_triton(grouped, kr_bar, key_inv_norms, normalize_k=normalization != "scaled_dot",
+                                   reduce_sum=query_reduce == "mean", exact=exact, block_c=block_c)
+    else:
+        grouped = group_queries(q, token_mask, kr_bar.dtype, kr_bar.shape[1], normalization, exact)
+        out = chunk_scores_triton(grouped, kr_bar, normalize_k=normalization != "scaled_dot",
+                                  reduce_sum=query_reduce == "mean", exact=exact, block_c=block_c, block_m=block_m)
     if query_reduce == "mean":
         out /= token_mask.sum(dim=1, keepdim=True)
     return out
+
+
+def _last_token_only(token_mask: Tensor) -> Tensor:
+    """Keep only each row's highest-index routing token (query_reduce='last')."""
+    positions = torch.arange(token_mask.shape[1], device=token_mask.device)
+    return positions == torch.where(token_mask, positions, -1).amax(dim=1, keepdim=True)
+
+
+def layer_routing_scores(
+    q: Tensor, token_mask: Tensor, kr_bar: Tensor, chunk_doc: Tensor, num_docs: int, *,
+    normalization: Normalization = "cosine", query_reduce: QueryReduce = "max", chunk_reduce: ChunkReduce = "max",
+    backend: Backend = "auto", validate: bool = True, exact: bool = True, key_inv_norms: Tensor | None = None,
+) -> Tensor:
+    """Document scores [L, B, N] of several routing layers: q [L, B, T, H, D] holds layer l's routing
+    queries, kr_bar [L, C, Hkv, D] its pooled keys (key_inv_norms [L, C, Hkv]); row l equals
+    routing_scores(q[l], token_mask, kr_bar[l], ...). On the Triton path one launch streams every layer's
+    K̄_R, so a bank is read as one long stream instead of L short ones (when the batch fits the
+    streaming kernel; otherwise layer by layer)."""
+    if q.dim() != 5 or kr_bar.dim() != 4 or q.shape[0] != kr_bar.shape[0]:
+        raise InvalidInputError(f"q must be [L, B, T, H, D] and kr_bar [L, C, Hkv, D] with the same L, "
+                                f"got {tuple(q.shape)} and {tuple(kr_bar.shape)}")
+    kw = {"normalization": normalization, "query_reduce": query_reduce, "chunk_reduce": chunk_reduce}
+    one_launch = resolve_backend(backend, q, kr_bar) == "triton"
+    if one_launch:
+        from .routing_triton import stream_shape  # imports triton
+
+        one_launch = stream_shape(*token_mask.shape) is not None
+    if not one_launch:
+        return torch.stack([
+            routing_scores(q[i], token_mask, kr_bar[i], chunk_doc, num_docs, backend=backend, validate=validate,
+                           exact=exact, key_inv_norms=None if key_inv_norms is None else key_inv_norms[i], **kw)
+            for i in range(q.shape[0])])
+    _check_choices(normalization, query_reduce, chunk_reduce)
+    _check_inputs(q[0], token_mask, kr_bar[0])
+    _check_inv_norms(key_inv_norms, kr_bar)
+    _check_doc_map(chunk_doc, num_docs, kr_bar.shape[1])
+    chunk_doc = chunk_doc.to(q.device)
+    if validate:
+        _check_rows_and_docs(token_mask.to(q.device), chunk_doc, num_docs)
+    chunks = _chunk_scores_triton(q, token_mask, kr_bar, normalization, query_reduce, None, None, exact,
+                                  key_inv_norms, True)  # [L, B, C]
+    layers, b = chunks.shape[:2]
+    return docs_from_chunks(chunks.flatten(0, 1), chunk_doc, num_docs, chunk_reduce).view(layers, b, num_docs)
 
 
 def routing_top_k(
     q: Tensor, token_mask: Tensor, kr_bar: Tensor, chunk_doc: Tensor, num_docs: int, k: int, *,
     normalization: Normalization = "cosine", query_reduce: QueryReduce = "max", chunk_reduce: ChunkReduce = "max",
     allowed: Tensor | None = None, backend: Backend = "auto", exact: bool = True,
+    key_inv_norms: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(values [B, k_eff], doc indices [B, k_eff]) of each row's best documents (router.select_top_k:
     score descending, ties by lower index, `allowed` masks documents out)."""
     scores = routing_scores(q, token_mask, kr_bar, chunk_doc, num_docs, normalization=normalization,
-                            query_reduce=query_reduce, chunk_reduce=chunk_reduce, backend=backend, exact=exact)
+                            query_reduce=query_reduce, chunk_reduce=chunk_reduce, backend=backend, exact=exact,
+                            key_inv_norms=key_inv_norms)
     return select_top_k(scores, k, allowed)
+
+
+def inverse_key_norms(kr_bar: Tensor) -> Tensor:
+    """[C, Hkv] fp32: 1 / max(||k||, eps) per chunk and kv head (F.normalize's formula), for cosine
+    routing. Computing it reads the whole K̄_R once: callers cache it beside the bank."""
+    return kr_bar.float().norm(dim=-1).clamp_min(1e-12).reciprocal()
 
 
 def docs_from_chunks(chunk_scores: Tensor, chunk_doc: Tensor, num_docs: int, chunk_reduce: ChunkReduce) -> Tensor:
@@ -166,6 +240,14 @@ def _check_inputs(q: Tensor, token_mask: Tensor, kr_bar: Tensor) -> None:
     if q.device != kr_bar.device:
         raise InvalidInputError(f"q is on {q.device} but kr_bar on {kr_bar.device}; the kernel reads both "
                                 "on one device (move the bank's tensors with it)")
+
+
+def _check_inv_norms(inv: Tensor | None, kr_bar: Tensor) -> None:
+    if inv is None:
+        return
+    if inv.shape != kr_bar.shape[:-1] or inv.dtype != torch.float32 or inv.device != kr_bar.device:
+        raise InvalidInputError(f"key_inv_norms must be float32 {tuple(kr_bar.shape[:-1])} on {kr_bar.device} "
+                                f"(inverse_key_norms(kr_bar)), got {inv.dtype} {tuple(inv.shape)} on {inv.device}")
 
 
 def _check_doc_map(chunk_doc: Tensor, num_docs: int, num_chunks: int) -> None:

@@ -15,6 +15,11 @@
    read-modify-write: the program owns those outputs, no atomics). K̄_R is read from HBM by the first
    tile; later tiles of the same program find it in L1/L2.
 HBM traffic: K̄_R once, plus the queries (B*T*Hkv*D*N_PARTS elements) and the [B, C] fp32 scores.
+3. `_stream_scores_kernel` (batches whose B*T tokens, padded to BP*TP, fit one 128-row tile: one question
+   or a few): persistent programs (2 per SM) walk the (layer, chunk block) pairs with software-pipelined
+   K̄_R loads; the cosine norms come precomputed ([L, C, Hkv] fp32, 1/16-1/32 of K̄_R's bytes) so the
+   tile feeds only the dots. It reaches 82% of an H100's bandwidth on a 600 MB layer where the tiled
+   kernel reaches 30% (benchmarks/results/kernels_bench.json, stream_sweep).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting, next_power_of_2
+from ._common import interpreting, next_power_of_2, num_sms
 
 _PIECES = {torch.float16: 2, torch.bfloat16: 3, torch.float32: 1}
 
@@ -77,10 +82,15 @@ def _group_queries_kernel(
 
 
 @triton.jit
-def _score_tile(q_tile_ptr, q_tile_mask, stride_qp, k_tile_ptr, k_tile_mask, stride_kh,
+def _score_tile(q_tile_ptr, q_tile_mask, stride_qp, k_tile_ptr, k_tile_mask, stride_kh, inv_tile_ptr, c_ok,
                 HKV: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                N_PARTS: tl.constexpr, NORMALIZE_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """sum_g <q_g pieces, K̄_R[:, g]> (cosine: each g's column divided by its norm): [BLOCK_M, BLOCK_C] fp32."""
+                N_PARTS: tl.constexpr, NORMALIZE_K: tl.constexpr, HAS_INV: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """sum_g <q_g pieces, K̄_R[:, g]> (cosine: each g's column divided by its norm): [BLOCK_M, BLOCK_C] fp32.
+
+    HAS_INV: the norms come precomputed (inv_tile_ptr + g -> 1 / max(||k_c,g||, eps), [BLOCK_C]), so
+    the K̄_R tile feeds only the dots and Triton can pipeline its loads.
+    """
     s = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     for g in tl.static_range(HKV):
         k = tl.load(k_tile_ptr + g * stride_kh, mask=k_tile_mask, other=0.0)
@@ -93,7 +103,9 @@ def _score_tile(q_tile_ptr, q_tile_mask, stride_qp, k_tile_ptr, k_tile_mask, str
             if UPCAST:
                 qp = qp.to(tl.float32)
             part = tl.dot(qp, kd, part, input_precision=DOT_PRECISION)
-        if NORMALIZE_K:  # cosine: divide column c by max(||k_c,g||, eps), F.normalize's formula
+        if NORMALIZE_K and HAS_INV:
+            part = part * tl.load(inv_tile_ptr + g, mask=c_ok, other=0.0)[None, :]
+        elif NORMALIZE_K:  # cosine: divide column c by max(||k_c,g||, eps), F.normalize's formula
             kf = k.to(tl.float32)
             part = part / tl.maximum(tl.sqrt(tl.sum(kf * kf, axis=0)), 1e-12)[None, :]
         s += part
@@ -123,8 +135,8 @@ def _chunk_scores_kernel(
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < n_tokens
         s = _score_tile(q_ptr + rows[:, None] * (HKV * D) + offs_d[None, :], row_ok[:, None] & d_ok[None, :],
-                        stride_qp, k_tile_ptr, k_tile_mask, stride_kh,
-                        HKV, D, BLOCK_M, BLOCK_C, N_PARTS, NORMALIZE_K, DOT_PRECISION, UPCAST)
+                        stride_qp, k_tile_ptr, k_tile_mask, stride_kh, k_ptr, c_ok,
+                        HKV, D, BLOCK_M, BLOCK_C, N_PARTS, NORMALIZE_K, False, DOT_PRECISION, UPCAST)
         routing = tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0
         s = s * tl.load(tscale_ptr + rows, mask=row_ok, other=0.0)[:, None]
         s = tl.where(routing[:, None], s, 0.0 if REDUCE_SUM else float("-inf"))
@@ -144,6 +156,54 @@ def _chunk_scores_kernel(
                 if b * T < m0:
                     val = tl.maximum(val, tl.load(out_ptrs, mask=c_ok, other=0.0))
             tl.store(out_ptrs, val, mask=c_ok)
+
+
+@triton.jit
+def _stream_scores_kernel(
+    q_ptr, stride_qp, stride_ql,  # pieces [P, L*B*TP, HKV*D], contiguous; layer l, row b*TP + t
+    tscale_ptr, mask_ptr,  # [L, B*TP] fp32 multiplier, [B*TP] uint8 routing-token mask (False on padding)
+    k_ptr, stride_kl, stride_kc, stride_kh,  # K̄_R [L, C, HKV, D], last dim contiguous
+    inv_ptr, stride_il,  # [L, C, HKV] fp32 inverse key norms (HAS_INV), else unused
+    out_ptr, stride_ol, stride_ob,  # [L, B, C] fp32
+    B, C, L,
+    HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BP: tl.constexpr, TP: tl.constexpr,
+    BLOCK_C: tl.constexpr, N_PARTS: tl.constexpr, NORMALIZE_K: tl.constexpr, HAS_INV: tl.constexpr,
+    REDUCE_SUM: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """Small batches (BP*TP token rows fit one tile), one or several routing layers in one launch: a
+    persistent program walks the (layer, chunk block) pairs pid, pid + nprog, ... with software-pipelined
+    K̄_R loads, so a bank is one long stream however it splits into layers; each block's scores reduce
+    over each row's TP tokens in registers (no output read-modify-write)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    BLOCK_M: tl.constexpr = BP * TP
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < B * TP
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q_rows_ptr = q_ptr + rows[:, None] * (HKV * D) + offs_d[None, :]
+    q_tile_mask = row_ok[:, None] & d_ok[None, :]
+    routing = tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0
+    row_of = rows // TP
+    n_blocks = tl.cdiv(C, BLOCK_C)
+    for job in tl.range(pid, L * n_blocks, nprog, num_stages=NUM_STAGES):
+        layer = job // n_blocks
+        offs_c = (job % n_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < C
+        k_tile_ptr = k_ptr + layer.to(tl.int64) * stride_kl + offs_c.to(tl.int64)[None, :] * stride_kc + offs_d[:, None]
+        s = _score_tile(q_rows_ptr + layer * stride_ql, q_tile_mask, stride_qp, k_tile_ptr,
+                        d_ok[:, None] & c_ok[None, :], stride_kh,
+                        inv_ptr + layer.to(tl.int64) * stride_il + offs_c.to(tl.int64) * HKV, c_ok,
+                        HKV, D, BLOCK_M, BLOCK_C, N_PARTS, NORMALIZE_K, HAS_INV, DOT_PRECISION, UPCAST)
+        s = s * tl.load(tscale_ptr + layer * (B * TP) + rows, mask=row_ok, other=0.0)[:, None]
+        out_layer = out_ptr + layer.to(tl.int64) * stride_ol + offs_c
+        for b in tl.static_range(BP):  # a static loop over the tile's rows: no reshape of the register tile
+            sel = (routing & (row_of == b))[:, None]
+            if REDUCE_SUM:
+                val = tl.sum(tl.where(sel, s, 0.0), axis=0)
+            else:
+                val = tl.max(tl.where(sel, s, float("-inf")), axis=0)
+            tl.store(out_layer + b * stride_ob, val, mask=c_ok & (offs_c * 0 + b < B))
 
 
 class GroupedQueries:
@@ -212,3 +272,58 @@ def chunk_scores_triton(grouped: GroupedQueries, kr_bar: torch.Tensor, *, normal
         num_stages=1,  # the loads sit in unrolled kv-head loops: pipelining them only costs shared memory
     )
     return out
+
+
+STREAM_MAX_ROWS = 128  # batches whose padded token rows fit one tile take the streaming kernel
+
+
+def stream_shape(b: int, t: int) -> tuple[int, int] | None:
+    """(BP, TP) padded batch and token counts for the streaming kernel, or None when it does not fit."""
+    bp, tp = next_power_of_2(b), next_power_of_2(t)
+    tp = max(tp, 16 // bp)  # tl.dot needs >= 16 rows
+    return (bp, tp) if bp * tp <= STREAM_MAX_ROWS else None
+
+
+def stream_scores_triton(grouped: GroupedQueries, kr_bar: torch.Tensor, inv_norms: torch.Tensor | None, *,
+                         normalize_k: bool, reduce_sum: bool, exact: bool = True, block_c: int | None = None,
+                         num_stages: int | None = None, programs_per_sm: int | None = None,
+                         num_warps: int | None = None) -> torch.Tensor:
+    """Launch the streaming kernel: [L, B, C] fp32 for kr_bar [L, C, Hkv, D] and queries grouped from
+    [L*B, TP, H, D] (layer-major; T padded to TP, see `stream_shape`), or [B, C] for kr_bar [C, Hkv, D].
+
+    inv_norms ([L,] C, Hkv fp32, `inverse_key_norms`) lets the kernel skip recomputing the key norms; None
+    computes them from the tile. Defaults (measured on an H100, benchmarks/kernels_bench.py --only stream):
+    2 programs per SM, 4 warps; 64-wide heads: 128-chunk blocks, 3 pipeline stages; wider layouts (Hkv*D >
+    256): 64-chunk blocks and no pipelining (3 stages would need more shared memory than an SM has).
+    """
+    single = kr_bar.dim() == 3
+    if single:
+        kr_bar = kr_bar.unsqueeze(0)
+        inv_norms = inv_norms.unsqueeze(0) if inv_norms is not None else None
+    pieces = grouped.pieces
+    n_parts, lb, tp, _ = pieces.shape
+    n_layers, c, hkv, d = kr_bar.shape
+    b = lb // n_layers
+    if kr_bar.stride(3) != 1:
+        kr_bar = kr_bar.contiguous()
+    out = torch.empty(n_layers, b, c, dtype=torch.float32, device=kr_bar.device)
+    if c and b:
+        block_d = max(16, next_power_of_2(d))
+        wide = hkv * d > 256
+        block_c = block_c or (64 if wide else 128)
+        has_inv = inv_norms is not None and normalize_k
+        if has_inv and not inv_norms.is_contiguous():
+            inv_norms = inv_norms.contiguous()
+        jobs = n_layers * triton.cdiv(c, block_c)
+        grid = min(jobs, num_sms(kr_bar.device) * (programs_per_sm or 2))
+        _stream_scores_kernel[(grid,)](
+            pieces, pieces.stride(0), b * tp * hkv * d, grouped.token_scale, grouped.mask,
+            kr_bar, kr_bar.stride(0), kr_bar.stride(1), kr_bar.stride(2),
+            inv_norms if has_inv else kr_bar, c * hkv, out, out.stride(0), out.stride(1), b, c, n_layers,
+            HKV=hkv, D=d, BLOCK_D=block_d, BP=next_power_of_2(b), TP=tp, BLOCK_C=block_c, N_PARTS=n_parts,
+            NORMALIZE_K=normalize_k, HAS_INV=has_inv, REDUCE_SUM=reduce_sum,
+            DOT_PRECISION="tf32x3" if kr_bar.dtype == torch.float32 and exact else "tf32",
+            UPCAST=interpreting() and kr_bar.dtype == torch.bfloat16,
+            NUM_STAGES=(1 if wide else 3) if num_stages is None else num_stages, num_warps=num_warps or 4,
+        )
+    return out[0] if single else out
