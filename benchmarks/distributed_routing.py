@@ -70,7 +70,8 @@ def synthetic_shard(model: MSAModel, docs: int, chunks: int, rank: int, world: i
     a, n_layers, size = model.backbone.args, len(model.layers), model.config.encode.chunk_size
     gen = torch.Generator(device=device).manual_seed(seed + rank)
     shape = (n_layers, (hi - lo) * chunks, a.kv_heads, a.head_dim)
-    tensors = {n: torch.randn(shape, generator=gen, device=device).to(template.storage_dtype)
+    # drawn straight in the storage dtype: an fp32 draw would need twice the bank's memory at its peak
+    tensors = {n: torch.randn(shape, generator=gen, device=device, dtype=template.storage_dtype)
                for n in ("k_bar", "v_bar", "kr_bar")}
     parts = tuple(PartRecord(id=f"doc{g}", parent_id=f"doc{g}", part_index=0, text=f"synthetic document {g}",
                              metadata={"i": g}, n_tokens=chunks * size, n_chunks=chunks) for g in range(lo, hi))
@@ -106,6 +107,8 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=4096, help="synthetic bank: documents")
     ap.add_argument("--chunks-per-doc", type=int, default=8, help="synthetic bank: chunks per document")
     ap.add_argument("--strategy", default="contiguous", choices=["contiguous", "round_robin"])
+    ap.add_argument("--layers", default=None,
+                    help="routing layers, e.g. 7,18,24,28,29 (the default model's trained router); default: the model's")
     ap.add_argument("--k", type=int, default=16, help="documents per routing layer")
     ap.add_argument("--questions", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per question")
@@ -128,15 +131,19 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace, device: torch.device, rank: int, world: int) -> None:
-    cfg = MSAConfig(routing={"top_k": args.k})
+    routing = {"top_k": args.k} | ({"layers": [int(x) for x in args.layers.split(",")]} if args.layers else {})
     t = time.perf_counter()
-    model = MSAModel.from_pretrained(model_path(args.model, rank), config=cfg, device=device)
+    model = MSAModel.from_pretrained(model_path(args.model, rank), config=MSAConfig(routing=routing), device=device)
     load_model_s = time.perf_counter() - t
     t = time.perf_counter()
-    if args.bank:
-        shard = load_sharded(args.bank, strategy=args.strategy, map_location=device)
-    else:
-        shard = synthetic_shard(model, args.docs, args.chunks_per_doc, rank, world, device, args.seed)
+    try:
+        if args.bank:
+            shard = load_sharded(args.bank, strategy=args.strategy, map_location=device)
+        else:
+            shard = synthetic_shard(model, args.docs, args.chunks_per_doc, rank, world, device, args.seed)
+    except torch.OutOfMemoryError as e:  # the capacity question's other answer: record it, do not crash
+        out_of_memory(args, device, rank, world, model, e)
+        return
     build_bank_s = time.perf_counter() - t
     questions = (QUESTIONS * (args.questions // len(QUESTIONS) + 1))[: args.questions]
 
@@ -152,6 +159,10 @@ def run(args: argparse.Namespace, device: torch.device, rank: int, world: int) -
             per_q[name].append(statistics.fmean(timed(fn, device, args.repeats)))
     mine = {"rank": rank, "device": str(device), "bank": shard.info(),
             "latency": {name: summary(v) for name, v in per_q.items()}}
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        mine |= {"gpu_total_gb": total / 2**30, "gpu_free_after_bank_gb": free / 2**30,
+                 "gpu_allocated_gb": torch.cuda.memory_allocated(device) / 2**30}
     hits = distributed_retrieve(model, questions[0], shard, k=min(args.k, 5))
     gathered: list = [None] * world
     dist.all_gather_object(gathered, mine)
@@ -168,6 +179,9 @@ def run(args: argparse.Namespace, device: torch.device, rank: int, world: int) -
         "routing_layers": model.layers, "questions": len(questions), "repeats": args.repeats,
         "load_model_s_rank0": load_model_s, "build_bank_s_rank0": build_bank_s,
         "bank_bytes_per_rank": [g["bank"]["bytes"] for g in gathered],
+        "bank_tokens": int(shard.chunk_counts.sum()) * model.config.encode.chunk_size,
+        "bank_bytes_per_token": sum(g["bank"]["bytes"] for g in gathered) / (
+            int(shard.chunk_counts.sum()) * model.config.encode.chunk_size),
         "latency_ms": {name: summary(v) for name, v in per_q.items()},  # rank 0's clock, ranks in lockstep
         "per_rank": gathered,
         "sample_hits": [h.id for h in hits],
@@ -178,6 +192,26 @@ def run(args: argparse.Namespace, device: torch.device, rank: int, world: int) -
     print(json.dumps({k: result[k] for k in ("label", "docs", "chunks", "bank_bytes_per_rank", "latency_ms")},
                      indent=2))
     print(f"wrote {out}")
+
+
+def out_of_memory(args: argparse.Namespace, device: torch.device, rank: int, world: int, model: MSAModel,
+                  error: Exception) -> None:
+    """The bank does not fit these GPUs: every rank reports, rank 0 writes JSON saying so."""
+    torch.cuda.empty_cache()
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, {"rank": rank, "error": str(error).splitlines()[0][:300]})
+    if rank != 0:
+        return
+    tag = f"cuda-nccl-x{world}"
+    tokens = args.docs * args.chunks_per_doc * model.config.encode.chunk_size
+    result = {"benchmark": "distributed_routing", "label": tag, "world_size": world, "model": args.model,
+              "docs": args.docs, "chunks": args.docs * args.chunks_per_doc, "bank_tokens": tokens,
+              "routing_layers": model.layers, "fits": False, "gpu": torch.cuda.get_device_name(device),
+              "gpu_total_gb": torch.cuda.mem_get_info(device)[1] / 2**30, "per_rank": gathered}
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"distributed_routing_{tag}_oom.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"out of memory: a {tokens / 1e6:.0f}M-token bank does not fit {world} GPU(s); wrote {out}")
 
 
 if __name__ == "__main__":

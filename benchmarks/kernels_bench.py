@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from msa_core.kernels import memory_attention, routing_scores, routing_scores_reference
+from msa_core.kernels import chunk_scores_reference, memory_attention, routing_scores, routing_scores_reference
 from msa_core.kernels.attention import gather_chunks
 
 H100_BANDWIDTH = 3.35e12  # bytes/s, H100 SXM HBM3
@@ -128,6 +128,72 @@ def routing_case(tokens: int, h: int, hkv: int, d: int, b: int, reps: int, flush
     return row
 
 
+def stream_sweep(tokens: int, h: int, hkv: int, d: int, t: int, reps: int, flush: torch.Tensor,
+                 dtype: torch.dtype = torch.bfloat16) -> dict:
+    """One question (B=1, t routing tokens): the streaming kernel's tile / pipeline / grid variants, and
+    the tiled kernel at the same shape. Bandwidth counts every byte the kernel must read (K̄_R, plus the
+    [C, Hkv] fp32 inverse norms when given)."""
+    import triton
+
+    from msa_core.kernels import inverse_key_norms
+    from msa_core.kernels.routing_triton import (
+        chunk_scores_triton,
+        group_queries,
+        stream_scores_triton,
+        stream_shape,
+    )
+
+    c = tokens // CHUNK
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    kr = torch.randn(c, hkv, d, device="cuda", generator=gen).to(dtype)
+    inv = inverse_key_norms(kr)
+    q = torch.randn(1, t, h, d, device="cuda", generator=gen).bfloat16()
+    mask = torch.ones(1, t, dtype=torch.bool, device="cuda")
+    _, tp = stream_shape(1, t)
+    qp = torch.nn.functional.pad(q, (0, 0, 0, 0, 0, tp - t))
+    mp = torch.nn.functional.pad(mask, (0, tp - t))
+    kr_bytes = kr.numel() * kr.element_size()
+    inv_bytes = inv.numel() * 4
+    want = chunk_scores_reference(q, mask, kr)
+    rows = []
+    for exact in (True, False):
+        grouped = group_queries(qp, mp, kr.dtype, hkv, "cosine", exact)
+        for with_inv in (True, False):
+            for block_c in ((64, 128) if d <= 64 else (32, 64)):
+                for stages in (1, 3):
+                    for warps in (4, 8):
+                        for per_sm in (2, 4, 10**6):  # 10**6: one program per block (no persistence)
+                            def fn(grouped=grouped, exact=exact, with_inv=with_inv, block_c=block_c, stages=stages,
+                                   warps=warps, per_sm=per_sm):
+                                return stream_scores_triton(grouped, kr, inv if with_inv else None, normalize_k=True,
+                                                            reduce_sum=False, exact=exact, block_c=block_c,
+                                                            num_stages=stages, programs_per_sm=per_sm,
+                                                            num_warps=warps)
+                            try:
+                                got = fn()
+                                ms = med_ms(time_graph(fn, reps, flush))
+                            except (triton.runtime.errors.OutOfResources, RuntimeError) as e:  # shared memory etc.
+                                rows.append({"exact": exact, "inv_norms": with_inv, "block_c": block_c,
+                                             "num_stages": stages, "num_warps": warps, "programs_per_sm": per_sm,
+                                             "error": str(e)[:120]})
+                                continue
+                            read = kr_bytes + (inv_bytes if with_inv else 0)
+                            rows.append({"exact": exact, "inv_norms": with_inv, "block_c": block_c,
+                                         "num_stages": stages, "num_warps": warps, "programs_per_sm": per_sm,
+                                         "gpu_ms": ms, "bytes_read": read,
+                                         "fraction_of_h100_peak": read / (ms / 1e3) / H100_BANDWIDTH,
+                                         "max_abs_err_vs_reference": (got - want).abs().max().item()})
+    grouped = group_queries(q, mask, kr.dtype, hkv, "cosine", True)
+    tiled_ms = med_ms(time_graph(lambda: chunk_scores_triton(grouped, kr, normalize_k=True, reduce_sum=False),
+                                 reps, flush))
+    ok = [r for r in rows if "gpu_ms" in r]
+    best = {e: min((r for r in ok if r["exact"] == e), key=lambda r: r["gpu_ms"]) for e in (True, False)}
+    return {"tokens": tokens, "chunks": c, "num_heads": h, "kv_heads": hkv, "head_dim": d, "routing_tokens": t,
+            "bank_dtype": str(dtype).replace("torch.", ""), "kr_bar_bytes": kr_bytes,
+            "tiled_kernel_gpu_ms": tiled_ms, "tiled_fraction_of_h100_peak": kr_bytes / (tiled_ms / 1e3) / H100_BANDWIDTH,
+            "best_exact": best[True], "best_fast": best[False], "variants": rows}
+
+
 def attention_case(name: str, b: int, h: int, hkv: int, d: int, tq: int, tk: int, docs: int, reps: int,
                    flush: torch.Tensor) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(1)
@@ -178,6 +244,11 @@ def attention_case(name: str, b: int, h: int, hkv: int, d: int, tq: int, tk: int
                 lambda bm=bm, bn=bn: memory_attention(*args, backend="triton", check_indices=False, block_m=bm,
                                                       block_n=bn), reps, flush))
             for bm, bn in ((64, 64), (128, 64), (64, 128), (128, 128))}
+        row["triton_gpu_ms_by_splits"] = {
+            str(ns): med_ms(time_graph(
+                lambda ns=ns: memory_attention(*args, backend="triton", check_indices=False, num_splits=ns),
+                reps, flush))
+            for ns in (1, 2, 4, 8)}
     row["speedup_vs_reference"] = row["reference_gather_mask_sdpa_ms"] / row["triton_ms"]
     row["max_abs_err_vs_reference"] = (kernel().float() - sdpa().float()).abs().max().item()
     return row
@@ -188,7 +259,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "kernels_bench.json"))
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="1M-token banks only, fewer repetitions")
-    ap.add_argument("--only", choices=["routing", "attention"], help="run one half")
+    ap.add_argument("--only", choices=["routing", "attention", "stream"], help="run one part")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("kernels_bench.py needs a CUDA GPU (the Triton kernels run on CUDA only)")
@@ -202,10 +273,22 @@ def main() -> None:
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
         "h100_peak_bandwidth_Bps": H100_BANDWIDTH, "timing": f"median of {reps} calls, CUDA events, L2 flushed before each; *_gpu_ms: CUDA graph "
                   "replay (GPU time only), other *_ms: eager calls (Python, launches, syncs included)",
-        "routing": [], "attention": [],
+        "routing": [], "attention": [], "stream_sweep": [],
     }
+    stream_cases = ((10_000_000, (9, 3, 64)), (100_000_000, (9, 3, 64)), (10_000_000, (32, 8, 128)))
+    for tokens, (h, hkv, d) in stream_cases if args.only in (None, "stream") else ():
+        sw = stream_sweep(tokens, h, hkv, d, t=24, reps=reps, flush=flush)
+        result["stream_sweep"].append(sw)
+        for name in ("best_exact", "best_fast"):
+            r = sw[name]
+            print(f"stream {tokens / 1e6:.0f}M H={h} Hkv={hkv} D={d} {name}: {r['gpu_ms']:.4f} ms "
+                  f"({100 * r['fraction_of_h100_peak']:.0f}% of peak) block_c={r['block_c']} stages={r['num_stages']} "
+                  f"warps={r['num_warps']} per_sm={r['programs_per_sm']} inv={r['inv_norms']} "
+                  f"err {r['max_abs_err_vs_reference']:.1e}; tiled kernel {sw['tiled_kernel_gpu_ms']:.4f} ms "
+                  f"({100 * sw['tiled_fraction_of_h100_peak']:.0f}%)", flush=True)
+        torch.cuda.empty_cache()
     token_sizes = (1_000_000,) if args.quick else (1_000_000, 10_000_000)
-    for tokens in token_sizes if args.only != "attention" else ():
+    for tokens in token_sizes if args.only in (None, "routing") else ():
         for h, hkv, d in ((9, 3, 64), (32, 8, 128)):
             for b in (1, 8):
                 row = routing_case(tokens, h, hkv, d, b, reps, flush)
@@ -219,7 +302,7 @@ def main() -> None:
                       f"err {row['max_abs_err_vs_reference']:.1e}", flush=True)
                 torch.cuda.empty_cache()
     cases = [("decode", 1, 1, 1024), ("decode", 8, 1, 1024), ("prefill", 1, 512, 512), ("prefill", 4, 2048, 2048)]
-    for h, hkv, d in ((9, 3, 64), (32, 8, 128)) if args.only != "routing" else ():
+    for h, hkv, d in ((9, 3, 64), (32, 8, 128)) if args.only in (None, "attention") else ():
         for kind, b, tq, tk in cases:
             name = f"{kind}-H{h}-Hkv{hkv}-D{d}-B{b}-Tq{tq}-Tk{tk}"
             row = attention_case(name, b, h, hkv, d, tq, tk, docs=16, reps=reps, flush=flush)
