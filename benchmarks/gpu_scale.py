@@ -15,7 +15,9 @@
 
 At every size, with the bank tiered (K̄_R on the GPU, K̄/V̄ in pinned host memory, `bank.to(kv="host")`):
 - routing: `retrieve(question, k)` wall time per question (tokenise, forward to the last routing layer,
-  scores, top-k, ranking), Triton kernel vs PyTorch reference scoring (`routing.kernel`);
+  scores, top-k, ranking), Triton kernel vs PyTorch reference scoring (`routing.kernel`); split into the
+  question's forward alone and routing proper (`_route_scores` minus that forward: scores of every layer,
+  per-layer top-k, the copy of the scores to the host);
 - the routing kernel alone on the bank's own K̄_R (CUDA graph replay, L2 flushed): GPU ms over all routing
   layers and the share of the H100's 3.35 TB/s it reaches;
 - flat exact search (the GEMM + top-k that faiss GpuIndexFlatIP runs) over one 384-dim fp16 vector per
@@ -43,16 +45,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
-from msa_core import (
-    MSAConfig,
-    MSAModel,
-    __version__,
-    kernels,
-)
-from msa_core.encoded import EncodedDocuments
-from msa_core.generate import Generation, SamplingParams, build_prompt
-from msa_core.memory import MemoryBank
-from msa_core.model import HYBRID_INSTRUCTION
+from msa_core import MSAConfig, MSAModel, __version__, kernels  # noqa: E402
+from msa_core.encoded import EncodedDocuments  # noqa: E402
+from msa_core.generate import (  # noqa: E402
+    Generation, MemoryRouter, SamplingParams, build_prompt, left_pad, query_positions)
+from msa_core.memory import MemoryBank  # noqa: E402
+from msa_core.model import HYBRID_INSTRUCTION  # noqa: E402
 
 H100_BANDWIDTH = 3.35e12  # bytes/s, H100 SXM HBM3
 H100_BF16_DENSE = 989.4e12  # FLOP/s, H100 SXM dense bf16 tensor cores
@@ -154,6 +152,12 @@ def forward_flops_per_token(model: MSAModel, context: float) -> float:
 # Measurements at one bank size
 # --------------------------------------------------------------------------------------------
 
+def question_forward(model: MSAModel, question: str) -> None:
+    """The question's forward up to the last routing layer, no routing: what retrieve() runs besides routing."""
+    ids, valid, _ = left_pad([build_prompt(model.tokenizer, question)], 0, model.backbone.device)
+    model.backbone(ids, query_positions(valid, 0), valid=valid, last_layer=max(model.layers))
+
+
 def generate_ms(model: MSAModel, prompt, new_tokens: int, memory=None, offset: int = 0) -> float:
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
     gen = Generation(model.backbone, model.tokenizer, prompt, params, memory=memory, position_offset=offset,
@@ -221,6 +225,10 @@ def measure(model: MSAModel, bank: MemoryBank, questions: list[str], k: int, ttf
                  "tokens": bank.info()["tokens"], "kv_tier": getattr(tiered, "kv_tier", "same")}
     routing = model.config.routing
     row["retrieve_ms"] = median_wall_ms(lambda q: model.retrieve(q, tiered, k=k), questions, dev)
+    allowed = tiered.row_mask(None)
+    row["question_forward_ms"] = median_wall_ms(lambda q: question_forward(model, q), questions, dev)
+    row["route_scores_ms"] = median_wall_ms(lambda q: model._route_scores([q], tiered, allowed), questions, dev)
+    row["routing_ms"] = row["route_scores_ms"] - row["question_forward_ms"]
     old = routing.kernel
     routing.kernel = "reference"
     row["retrieve_reference_ms"] = median_wall_ms(lambda q: model.retrieve(q, tiered, k=k), questions[:4], dev)
@@ -234,24 +242,24 @@ def measure(model: MSAModel, bank: MemoryBank, questions: list[str], k: int, ttf
         allowed = tiered.row_mask(None)
 
         def memory(mask):
-            from msa_core.generate import MemoryRouter
             return MemoryRouter(tiered, model.router, routing, mask, allowed=allowed, top_k=kk)
 
         return generate_ms(model, build_prompt(model.tokenizer, q), n, memory, model._position_offset(kk))
 
-    def text_rag(q: str) -> float:
+    rag_prompts = {}  # text RAG: the same k documents' text in the prompt; retrieval is not timed
+    for q in questions:
         hits = model.retrieve(q, tiered, k=ttft_k)
         docs = "\n\n".join(f"Document [{i + 1}]: {h.text}" for i, h in enumerate(hits))
-        prompt = build_prompt(model.tokenizer, HYBRID_INSTRUCTION.format(documents=docs, question=q))
-        row.setdefault("text_rag_prompt_tokens", []).append(len(prompt.ids))
-        return generate_ms(model, prompt, 1)
-
+        rag_prompts[q] = build_prompt(model.tokenizer, HYBRID_INSTRUCTION.format(documents=docs, question=q))
     row["latent_ttft_ms"] = median_wall_ms(lambda q: latent(q, 1, k), questions, dev)
     row[f"latent_ttft_k{ttft_k}_ms"] = median_wall_ms(lambda q: latent(q, 1, ttft_k), questions, dev)
-    row[f"text_rag_ttft_k{ttft_k}_ms"] = median_wall_ms(text_rag, questions, dev)
-    row["text_rag_prompt_tokens"] = statistics.median(row["text_rag_prompt_tokens"])
-    long_ms = median_wall_ms(lambda q: latent(q, new_tokens + 1, k), questions[:4], dev)
-    row["latent_decode_tokens_per_s"] = new_tokens / ((long_ms - row["latent_ttft_ms"]) / 1e3)
+    row[f"text_rag_ttft_k{ttft_k}_ms"] = median_wall_ms(lambda q: generate_ms(model, rag_prompts[q], 1), questions, dev)
+    row["text_rag_prompt_tokens"] = statistics.median(len(p.ids) for p in rag_prompts.values())
+    rates = []  # decode: the same question with 1 and 1 + new_tokens tokens, the difference per token
+    for q in questions[:4]:
+        first, longer = latent(q, 1, k), latent(q, new_tokens + 1, k)
+        rates.append(new_tokens / ((longer - first) / 1e3))
+    row["latent_decode_tokens_per_s"] = statistics.median(rates)
     return row
 
 
@@ -358,7 +366,8 @@ def report(row: dict) -> None:
     kern = row.get("routing_kernel", {})
     print(f"{row['tokens'] / 1e6:.1f}M tokens, {row['documents']} docs: encode {row.get('encode_tokens_per_s', 0):.0f} "
           f"tok/s (MFU {100 * row.get('encode_mfu', 0):.1f}%); retrieve {row['retrieve_ms']:.1f} ms (reference "
-          f"{row['retrieve_reference_ms']:.1f}); kernel {kern.get('kernel_gpu_ms', float('nan')):.3f} ms GPU "
+          f"{row['retrieve_reference_ms']:.1f}; question forward {row['question_forward_ms']:.1f}, routing "
+          f"{row['routing_ms']:.1f}); kernel {kern.get('kernel_gpu_ms', float('nan')):.3f} ms GPU "
           f"({100 * kern.get('kernel_fraction_of_h100_peak', float('nan')):.0f}% of peak, exact "
           f"{100 * kern.get('kernel_exact_fraction_of_h100_peak', float('nan')):.0f}%); flat search "
           f"{row.get('flat_search_minilm_width', {}).get('gpu_ms', float('nan')):.3f} ms; latent TTFT "

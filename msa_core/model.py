@@ -181,7 +181,14 @@ class MSAModel:
 
     @property
     def router_fingerprint(self) -> str:
-        return self.router.fingerprint()
+        # Hashing every router weight takes about a second for MSA-4B's 18 layers, and every retrieve and
+        # answer checks the bank against it: cached until the router object or one of its weights changes
+        # (an in-place update bumps a tensor's _version; a new tensor has a new data_ptr).
+        params = self.router.parameters() if isinstance(self.router, torch.nn.Module) else ()
+        key = (id(self.router), tuple((t.data_ptr(), t._version) for t in params))
+        if getattr(self, "_router_fp_key", None) != key:
+            self._router_fp, self._router_fp_key = self.router.fingerprint(), key
+        return self._router_fp
 
     # ---- banks --------------------------------------------------------------------------
 
@@ -288,9 +295,25 @@ class MSAModel:
                     k: int, include_parts: bool, with_layers: bool) -> list[tuple[int, RetrievedDocument]]:
         """(bank row, hit), best part rows first; a parent is ranked by its best part unless parts are
         asked for. Memory Parallel merges these per-rank lists by (score, global row)."""
+        n = total.shape[0]
+        # Most calls need only the first k rows: order the rows scoring at least the c-th best score (ties
+        # included, so the order equals a full stable sort's prefix), and sort everything only if filters or
+        # repeated parents use them up.
+        c = min(n, max(8 * k, 256))
+        if c < n:
+            rows = (total >= torch.topk(total, c).values[-1]).nonzero().flatten()
+            order = rows[torch.sort(total[rows], descending=True, stable=True).indices].tolist()
+            hits = self._walk(bank, order, total, per_layer, allowed, k, include_parts, with_layers)
+            if len(hits) == k:
+                return hits
         order = torch.sort(total, descending=True, stable=True).indices.tolist()
+        return self._walk(bank, order, total, per_layer, allowed, k, include_parts, with_layers)
+
+    def _walk(self, bank: MemoryBank, order: list[int], total: torch.Tensor, per_layer: torch.Tensor,
+              allowed: torch.Tensor, k: int, include_parts: bool, with_layers: bool
+              ) -> list[tuple[int, RetrievedDocument]]:
+        """The first k allowed rows of `order`, one per parent unless parts are asked for."""
         records, seen = bank.docstore, set()
-        rel = relevance(total, self.config.routing.normalization, self.backbone.args.head_dim)
         out: list[tuple[int, RetrievedDocument]] = []
         for row in order:
             if len(out) == k:
@@ -305,7 +328,8 @@ class MSAModel:
             text = rec.text if include_parts else bank.get([rec.parent_id])[0]["text"]
             layers = ({layer: float(per_layer[i, row]) for i, layer in enumerate(self.layers)}
                       if with_layers else None)
-            out.append((row, RetrievedDocument(key, float(total[row]), float(rel[row]), text,
+            rel = relevance(total[row:row + 1], self.config.routing.normalization, self.backbone.args.head_dim)
+            out.append((row, RetrievedDocument(key, float(total[row]), float(rel[0]), text,
                                                dict(rec.metadata), layers)))
         return out
 

@@ -391,7 +391,7 @@ def test_model_routing_through_the_kernel_matches_the_reference(tiny_model_dir, 
         cfg = MSAConfig(routing={"top_k": 3, "normalization": normalization, "kernel": kernel, "exact_scores": True},
                         encode={"chunk_size": 4})
         models[kernel] = MSAModel.from_pretrained(tiny_model_dir("llama"), config=cfg, router="random", device=DEVICE)
-    bank = models["reference"].index(texts)
+    bank = models["reference"].index(texts).to(DEVICE)  # a CPU bank routes with the reference: give it the GPU
     questions = ["which document is about trains?", "tea and glass"]
     got = models["triton"].retrieve(questions, bank, k=4, layer_scores=True)
     want = models["reference"].retrieve(questions, bank, k=4, layer_scores=True)

@@ -157,3 +157,17 @@ def test_router_file_round_trip_sets_routing_layers(model, tmp_path, tiny_model_
     with pytest.raises(ModelLoadError, match="covers layers"):
         MSAModel.from_pretrained(tiny_model_dir("qwen3"), router=tmp_path / "router.safetensors",
                                  config=MSAConfig(routing={"layers": [2, 3]}))
+
+
+def test_router_fingerprint_follows_in_place_and_replaced_weights(model):
+    before = model.router_fingerprint
+    assert model.router_fingerprint == before  # cached: the same value again
+    layer = model.router.layers[0]
+    with torch.no_grad():
+        model.router.k_weight(layer).mul_(2.0)  # an in-place update must not be missed
+    changed = model.router_fingerprint
+    assert changed != before and changed == model.router.fingerprint()
+    model.router = model.router.copy(init_mode="custom")
+    with torch.no_grad():
+        model.router.k_weight(layer).div_(2.0)
+    assert model.router_fingerprint == before == model.router.fingerprint()

@@ -91,11 +91,12 @@ def test_disk_tier_maps_the_file_instead_of_reading_it(tmp_path, bank):
     disk = MemoryBank.load(tmp_path, kv="disk")
     for name in ("k_bar", "v_bar"):
         assert _mapping_of(getattr(disk, name).data_ptr()) == tensors_file, name
-    # The same probe finds anonymous memory for tensors copied into RAM, so the check can fail. (Not
-    # contrasted with load_file: safetensors >= 0.4 maps CPU tensors lazily too, so kv="same" on CPU
-    # is also file-backed; the disk tier makes that a guarantee and adds it for GPU routing.)
-    assert _mapping_of(MemoryBank.load(tmp_path, kv="host").k_bar.data_ptr()) is None
-    assert _mapping_of(disk.kr_bar.data_ptr()) is None  # routing keys are always resident
+    # The same probe finds other memory for tensors copied into RAM (anonymous, or /dev/zero where CUDA
+    # pins them), so the check can fail. (Not contrasted with load_file: safetensors >= 0.4 maps CPU
+    # tensors lazily too, so kv="same" on CPU is also file-backed; the disk tier makes that a guarantee
+    # and adds it for GPU routing.)
+    assert _mapping_of(MemoryBank.load(tmp_path, kv="host").k_bar.data_ptr()) != tensors_file
+    assert _mapping_of(disk.kr_bar.data_ptr()) != tensors_file  # routing keys are always resident
 
 
 def test_disk_tier_refuses_mutations_but_saves_elsewhere(tmp_path, bank):

@@ -275,6 +275,8 @@ def chunk_scores_triton(grouped: GroupedQueries, kr_bar: torch.Tensor, *, normal
 
 
 STREAM_MAX_ROWS = 128  # batches whose padded token rows fit one tile take the streaming kernel
+# (Hkv, D, BP, TP, pieces, bank dtype, inverse norms, block_c asked) -> the (block_c, stages) that fit shared memory
+_FITS: dict[tuple, tuple[int, int]] = {}
 
 
 def stream_shape(b: int, t: int) -> tuple[int, int] | None:
@@ -310,20 +312,33 @@ def stream_scores_triton(grouped: GroupedQueries, kr_bar: torch.Tensor, inv_norm
     if c and b:
         block_d = max(16, next_power_of_2(d))
         wide = hkv * d > 256
-        block_c = block_c or (64 if wide else 128)
         has_inv = inv_norms is not None and normalize_k
         if has_inv and not inv_norms.is_contiguous():
             inv_norms = inv_norms.contiguous()
-        jobs = n_layers * triton.cdiv(c, block_c)
-        grid = min(jobs, num_sms(kr_bar.device) * (programs_per_sm or 2))
-        _stream_scores_kernel[(grid,)](
-            pieces, pieces.stride(0), b * tp * hkv * d, grouped.token_scale, grouped.mask,
-            kr_bar, kr_bar.stride(0), kr_bar.stride(1), kr_bar.stride(2),
-            inv_norms if has_inv else kr_bar, c * hkv, out, out.stride(0), out.stride(1), b, c, n_layers,
-            HKV=hkv, D=d, BLOCK_D=block_d, BP=next_power_of_2(b), TP=tp, BLOCK_C=block_c, N_PARTS=n_parts,
-            NORMALIZE_K=normalize_k, HAS_INV=has_inv, REDUCE_SUM=reduce_sum,
-            DOT_PRECISION="tf32x3" if kr_bar.dtype == torch.float32 and exact else "tf32",
-            UPCAST=interpreting() and kr_bar.dtype == torch.bfloat16,
-            NUM_STAGES=(1 if wide else 3) if num_stages is None else num_stages, num_warps=num_warps or 4,
-        )
+        grid_per_sm = programs_per_sm or 2
+        bc0 = block_c or (64 if wide else 128)
+        choices = [(bc0, (1 if wide else 3) if num_stages is None else num_stages)]
+        key = (hkv, d, next_power_of_2(b), tp, n_parts, kr_bar.dtype, has_inv, block_c)
+        if num_stages is None:  # default pipelining: fall back to fewer stages / smaller tiles where they do not fit
+            fallbacks = [(bc0, 2), (bc0, 1)] + ([(64, 1), (32, 1)] if block_c is None else [])
+            choices = [_FITS[key]] if key in _FITS else list(dict.fromkeys([*choices, *fallbacks]))
+        for i, (bc, stages) in enumerate(choices):
+            jobs = n_layers * triton.cdiv(c, bc)
+            try:
+                _stream_scores_kernel[(min(jobs, num_sms(kr_bar.device) * grid_per_sm),)](
+                    pieces, pieces.stride(0), b * tp * hkv * d, grouped.token_scale, grouped.mask,
+                    kr_bar, kr_bar.stride(0), kr_bar.stride(1), kr_bar.stride(2),
+                    inv_norms if has_inv else kr_bar, c * hkv, out, out.stride(0), out.stride(1), b, c, n_layers,
+                    HKV=hkv, D=d, BLOCK_D=block_d, BP=next_power_of_2(b), TP=tp, BLOCK_C=bc, N_PARTS=n_parts,
+                    NORMALIZE_K=normalize_k, HAS_INV=has_inv, REDUCE_SUM=reduce_sum,
+                    DOT_PRECISION="tf32x3" if kr_bar.dtype == torch.float32 and exact else "tf32",
+                    UPCAST=interpreting() and kr_bar.dtype == torch.bfloat16,
+                    NUM_STAGES=stages, num_warps=num_warps or 4,
+                )
+            except triton.runtime.errors.OutOfResources:  # raised before the launch: nothing ran
+                if i == len(choices) - 1:
+                    raise
+                continue
+            _FITS[key] = (bc, stages)
+            break
     return out[0] if single else out
