@@ -115,26 +115,11 @@ def median_wall_ms(fn_per_item, items, device: torch.device) -> float:
 
 
 def graph_ms(fn, reps: int = 20) -> float:
-    """GPU time of `fn` (captured in a CUDA graph, replayed; L2 flushed before each replay)."""
+    """GPU time of `fn`, median ms (kernels_bench.time_graph: CUDA graph replays, L2 flushed before each)."""
+    from kernels_bench import med_ms, time_graph
+
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(reps):
-        flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return med_ms(time_graph(fn, reps, flush))
 
 
 def forward_flops_per_token(model: MSAModel, context: float) -> float:
