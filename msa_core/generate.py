@@ -35,6 +35,24 @@ def _key_inv_norms(kr_bar: torch.Tensor) -> torch.Tensor:
         weakref.finalize(kr_bar, _KEY_INV_NORMS.pop, key, None)
     return inv
 
+
+# A GPU model routing a bank held in CPU memory: K̄_R and the chunk index are copied to the GPU once per
+# bank state (the tiered layout bank.to(device, kv="host") would give), not once per question and layer.
+_ROUTING_COPIES: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _routing_on(bank: MemoryBank, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kr_bar, chunk_doc) of the bank on `device`: its own tensors when they live there, else cached copies."""
+    kr = bank.kr_bar
+    if kr.device == device:
+        return kr, bank.chunk_doc
+    key = (id(kr), str(device))
+    hit = _ROUTING_COPIES.get(key)
+    if hit is None:
+        hit = _ROUTING_COPIES[key] = (kr.to(device), bank.chunk_doc.to(device))
+        weakref.finalize(kr, _ROUTING_COPIES.pop, key, None)
+    return hit
+
 _QUESTION_SLOT = "\u2063MSA_QUESTION\u2063"  # an invisible marker no real question contains
 
 
@@ -144,7 +162,7 @@ class MemoryRouter:
         if li is None or len(self.bank) == 0:
             return None
         q = self._routing_queries(layer, x)
-        if not self.attend and self._on_kernel():
+        if not self.attend and self._route_device(q) is not None:
             # scoring only: nothing this layer returns depends on the scores, so keep the queries and
             # score every layer in one kernel launch in `finish` (one long read of K̄_R, not L short ones)
             self.pending[layer] = q
@@ -161,17 +179,17 @@ class MemoryRouter:
         layers = sorted(self.pending)
         lis = [self.layer_pos[layer] for layer in layers]
         cfg, bank = self.cfg, self.bank
-        kr_all = bank.kr_bar
+        q = torch.stack([self.pending.pop(layer) for layer in layers])
+        kr_all, chunk_doc = _routing_on(bank, self._route_device(q))
         whole = lis == list(range(kr_all.shape[0]))  # the usual case: no copy of the bank's keys
         kr = kr_all if whole else kr_all[lis]
         inv = None
         if cfg.normalization != "scaled_dot":
             inv = _key_inv_norms(kr_all) if whole else _key_inv_norms(kr_all)[lis]
-        q = torch.stack([self.pending.pop(layer) for layer in layers]).to(kr.device)
         scores = kernels.layer_routing_scores(
-            q, self.routing_mask.to(kr.device), kr, bank.chunk_doc, bank.num_parts, normalization=cfg.normalization,
-            query_reduce=cfg.query_reduce, chunk_reduce=cfg.chunk_reduce, backend=cfg.kernel, key_inv_norms=inv,
-            exact=cfg.exact_scores)
+            q.to(kr.device), self.routing_mask.to(kr.device), kr, chunk_doc, bank.num_parts,
+            normalization=cfg.normalization, query_reduce=cfg.query_reduce, chunk_reduce=cfg.chunk_reduce,
+            backend=cfg.kernel, key_inv_norms=inv, exact=cfg.exact_scores)
         for layer, doc_scores in zip(layers, scores):
             self._record(layer, doc_scores)
 
@@ -183,24 +201,32 @@ class MemoryRouter:
         self.routings[layer] = LayerRouting(doc_scores, rows, values)
         return values, rows
 
-    def _on_kernel(self) -> bool:
-        """Whether scores come from the Triton kernels (a GPU bank, or kernel='triton')."""
-        cfg = self.cfg
-        return cfg.kernel != "reference" and cfg.head_reduce == "mean" and (
-            self.bank.kr_bar.is_cuda or cfg.kernel == "triton")
+    def _route_device(self, q: torch.Tensor) -> torch.device | None:
+        """Where the Triton kernels score, or None for the PyTorch reference: the bank's GPU; the model's
+        GPU for a bank in CPU memory (K̄_R copied there once, `_routing_on`); the CPU only for kernel='triton'
+        (Triton's interpreter)."""
+        cfg, kr = self.cfg, self.bank.kr_bar
+        if cfg.kernel == "reference" or cfg.head_reduce != "mean":
+            return None
+        if kr.is_cuda:
+            return kr.device
+        if q.is_cuda:
+            return q.device
+        return kr.device if cfg.kernel == "triton" else None
 
     def _doc_scores(self, li: int, q: torch.Tensor) -> torch.Tensor:
-        """[B, N] document scores of routing-layer position li: the Triton kernel where the bank's routing
-        keys are on a GPU (kernels.routing_scores, parity-tested against the reference), else router.py."""
+        """[B, N] document scores of routing-layer position li: the Triton kernel where routing runs on a GPU
+        (kernels.routing_scores, parity-tested against the reference), else router.py."""
         cfg, bank = self.cfg, self.bank
-        kr_all = bank.kr_bar
-        if self._on_kernel():
+        device = self._route_device(q)
+        if device is not None:
+            kr_all, chunk_doc = _routing_on(bank, device)
             inv = _key_inv_norms(kr_all)[li] if cfg.normalization != "scaled_dot" else None
             return kernels.routing_scores(
-                q.to(kr_all.device), self.routing_mask.to(kr_all.device), kr_all[li], bank.chunk_doc, bank.num_parts,
+                q.to(device), self.routing_mask.to(device), kr_all[li], chunk_doc, bank.num_parts,
                 normalization=cfg.normalization, query_reduce=cfg.query_reduce, chunk_reduce=cfg.chunk_reduce,
                 backend=cfg.kernel, key_inv_norms=inv, exact=cfg.exact_scores)
-        chunk_scores = score_chunks(q, self.routing_mask, kr_all[li], head_reduce=cfg.head_reduce,
+        chunk_scores = score_chunks(q, self.routing_mask, bank.kr_bar[li], head_reduce=cfg.head_reduce,
                                     query_reduce=cfg.query_reduce, normalization=cfg.normalization)
         return reduce_to_docs(chunk_scores, bank.chunk_doc, bank.num_parts, chunk_reduce=cfg.chunk_reduce)
 

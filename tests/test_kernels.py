@@ -430,3 +430,42 @@ def test_layer_routing_scores_one_launch_equals_each_layer(b, t, normalization, 
     assert ref.shape == got.shape
     with pytest.raises(InvalidInputError, match=r"\[L, B, T, H, D\]"):
         layer_routing_scores(q_all[0], mask, kr_all, chunk_doc, n)
+
+
+def test_routing_copies_are_made_once_per_bank_state(tiny_model_dir):
+    import gc
+
+    from msa_core import MSAConfig, MSAModel
+    from msa_core.generate import _ROUTING_COPIES, _routing_on
+
+    model = MSAModel.from_pretrained(tiny_model_dir("llama"), config=MSAConfig(encode={"chunk_size": 4}),
+                                     router="random", device="cpu")
+    bank = model.index(["one document about ships", "another about trains", "a third about tea"])
+    own = _routing_on(bank, bank.device)
+    assert own[0] is bank.kr_bar and own[1] is bank.chunk_doc  # where they live: no copy
+    first, again = _routing_on(bank, torch.device("meta")), _routing_on(bank, torch.device("meta"))
+    assert first[0] is again[0] and first[0].device.type == "meta" and first[0].shape == bank.kr_bar.shape
+    key = (id(bank.kr_bar), "meta")
+    assert key in _ROUTING_COPIES
+    del own
+    bank.delete([bank.ids()[0]])  # a new bank state: the old copy goes with the old keys
+    gc.collect()
+    assert key not in _ROUTING_COPIES
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_gpu_model_routes_a_cpu_bank_through_the_kernel(tiny_model_dir):
+    from msa_core import MSAConfig, MSAModel
+    from msa_core.generate import _ROUTING_COPIES
+
+    cfg = MSAConfig(routing={"top_k": 3, "exact_scores": True}, encode={"chunk_size": 4})
+    model = MSAModel.from_pretrained(tiny_model_dir("llama"), config=cfg, router="random", device="cuda")
+    texts = [f"document {i} about {w}" for i, w in enumerate(["ships", "trains", "cats", "bread", "rain", "tea"])]
+    cpu_bank = model.index(texts)
+    got = model.retrieve("which one is about trains?", cpu_bank, k=4)
+    assert (id(cpu_bank.kr_bar), "cuda:0") in _ROUTING_COPIES or (id(cpu_bank.kr_bar), "cuda") in _ROUTING_COPIES
+    want = model.retrieve("which one is about trains?", cpu_bank.to("cuda"), k=4)
+    assert [h.id for h in got] == [h.id for h in want]
+    model.config.routing.kernel = "reference"
+    ref = model.retrieve("which one is about trains?", cpu_bank, k=4)
+    assert [h.id for h in got] == [h.id for h in ref]
