@@ -22,36 +22,34 @@ from .errors import InvalidInputError, check_text
 from .memory import MemoryBank
 from .router import RouterProjectors, reduce_to_docs, score_chunks, select_top_k
 
-# Inverse routing-key norms of a bank state, keyed by id of its kr_bar tensor (a new tensor object after
-# every mutation) and dropped when that tensor dies. Not a WeakKeyDictionary: it would compare tensors with ==.
-_KEY_INV_NORMS: dict[int, torch.Tensor] = {}
+# Tensors derived from a bank state (inverse key norms; K̄_R and the chunk index copied to a GPU for a bank
+# held in CPU memory), keyed by (id of the state's kr_bar, what) and dropped when that kr_bar dies: every
+# mutation makes a new one. Not a WeakKeyDictionary: it would compare tensors with ==.
+_PER_STATE: dict[tuple[int, str], Any] = {}
+
+
+def _per_state(kr_bar: torch.Tensor, what: str, make: Callable[[], Any]) -> Any:
+    key = (id(kr_bar), what)
+    hit = _PER_STATE.get(key)
+    if hit is None:
+        hit = _PER_STATE[key] = make()
+        weakref.finalize(kr_bar, _PER_STATE.pop, key, None)
+    return hit
 
 
 def _key_inv_norms(kr_bar: torch.Tensor) -> torch.Tensor:
-    key = id(kr_bar)
-    inv = _KEY_INV_NORMS.get(key)
-    if inv is None:
-        inv = _KEY_INV_NORMS[key] = kernels.inverse_key_norms(kr_bar)
-        weakref.finalize(kr_bar, _KEY_INV_NORMS.pop, key, None)
-    return inv
-
-
-# A GPU model routing a bank held in CPU memory: K̄_R and the chunk index are copied to the GPU once per
-# bank state (the tiered layout bank.to(device, kv="host") would give), not once per question and layer.
-_ROUTING_COPIES: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    return _per_state(kr_bar, "inv_norms", lambda: kernels.inverse_key_norms(kr_bar))
 
 
 def _routing_on(bank: MemoryBank, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kr_bar, chunk_doc) of the bank on `device`: its own tensors when they live there, else cached copies."""
+    """(kr_bar, chunk_doc) of the bank on `device`: its own tensors when they live there, else copies made
+    once per bank state (a GPU model routing a bank in CPU memory gets the layout bank.to(device, kv="host")
+    would give), not once per question and layer."""
     kr = bank.kr_bar
     if kr.device == device:
         return kr, bank.chunk_doc
-    key = (id(kr), str(device))
-    hit = _ROUTING_COPIES.get(key)
-    if hit is None:
-        hit = _ROUTING_COPIES[key] = (kr.to(device), bank.chunk_doc.to(device))
-        weakref.finalize(kr, _ROUTING_COPIES.pop, key, None)
-    return hit
+    return _per_state(kr, str(device), lambda: (kr.to(device), bank.chunk_doc.to(device)))
+
 
 _QUESTION_SLOT = "\u2063MSA_QUESTION\u2063"  # an invisible marker no real question contains
 
@@ -156,6 +154,7 @@ class MemoryRouter:
         self.layer_pos = {layer: i for i, layer in enumerate(bank.layers)}
         self.routings: dict[int, LayerRouting] = {}
         self.pending: dict[int, torch.Tensor] = {}  # layer -> routing queries awaiting `finish`
+        self._validated = False  # the kernels check the mask and chunk index once (a host sync), not per layer
 
     def __call__(self, layer: int, x: torch.Tensor) -> Memory | None:
         li = self.layer_pos.get(layer)
@@ -183,13 +182,12 @@ class MemoryRouter:
         kr_all, chunk_doc = _routing_on(bank, self._route_device(q))
         whole = lis == list(range(kr_all.shape[0]))  # the usual case: no copy of the bank's keys
         kr = kr_all if whole else kr_all[lis]
-        inv = None
-        if cfg.normalization != "scaled_dot":
-            inv = _key_inv_norms(kr_all) if whole else _key_inv_norms(kr_all)[lis]
+        inv = self._inv_norms(kr_all)
         scores = kernels.layer_routing_scores(
             q.to(kr.device), self.routing_mask.to(kr.device), kr, chunk_doc, bank.num_parts,
             normalization=cfg.normalization, query_reduce=cfg.query_reduce, chunk_reduce=cfg.chunk_reduce,
-            backend=cfg.kernel, key_inv_norms=inv, exact=cfg.exact_scores)
+            backend=cfg.kernel, key_inv_norms=inv if inv is None or whole else inv[lis],
+            validate=self._validate_once(), exact=cfg.exact_scores)
         for layer, doc_scores in zip(layers, scores):
             self._record(layer, doc_scores)
 
@@ -214,6 +212,15 @@ class MemoryRouter:
             return q.device
         return kr.device if cfg.kernel == "triton" else None
 
+    def _inv_norms(self, kr_all: torch.Tensor) -> torch.Tensor | None:
+        """Cached inverse key norms [L, C, Hkv] for cosine-type scoring; None for scaled_dot (no norms)."""
+        return _key_inv_norms(kr_all) if self.cfg.normalization != "scaled_dot" else None
+
+    def _validate_once(self) -> bool:
+        """True the first time: the routing mask and the bank's chunk index are the same in every layer."""
+        first, self._validated = not self._validated, True
+        return first
+
     def _doc_scores(self, li: int, q: torch.Tensor) -> torch.Tensor:
         """[B, N] document scores of routing-layer position li: the Triton kernel where routing runs on a GPU
         (kernels.routing_scores, parity-tested against the reference), else router.py."""
@@ -221,11 +228,12 @@ class MemoryRouter:
         device = self._route_device(q)
         if device is not None:
             kr_all, chunk_doc = _routing_on(bank, device)
-            inv = _key_inv_norms(kr_all)[li] if cfg.normalization != "scaled_dot" else None
+            inv = self._inv_norms(kr_all)
             return kernels.routing_scores(
                 q.to(device), self.routing_mask.to(device), kr_all[li], chunk_doc, bank.num_parts,
                 normalization=cfg.normalization, query_reduce=cfg.query_reduce, chunk_reduce=cfg.chunk_reduce,
-                backend=cfg.kernel, key_inv_norms=inv, exact=cfg.exact_scores)
+                backend=cfg.kernel, key_inv_norms=None if inv is None else inv[li], validate=self._validate_once(),
+                exact=cfg.exact_scores)
         chunk_scores = score_chunks(q, self.routing_mask, bank.kr_bar[li], head_reduce=cfg.head_reduce,
                                     query_reduce=cfg.query_reduce, normalization=cfg.normalization)
         return reduce_to_docs(chunk_scores, bank.chunk_doc, bank.num_parts, chunk_reduce=cfg.chunk_reduce)

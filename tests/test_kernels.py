@@ -436,7 +436,7 @@ def test_routing_copies_are_made_once_per_bank_state(tiny_model_dir):
     import gc
 
     from msa_core import MSAConfig, MSAModel
-    from msa_core.generate import _ROUTING_COPIES, _routing_on
+    from msa_core.generate import _PER_STATE as _ROUTING_COPIES, _routing_on
 
     model = MSAModel.from_pretrained(tiny_model_dir("llama"), config=MSAConfig(encode={"chunk_size": 4}),
                                      router="random", device="cpu")
@@ -456,7 +456,7 @@ def test_routing_copies_are_made_once_per_bank_state(tiny_model_dir):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_gpu_model_routes_a_cpu_bank_through_the_kernel(tiny_model_dir):
     from msa_core import MSAConfig, MSAModel
-    from msa_core.generate import _ROUTING_COPIES
+    from msa_core.generate import _PER_STATE as _ROUTING_COPIES
 
     cfg = MSAConfig(routing={"top_k": 3, "exact_scores": True}, encode={"chunk_size": 4})
     model = MSAModel.from_pretrained(tiny_model_dir("llama"), config=cfg, router="random", device="cuda")
