@@ -31,6 +31,7 @@ from .errors import InvalidInputError
 from .router import RouterProjectors, reduce_to_docs, score_chunks
 from .train_cache import RaggedStates
 from .train_data import TrainingSet
+from .train_precondition import Preconditioner
 
 _CKPT_POINTER = "LATEST"
 
@@ -86,6 +87,9 @@ class TrainConfig(BaseModel):
     cache_batch_tokens: int = Field(default=16384, ge=256, description="Padded tokens per caching forward.")
     needles: int = Field(default=0, ge=0, description="Synthetic needle-lookup questions added to the training "
                          "split (and a share of it to the held-out split), built from the split's own documents.")
+    precondition: str = Field(default="standardize", pattern="^(none|standardize|whiten)$",
+                              description="Train on conditioned states S·x and save W = V·S "
+                              "(msa_core/train_precondition.py).")
 
 
 @dataclass
@@ -454,9 +458,14 @@ def prepare_trainer(model: Any, data: Sequence[str | Path], config: TrainConfig,
 
     router = model.router.copy(layers, dtype=torch.float32, device=bb.device,
                                init_mode=f"trained-from-{model.router.init_mode}")
+    pre = Preconditioner.fit(tq, td, layers, c.precondition, seed=c.seed)
+    for s, side in ((tq, "q"), (td, "k"), (hq, "q"), (hd, "k")):
+        if s is not None:
+            pre.apply(s, layers, side)
+    pre.into_conditioned(router)
     trainer = RouterTrainer(router, layers, train, tq, td, heldout if len(heldout) else None, hq, hd, c,
                             model.config.routing, checkpoint_dir=checkpoint_dir, log=log)
-    return trainer, {"sources": full.source_counts(), "timings": timings}
+    return trainer, {"sources": full.source_counts(), "timings": timings, "preconditioner": pre}
 
 
 def train_router(model: Any, data: Sequence[str | Path], out: str | Path, config: TrainConfig | None = None, *,
@@ -495,7 +504,9 @@ def train_router(model: Any, data: Sequence[str | Path], out: str | Path, config
                          train_queries=len(trainer.train), train_documents=len(trainer.train.documents),
                          heldout_queries=held_queries, heldout_documents=held_docs, sources=prep["sources"],
                          history=trainer.history, final=final, timings=timings)
-    save_trained_router(router.copy(chosen, dtype=torch.float32, device="cpu"), out, model, c, report,
+    saved = router.copy(chosen, dtype=torch.float32)
+    prep["preconditioner"].fold(saved)  # the trainer's router reads conditioned states; the saved one raw
+    save_trained_router(saved.copy(device="cpu"), out, model, c, report,
                         [str(p) for p in data])
     return report
 
