@@ -540,6 +540,9 @@ def model_card(report: TrainReport, config: TrainConfig, data: Sequence[str], mo
              "## Training", "",
              f"- {report.steps} steps of {config.batch_size} questions, lr {config.lr}, "
              f"{config.hard_negatives} hard negatives per question, seed {config.seed}",
+             f"- states preconditioned: {config.precondition}"
+             + ("" if config.precondition == "none" else " (trained on S·x; the saved weights are W = V·S, "
+                "see msa_core/train_precondition.py)"),
              f"- device: {report.device}; {report.seconds} s in all ({json.dumps(report.timings)})",
              f"- routing layers: {report.layers}", "",
              "## Held-out metrics (questions ranked against all held-out documents)", ""]
