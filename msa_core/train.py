@@ -4,7 +4,8 @@ over per-layer document scores (Eq. 2, the same `score_chunks`/`reduce_to_docs` 
     report = train_router(model, ["train/squad.jsonl"], "router.safetensors", TrainConfig(steps=2000))
 
 The backbone's states are cached once (msa_core/train_cache.py), so a step costs a few small matrix
-products. Negatives: the other documents of the batch, plus hard negatives mined with BM25 before
+products, on states preconditioned by a fixed map S (msa_core/train_precondition.py) that is folded into
+the saved router. Negatives: the other documents of the batch, plus hard negatives mined with BM25 before
 training and with the router itself during it. Only the routing (aux) loss trains the router: top-k
 selection is not differentiable (spec §2.6), so with a frozen backbone an LM loss would give the
 projectors no gradient and is not offered.
