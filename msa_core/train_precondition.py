@@ -3,8 +3,8 @@
 A small LM's normed hidden states are dominated by one shared direction and a few huge dimensions
 (SmolLM2-135M: pooled chunk states have cosine 0.97-0.99 to their mean in layers 9-19, and single
 dimensions 100-280x the median magnitude). A linear router can in principle ignore both, but trained
-from those raw states it barely learns in exactly those layers (held-out recall@5 0.03-0.08 there,
-0.2-0.34 elsewhere). So training runs on S·x instead of x, with S per layer and per side:
+on those raw states it learned least in the most anisotropic layers (held-out recall@5 0.03-0.08 in
+layers 10-13 and 16). So training runs on S·x instead of x, with S per layer and per side:
 
     S = D (I - u u^T)   u: the unit mean direction; D: per-dimension 1/std ("standardize")
     S = C^(-1/2) (I - u u^T)   C: the shrunk covariance ("whiten")
