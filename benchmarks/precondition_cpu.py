@@ -23,7 +23,7 @@ from msa_core.config import RoutingConfig
 from msa_core.router import RouterProjectors
 from msa_core.train import RouterTrainer, TrainConfig, evaluate
 from msa_core.train_cache import RaggedStates
-from msa_core.train_precondition import Preconditioner
+from msa_core.train_precondition import condition
 
 ROOT = Path(__file__).resolve().parent
 CACHED_LAYERS = [2, 4, 7, 12, 16, 24, 28]
@@ -54,10 +54,7 @@ def run(c: dict, mode: str, layers: list[int], steps: int, lr: float, kv_heads: 
     tq, td, hq, hd = (RaggedStates(c[k].x[:, cols].clone(), c[k].offsets)
                       for k in ("train_qs", "train_docs", "held_qs", "held_docs"))
     router = RouterProjectors.random(layers, tq.x.shape[-1], 9, kv_heads, 64)
-    pre = Preconditioner.fit(tq, td, layers, mode)
-    for states, side in ((tq, "q"), (td, "k"), (hq, "q"), (hd, "k")):
-        pre.apply(states, layers, side)
-    pre.into_conditioned(router)
+    condition(router, layers, mode, [tq, hq], [td, hd])
     cfg = TrainConfig(steps=steps, batch_size=128, lr=lr, warmup_steps=30, eval_every=10**6, mine_at=[0.5],
                       precondition=mode)
     t = time.perf_counter()

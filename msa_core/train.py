@@ -32,7 +32,7 @@ from .errors import InvalidInputError
 from .router import RouterProjectors, reduce_to_docs, score_chunks
 from .train_cache import RaggedStates
 from .train_data import TrainingSet
-from .train_precondition import Preconditioner
+from .train_precondition import condition
 
 _CKPT_POINTER = "LATEST"
 
@@ -459,11 +459,7 @@ def prepare_trainer(model: Any, data: Sequence[str | Path], config: TrainConfig,
 
     router = model.router.copy(layers, dtype=torch.float32, device=bb.device,
                                init_mode=f"trained-from-{model.router.init_mode}")
-    pre = Preconditioner.fit(tq, td, layers, c.precondition, seed=c.seed)
-    for s, side in ((tq, "q"), (td, "k"), (hq, "q"), (hd, "k")):
-        if s is not None:
-            pre.apply(s, layers, side)
-    pre.into_conditioned(router)
+    pre = condition(router, layers, c.precondition, [tq, hq], [td, hd], seed=c.seed)
     trainer = RouterTrainer(router, layers, train, tq, td, heldout if len(heldout) else None, hq, hd, c,
                             model.config.routing, checkpoint_dir=checkpoint_dir, log=log)
     return trainer, {"sources": full.source_counts(), "timings": timings, "preconditioner": pre}
@@ -505,9 +501,9 @@ def train_router(model: Any, data: Sequence[str | Path], out: str | Path, config
                          train_queries=len(trainer.train), train_documents=len(trainer.train.documents),
                          heldout_queries=held_queries, heldout_documents=held_docs, sources=prep["sources"],
                          history=trainer.history, final=final, timings=timings)
-    saved = router.copy(chosen, dtype=torch.float32)
+    saved = router.copy(chosen, dtype=torch.float32, device="cpu")
     prep["preconditioner"].fold(saved)  # the trainer's router reads conditioned states; the saved one raw
-    save_trained_router(saved.copy(device="cpu"), out, model, c, report,
+    save_trained_router(saved, out, model, c, report,
                         [str(p) for p in data])
     return report
 

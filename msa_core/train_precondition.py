@@ -16,7 +16,7 @@ training states only.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +80,8 @@ class Preconditioner:
 
     def apply(self, states: RaggedStates, layers: Sequence[int], side: str) -> None:
         """Replace each layer's states by S·x, in place, a layer at a time (bounds the fp32 copy)."""
+        if self.mode == "none":  # S = I: nothing to do, and no pass over gigabytes of cached states
+            return
         maps = self.q if side == "q" else self.k
         for i, layer in enumerate(layers):
             s = maps[layer].to(states.x.device)
@@ -87,17 +89,34 @@ class Preconditioner:
                 block = states.x[start : start + 65536, i]
                 block.copy_((block.float() @ s.T).to(block.dtype))
 
-    @torch.no_grad()
     def into_conditioned(self, router: RouterProjectors) -> None:
         """Rewrite W as V = W S^+ (in place), the start that acts like W on conditioned states, except
         along what S drops."""
-        for layer in router.layers:
-            for weight, s in ((router.q_weight(layer), self.q[layer]), (router.k_weight(layer), self.k[layer])):
-                weight.copy_((weight.float() @ torch.linalg.pinv(s.to(weight.device))).to(weight.dtype))
+        self._rewrite(router, torch.linalg.pinv)
 
-    @torch.no_grad()
     def fold(self, router: RouterProjectors) -> None:
         """Rewrite V as W = V S (in place): the router that reads raw states."""
+        self._rewrite(router, lambda s: s)
+
+    @torch.no_grad()
+    def _rewrite(self, router: RouterProjectors, right: Callable[[Tensor], Tensor]) -> None:
+        """weight <- weight @ right(S) for both projectors of every layer."""
+        if self.mode == "none":
+            return
         for layer in router.layers:
             for weight, s in ((router.q_weight(layer), self.q[layer]), (router.k_weight(layer), self.k[layer])):
-                weight.copy_((weight.float() @ s.to(weight.device)).to(weight.dtype))
+                weight.copy_((weight.float() @ right(s.to(weight.device))).to(weight.dtype))
+
+
+def condition(router: RouterProjectors, layers: Sequence[int], mode: str, queries: Sequence[RaggedStates | None],
+              documents: Sequence[RaggedStates | None], *, seed: int = 0) -> Preconditioner:
+    """Fit the maps on the first (training) queries and documents, apply them in place to every given
+    state set (None is skipped) and move `router` into conditioned coordinates. Returns the maps, whose
+    `fold` gives back a router for raw states."""
+    pre = Preconditioner.fit(queries[0], documents[0], layers, mode, seed=seed)
+    for group, side in ((queries, "q"), (documents, "k")):
+        for states in group:
+            if states is not None:
+                pre.apply(states, layers, side)
+    pre.into_conditioned(router)
+    return pre

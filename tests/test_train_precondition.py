@@ -12,7 +12,7 @@ from msa_core.router import RouterProjectors
 from msa_core.train import RouterTrainer, TrainConfig, evaluate, layer_doc_scores
 from msa_core.train_cache import RaggedStates
 from msa_core.train_data import TrainingSet
-from msa_core.train_precondition import Preconditioner, fit_map
+from msa_core.train_precondition import Preconditioner, condition, fit_map
 
 HIDDEN, LAYERS = 48, [1, 3]
 
@@ -124,10 +124,7 @@ def test_training_on_conditioned_states_learns_an_lm_like_task():
     for mode in ("none", "standardize"):
         q, d = RaggedStates(tq.x.clone(), tq.offsets), RaggedStates(td.x.clone(), td.offsets)
         router = RouterProjectors.random([0], HIDDEN, 4, 2, 8, seed=0)
-        pre = Preconditioner.fit(q, d, [0], mode)
-        pre.apply(q, [0], "q")
-        pre.apply(d, [0], "k")
-        pre.into_conditioned(router)
+        condition(router, [0], mode, [q], [d])
         config = TrainConfig(steps=60, batch_size=32, lr=1e-2, warmup_steps=5, heldout_fraction=0.0,
                              bm25_depth=0, hard_negatives=0, mine_at=[], precondition=mode)
         RouterTrainer(router, [0], train, q, d, None, None, None, config, RoutingConfig()).run()
