@@ -88,6 +88,10 @@ class TrainConfig(BaseModel):
     cache_batch_tokens: int = Field(default=16384, ge=256, description="Padded tokens per caching forward.")
     needles: int = Field(default=0, ge=0, description="Synthetic needle-lookup questions added to the training "
                          "split (and a share of it to the held-out split), built from the split's own documents.")
+    span_pairs: int = Field(default=0, ge=0, description="Self-supervised questions added to the training split: "
+                            "a few words cut from a training document, answered by that document.")
+    router_kv_heads: int | None = Field(default=None, ge=1, description="Train a router with this many key heads "
+                                        "(a multiple of the model's, dividing its query heads); None: the model's.")
     precondition: str = Field(default="standardize", pattern="^(none|standardize|whiten)$",
                               description="Train on conditioned states S·x and save W = V·S "
                               "(msa_core/train_precondition.py).")
@@ -419,7 +423,7 @@ def prepare_trainer(model: Any, data: Sequence[str | Path], config: TrainConfig,
     """Read and split the pairs, mine BM25 negatives, cache the frozen backbone's states and start from
     a float32 copy of the model's router. Returns the trainer and {"sources", "timings"}."""
     from .train_cache import cache_documents, cache_queries
-    from .train_data import add_needle_pairs, load_pairs
+    from .train_data import add_needle_pairs, add_span_pairs, load_pairs
 
     c = config
     torch.manual_seed(c.seed)
@@ -430,6 +434,7 @@ def prepare_trainer(model: Any, data: Sequence[str | Path], config: TrainConfig,
     if c.needles:
         add_needle_pairs(train, c.needles, seed=c.seed + 1)
         add_needle_pairs(heldout, max(1, int(c.needles * c.heldout_fraction)), seed=c.seed + 2)
+    add_span_pairs(train, c.span_pairs, seed=c.seed + 3)
     if len(train) < 2:
         raise InvalidInputError(f"only {len(train)} training questions after the held-out split; give more data")
     log(f"data: {len(train)} training questions over {len(train.documents)} documents, "
@@ -459,6 +464,8 @@ def prepare_trainer(model: Any, data: Sequence[str | Path], config: TrainConfig,
 
     router = model.router.copy(layers, dtype=torch.float32, device=bb.device,
                                init_mode=f"trained-from-{model.router.init_mode}")
+    if c.router_kv_heads and c.router_kv_heads != router.kv_heads:
+        router = router.widen_keys(c.router_kv_heads)
     pre = condition(router, layers, c.precondition, [tq, hq], [td, hd], seed=c.seed)
     trainer = RouterTrainer(router, layers, train, tq, td, heldout if len(heldout) else None, hq, hd, c,
                             model.config.routing, checkpoint_dir=checkpoint_dir, log=log)

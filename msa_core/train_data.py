@@ -155,6 +155,44 @@ def add_needle_pairs(data: TrainingSet, n: int, *, doc_words: int = 300, seed: i
         data.sources.append("needles")
 
 
+def add_span_pairs(data: TrainingSet, n: int, *, min_words: int = 6, max_words: int = 12, seed: int = 1) -> None:
+    """Add n self-supervised questions: a window of min_words..max_words words cut from one sentence
+    of a document, whose positive is that document (unchanged, so no new document states are needed).
+
+    Labelled QA pairs mostly teach topic; a fragment finds its own passage only by the rarer words it
+    shares with it (names, numbers, terms), which is the matching HotpotQA questions and needles need.
+    The first line is skipped (a titled document's title), so a title alone never gives the answer away.
+    """
+    if n <= 0 or not data.documents:
+        return
+    rng = random.Random(seed)
+    existing = set(data.queries)
+    order = list(range(len(data.documents)))
+    rng.shuffle(order)
+    added = 0
+    for d in order * 3:  # several windows per document when n exceeds the number of documents
+        if added >= n:
+            break
+        body = data.documents[d].split("\n", 1)[-1]
+        sentences = [s.split() for s in re.split(r"(?<=[.!?])\s+", body)]
+        sentences = [s for s in sentences if len(s) >= min_words]
+        if not sentences:
+            continue
+        words = rng.choice(sentences)
+        size = rng.randint(min_words, min(max_words, len(words)))
+        start = rng.randint(0, len(words) - size)
+        query = " ".join(words[start:start + size])
+        if query in existing:
+            continue
+        existing.add(query)
+        data.queries.append(query)
+        data.positives.append([d])
+        data.given_negatives.append([])
+        data.mined_negatives.append([])
+        data.sources.append("spans")
+        added += 1
+
+
 def load_pairs(paths: Iterable[str | Path], *, title_rate: float = 0.5,
                max_per_source: int | None = None) -> TrainingSet:
     """Read JSONL files of {"query", "positive", "negatives"?, "title"?, "source"?}.

@@ -357,3 +357,25 @@ def test_heldout_sources_are_held_out_whole(tmp_path):
     assert set(held.sources) == {"b"} and "b" not in train.sources and len(held) == 20
     with pytest.raises(InvalidInputError, match="not in the data"):
         data.split(0.0, ["c"])
+
+
+def test_span_pairs_cut_a_few_words_from_the_body_of_their_own_document():
+    from msa_core.train_data import TrainingSet, add_span_pairs
+
+    rng = random.Random(0)
+    docs = []
+    for i in range(30):
+        sentences = [" ".join(rng.choice(_FILLER) + str(j) for j in range(rng.randint(2, 12))) + "."
+                     for _ in range(rng.randint(1, 4))]
+        docs.append(f"Title words of doc{i} here now\n" + " ".join(sentences))
+    data = TrainingSet(list(docs), ["q"], [[0]], [[]], ["src"])
+    add_span_pairs(data, 40, min_words=6, max_words=9, seed=5)
+    assert data.documents == docs  # no new documents: the positives' states are already cached
+    assert len(data) == 41 and set(data.sources[1:]) == {"spans"} and len(set(data.queries)) == 41
+    for q in range(1, 41):
+        words = data.queries[q].split()
+        body = data.documents[data.positives[q][0]].split("\n", 1)[1]
+        assert 6 <= len(words) <= 9 and data.queries[q] in body and "Title" not in words
+    again = TrainingSet(list(docs), ["q"], [[0]], [[]], ["src"])
+    add_span_pairs(again, 40, min_words=6, max_words=9, seed=5)
+    assert again.queries == data.queries and again.positives == data.positives
