@@ -450,7 +450,7 @@ def cmd_train_router(args: argparse.Namespace) -> int:
               "hard_negatives": args.hard_negatives, "bm25_depth": args.bm25_depth, "eval_every": args.eval_every,
               "heldout_fraction": args.heldout, "seed": args.seed, "max_layers": args.max_layers,
               "max_per_source": args.max_per_source, "precision": args.precision, "needles": args.needles,
-              "precondition": args.precondition, "span_pairs": args.span_pairs, "router_kv_heads": args.router_kv_heads,
+              "precondition": args.precondition, "span_pairs": args.span_pairs,
               "heldout_sources": args.heldout_sources.split(",") if args.heldout_sources else None}
     try:
         config = TrainConfig(**{k: v for k, v in fields.items() if v is not None})
@@ -633,8 +633,6 @@ def _add_train_command(command: Any) -> None:
                    "documents (default: 0)")
     p.add_argument("--span-pairs", type=int, help="add N self-supervised questions: a few words cut from a "
                    "training document, answered by it (default: 0)")
-    p.add_argument("--router-kv-heads", type=_positive_int, help="routing-key heads of the trained router, a "
-                   "multiple of the model's (default: the model's; wider routers need a bank in their layout)")
     p.add_argument("--precondition", choices=("none", "standardize", "whiten"),
                    help="train on conditioned states and fold the map into the saved router (default: standardize)")
     p.add_argument("--seed", type=int, help="default: 0")

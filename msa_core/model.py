@@ -523,6 +523,13 @@ def _make_router(backbone: Backbone, cfg: MSAConfig,
                                          a.num_heads, a.kv_heads, a.head_dim)
         return native, cfg
     loaded = RouterProjectors.load(router, expected_backbone_fingerprint=backbone.fingerprint())
+    layout = (loaded.hidden, loaded.num_heads, loaded.kv_heads, loaded.head_dim)
+    if layout != (a.hidden_size, a.num_heads, a.kv_heads, a.head_dim):
+        # The bank stores K̄_R in the attention's [kv_heads, head_dim] layout (as the MSA format does).
+        raise ModelLoadError(f"router {router} projects hidden {loaded.hidden} onto {loaded.num_heads} query and "
+                             f"{loaded.kv_heads} key heads of {loaded.head_dim}; this backbone's attention has "
+                             f"hidden {a.hidden_size}, {a.num_heads} and {a.kv_heads} heads of {a.head_dim}, "
+                             "and memory banks store routing keys in that layout")
     if cfg.routing.layers is None:  # a trained router decides which layers route
         cfg = cfg.model_copy(update={"routing": cfg.routing.model_copy(update={"layers": loaded.layers})})
     elif loaded.layers != cfg.resolve_routing_layers(a.num_layers):

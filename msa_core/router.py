@@ -178,21 +178,6 @@ class RouterProjectors(nn.Module):
         return RouterProjectors(weights, self.num_heads, self.kv_heads, self.head_dim,
                                 init_mode=init_mode or self.init_mode)
 
-    def widen_keys(self, kv_heads: int) -> RouterProjectors:
-        """A copy with `kv_heads` routing-key heads, each old key head repeated for the query heads it
-        served. Scores are unchanged at the start; training can then give every query head its own key
-        (a wider router: its K̄_R no longer has the attention's layout)."""
-        if kv_heads % self.kv_heads or self.num_heads % kv_heads:
-            raise InvalidInputError(f"kv_heads {kv_heads} must be a multiple of the router's {self.kv_heads} "
-                                    f"and divide its {self.num_heads} query heads")
-        r = kv_heads // self.kv_heads
-
-        def widen(w: Tensor) -> Tensor:
-            return w.detach().unflatten(0, (self.kv_heads, self.head_dim)).repeat_interleave(r, 0).flatten(0, 1)
-
-        weights = {i: (self.q_weight(i).detach().clone(), widen(self.k_weight(i))) for i in self.layers}
-        return RouterProjectors(weights, self.num_heads, kv_heads, self.head_dim, init_mode=self.init_mode)
-
     # ---- access -------------------------------------------------------------------------
 
     @property

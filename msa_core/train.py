@@ -90,8 +90,6 @@ class TrainConfig(BaseModel):
                          "split (and a share of it to the held-out split), built from the split's own documents.")
     span_pairs: int = Field(default=0, ge=0, description="Self-supervised questions added to the training split: "
                             "a few words cut from a training document, answered by that document.")
-    router_kv_heads: int | None = Field(default=None, ge=1, description="Train a router with this many key heads "
-                                        "(a multiple of the model's, dividing its query heads); None: the model's.")
     precondition: str = Field(default="standardize", pattern="^(none|standardize|whiten)$",
                               description="Train on conditioned states S·x and save W = V·S "
                               "(msa_core/train_precondition.py).")
@@ -464,8 +462,6 @@ def prepare_trainer(model: Any, data: Sequence[str | Path], config: TrainConfig,
 
     router = model.router.copy(layers, dtype=torch.float32, device=bb.device,
                                init_mode=f"trained-from-{model.router.init_mode}")
-    if c.router_kv_heads and c.router_kv_heads != router.kv_heads:
-        router = router.widen_keys(c.router_kv_heads)
     pre = condition(router, layers, c.precondition, [tq, hq], [td, hd], seed=c.seed)
     trainer = RouterTrainer(router, layers, train, tq, td, heldout if len(heldout) else None, hq, hd, c,
                             model.config.routing, checkpoint_dir=checkpoint_dir, log=log)

@@ -159,6 +159,18 @@ def test_router_file_round_trip_sets_routing_layers(model, tmp_path, tiny_model_
                                  config=MSAConfig(routing={"layers": [2, 3]}))
 
 
+def test_router_with_another_head_layout_is_refused_at_load(model, tmp_path, tiny_model_dir):
+    from msa_core import RouterProjectors
+    from msa_core.errors import ModelLoadError
+
+    a = model.backbone.args
+    wide = RouterProjectors.random([1, 3], a.hidden_size, a.num_heads, a.num_heads, a.head_dim, seed=5)
+    assert a.kv_heads != a.num_heads  # the tiny model uses GQA, so this router's keys are wider
+    wide.save(tmp_path / "wide.safetensors", backbone_fingerprint=model.backbone_fingerprint)
+    with pytest.raises(ModelLoadError, match=f"{a.num_heads} key heads.*routing keys in that layout"):
+        MSAModel.from_pretrained(tiny_model_dir("qwen3"), router=tmp_path / "wide.safetensors")
+
+
 def test_router_fingerprint_follows_in_place_and_replaced_weights(model):
     before = model.router_fingerprint
     assert model.router_fingerprint == before  # cached: the same value again

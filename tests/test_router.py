@@ -400,19 +400,3 @@ def test_fingerprint_is_stable_across_processes():
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == _router().fingerprint()
 
-
-def test_widen_keys_keeps_scores_and_gives_each_query_head_its_key():
-    r = _router()
-    wide = r.widen_keys(H)
-    assert wide.kv_heads == H and wide.k_weight(3).shape == (H * D, HIDDEN) and wide.layers == r.layers
-    x_q, x_k = torch.randn(B, T, HIDDEN), torch.randn(C, HIDDEN)
-    for layer, (head_reduce, query_reduce) in itertools.product(r.layers, [("mean", "max"), ("max", "mean")]):
-        how = {"head_reduce": head_reduce, "query_reduce": query_reduce, "normalization": "cosine"}
-        before = score_chunks(r.project_queries(layer, x_q), MASK, r.project_keys(layer, x_k), **how)
-        after = score_chunks(wide.project_queries(layer, x_q), MASK, wide.project_keys(layer, x_k), **how)
-        torch.testing.assert_close(after, before)
-    wide.k_weight(3).data[:D].add_(1.0)  # the widened keys are independent copies
-    torch.testing.assert_close(r.k_weight(3), _router().k_weight(3))
-    for bad in (3, 2 * H):  # not a multiple of the router's kv heads / does not divide its query heads
-        with pytest.raises(InvalidInputError, match="kv_heads"):
-            r.widen_keys(bad)
