@@ -35,10 +35,12 @@ import torch
 
 from msa_core.encode import plan_batches, pool_chunks
 from msa_core.generate import build_prompt, left_pad, query_positions
+from msa_core.lora import adapter_tensors, attach
 from msa_core.train import decoupled_infonce, evaluate, layer_doc_scores
 from msa_core.train_cache import RaggedStates, cache_documents, cache_queries
 from msa_core.train_data import load_pairs
 
+LORA_SCALE = 2.0  # alpha = 2r
 TRAIN_DOC_TOKENS = 512  # documents are cut here for training steps (most are shorter); evaluation uses 2048
 EVAL_DOC_TOKENS = 2048
 
@@ -120,32 +122,6 @@ def lower_queries(bb, tok, queries, first: int, position_offset: int) -> LowerSt
             pos_out[offsets[i]:offsets[i + 1]] = pos[row][v]
             rout_out[offsets[i]:offsets[i + 1]] = routing[row][v]
     return LowerStates(h_out, pos_out, rout_out, offsets)
-
-
-class LoRALinear(torch.nn.Module):
-    """base(x) + (alpha/r)·B·A·x with the base frozen and B starting at zero (the model is unchanged at step 0)."""
-
-    def __init__(self, base: torch.nn.Linear, rank: int, alpha: float) -> None:
-        super().__init__()
-        self.base, self.scale = base, alpha / rank
-        self.a = torch.nn.Parameter(torch.randn(rank, base.in_features, device=base.weight.device) / base.in_features ** 0.5)
-        self.b = torch.nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + (x @ self.a.T @ self.b.T) * self.scale
-
-
-def attach_lora(bb, layer_ids, rank: int) -> list[torch.nn.Parameter]:
-    """Wrap every projection of the given layers; returns the adapters' parameters."""
-    params = []
-    for i in layer_ids:
-        for parent in (bb.layers[i].self_attn, bb.layers[i].mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, torch.nn.Linear):
-                    lora = LoRALinear(child, rank, alpha=2.0 * rank)
-                    setattr(parent, name, lora)
-                    params += [lora.a, lora.b]
-    return params
 
 
 def upper(bb, h, positions, first: int, layers: list[int], last: int | None = None):
@@ -267,6 +243,8 @@ def main() -> None:
     ap.add_argument("--eval-limit", type=int, help="first N questions of each set (and the corpus prefix holding their gold): smoke tests")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--save-router", metavar="FILE", help="with --lora-rank: write the trained router and its backbone "
+                    "adapters as a router file (MSAModel.from_pretrained('default', router=FILE), msa compare --router)")
     args = ap.parse_args()
 
     from msa_core.model import MSAModel
@@ -289,6 +267,8 @@ def main() -> None:
     offset = model._position_offset(routing.top_k)
     if not 0 < first <= min(layers):
         raise SystemExit(f"--first-trainable must be in 1..{min(layers)} (the lowest routing layer)")
+    if args.save_router and not args.lora_rank:
+        raise SystemExit("--save-router needs --lora-rank: full upper layers are too large to ship in a router file")
     result.update(routing_layers=layers, first_trainable=first, router=model.router_source)
 
     files = sorted(glob.glob(args.data))
@@ -345,7 +325,7 @@ def main() -> None:
         p.requires_grad_(False)
     tuned = range(first, (bb.args.num_layers if args.lm_weight else max(layers) + 1))
     if args.lora_rank:
-        trainable = attach_lora(bb, tuned, args.lora_rank)
+        trainable = attach(bb, tuned, args.lora_rank, scale=LORA_SCALE)
     else:
         trainable = [p for i in tuned for p in bb.layers[i].parameters()]
     for p in trainable:
@@ -407,6 +387,12 @@ def main() -> None:
         p.requires_grad_(False)
     result.update(steps=step, train_seconds=round(time.perf_counter() - t_train, 1), history=history)
     measure("after")
+    if args.save_router:
+        saved = router.copy(dtype=torch.float16, device="cpu")
+        saved.backbone_delta, saved.delta_scale = {n: t.half() for n, t in adapter_tensors(bb).items()}, LORA_SCALE
+        saved.save(args.save_router, model.backbone_fingerprint,
+                   extra={"unfrozen_router": {k: v for k, v in result.items() if k != "history"}})
+        say(f"router and backbone adapters written to {args.save_router}")
     result["seconds"] = round(time.perf_counter() - t0, 1)
     save()
     say("done")

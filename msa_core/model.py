@@ -530,6 +530,10 @@ def _make_router(backbone: Backbone, cfg: MSAConfig,
                              f"{loaded.kv_heads} key heads of {loaded.head_dim}; this backbone's attention has "
                              f"hidden {a.hidden_size}, {a.num_heads} and {a.kv_heads} heads of {a.head_dim}, "
                              "and memory banks store routing keys in that layout")
+    if loaded.backbone_delta:  # the router was trained with the backbone's upper layers: they change too
+        from .lora import merge
+
+        merge(backbone, loaded.backbone_delta, loaded.delta_scale)
     if cfg.routing.layers is None:  # a trained router decides which layers route
         cfg = cfg.model_copy(update={"routing": cfg.routing.model_copy(update={"layers": loaded.layers})})
     elif loaded.layers != cfg.resolve_routing_layers(a.num_layers):

@@ -30,6 +30,7 @@ from .errors import InvalidInputError, ModelLoadError
 
 FORMAT_NAME = "msa-router"
 FORMAT_VERSION = "1"
+DELTA_FORMAT_VERSION = "2"  # a file that also carries a backbone delta (msa_core/lora.py); older msa refuse it
 
 _Q_NAME = "model.layers.{i}.self_attn.router_q_proj.0.weight"
 _K_NAME = "model.layers.{i}.self_attn.router_k_proj.0.weight"
@@ -92,6 +93,10 @@ class RouterProjectors(nn.Module):
         # Set by `load`; kept so a caller can check which backbone the router belongs to.
         self.backbone_fingerprint: str | None = None
         self.extra: dict[str, Any] = {}
+        # LoRA adapters of the backbone trained with this router ({lora file name: tensor}), merged into the
+        # backbone when the model loads the router (msa_core/lora.py). Empty for a router on a frozen backbone.
+        self.backbone_delta: dict[str, Tensor] = {}
+        self.delta_scale = 1.0
 
     # ---- constructors -------------------------------------------------------------------
 
@@ -175,8 +180,11 @@ class RouterProjectors(nn.Module):
             return t.detach().to(device=device or t.device, dtype=dtype or t.dtype).clone()
 
         weights = {i: (convert(self.q_weight(i)), convert(self.k_weight(i))) for i in keep}
-        return RouterProjectors(weights, self.num_heads, self.kv_heads, self.head_dim,
-                                init_mode=init_mode or self.init_mode)
+        out = RouterProjectors(weights, self.num_heads, self.kv_heads, self.head_dim,
+                               init_mode=init_mode or self.init_mode)
+        out.backbone_delta = {n: convert(t) for n, t in self.backbone_delta.items()}
+        out.delta_scale = self.delta_scale
+        return out
 
     # ---- access -------------------------------------------------------------------------
 
@@ -230,6 +238,11 @@ class RouterProjectors(nn.Module):
         for name, t in self.state_dict_msa().items():  # ascending layers, q before k
             h.update(f"|{name}:{tuple(t.shape)}|".encode())
             h.update(t.to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
+        if self.backbone_delta:  # routers without a delta keep the fingerprints they always had
+            h.update(f"|delta scale {self.delta_scale!r}|".encode())
+            for name, t in sorted(self.backbone_delta.items()):
+                h.update(f"|{name}:{tuple(t.shape)}|".encode())
+                h.update(t.to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
 
     def save(
@@ -239,6 +252,7 @@ class RouterProjectors(nn.Module):
         path = Path(path)
         metadata = self._metadata(backbone_fingerprint, extra)
         tensors = {n: t.cpu() for n, t in self.state_dict_msa().items()}
+        tensors.update({n: t.detach().cpu().contiguous() for n, t in self.backbone_delta.items()})
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
@@ -259,7 +273,8 @@ class RouterProjectors(nn.Module):
         shapes = {n: list(t.shape) for n, t in self.state_dict_msa().items()}
         return {
             "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
+            "version": DELTA_FORMAT_VERSION if self.backbone_delta else FORMAT_VERSION,
+            "backbone_delta": json.dumps({"scale": self.delta_scale, "tensors": len(self.backbone_delta)}),
             "backbone_fingerprint": str(backbone_fingerprint),
             "router_fingerprint": self.fingerprint(),
             "init_mode": self.init_mode,
@@ -349,10 +364,10 @@ def _check_format(path: Path, meta: Mapping[str, str]) -> None:
             f"{str(path)!r} is not an msa router file "
             f"(format {meta.get('format')!r}, expected {FORMAT_NAME!r})"
         )
-    if meta.get("version") != FORMAT_VERSION:
+    if meta.get("version") not in (FORMAT_VERSION, DELTA_FORMAT_VERSION):
         raise ModelLoadError(
             f"router file {str(path)!r} has format version {meta.get('version')!r}; "
-            f"this msa reads version {FORMAT_VERSION!r}"
+            f"this msa reads versions {FORMAT_VERSION!r} and {DELTA_FORMAT_VERSION!r}"
         )
 
 
@@ -362,12 +377,21 @@ def _router_from_file(path: Path, tensors: Mapping[str, Tensor], meta: Mapping[s
         heads = int(meta["num_heads"]), int(meta["kv_heads"]), int(meta["head_dim"])
         layers = json.loads(meta["layers"])
         extra = json.loads(meta.get("extra", "{}"))
-    except (KeyError, ValueError) as e:
+        delta_scale = float(json.loads(meta.get("backbone_delta", "{}")).get("scale", 1.0))
+    except (KeyError, ValueError, AttributeError) as e:
         raise ModelLoadError(f"router file {str(path)!r} has malformed metadata: {e}") from e
-    unexpected = sorted(n for n in tensors if not _NAME_RE.match(n))
+    from .lora import NAME_RE as DELTA_NAME_RE
+
+    delta = {n: t for n, t in tensors.items() if DELTA_NAME_RE.match(n)}
+    if delta and meta.get("version") != DELTA_FORMAT_VERSION:
+        raise ModelLoadError(f"router file {str(path)!r} holds backbone adapters but is format version "
+                             f"{meta.get('version')!r}, not {DELTA_FORMAT_VERSION!r}")
+    unexpected = sorted(n for n in tensors if not _NAME_RE.match(n) and n not in delta)
     if unexpected:
         raise ModelLoadError(f"router file {str(path)!r} holds unexpected tensors {unexpected[:5]}")
-    router = RouterProjectors.from_state_dict_msa(tensors, *heads, init_mode=meta.get("init_mode", "custom"))
+    router = RouterProjectors.from_state_dict_msa({n: t for n, t in tensors.items() if n not in delta}, *heads,
+                                                  init_mode=meta.get("init_mode", "custom"))
+    router.backbone_delta, router.delta_scale = delta, delta_scale
     if router.layers != layers:
         raise ModelLoadError(f"router file {str(path)!r} lists layers {layers} but holds {router.layers}")
     stored = meta.get("router_fingerprint")
