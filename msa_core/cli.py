@@ -451,6 +451,8 @@ def cmd_train_router(args: argparse.Namespace) -> int:
               "heldout_fraction": args.heldout, "seed": args.seed, "max_layers": args.max_layers,
               "max_per_source": args.max_per_source, "precision": args.precision, "needles": args.needles,
               "precondition": args.precondition, "span_pairs": args.span_pairs,
+              "tune_from_layer": args.tune_from_layer, "lora_rank": args.lora_rank, "adapter_lr": args.adapter_lr,
+              "lm_weight": args.lm_weight,
               "heldout_sources": args.heldout_sources.split(",") if args.heldout_sources else None}
     try:
         config = TrainConfig(**{k: v for k, v in fields.items() if v is not None})
@@ -633,6 +635,12 @@ def _add_train_command(command: Any) -> None:
                    "documents (default: 0)")
     p.add_argument("--span-pairs", type=int, help="add N self-supervised questions: a few words cut from a "
                    "training document, answered by it (default: 0)")
+    p.add_argument("--tune-from-layer", type=_positive_int, metavar="F", help="also train the backbone's layers from "
+                   "F up, as LoRA adapters saved in the router file and merged at load (default: frozen backbone)")
+    p.add_argument("--lora-rank", type=_positive_int, help="rank of those adapters (default: 32)")
+    p.add_argument("--adapter-lr", type=float, help="peak learning rate of the adapters (default: 5e-4)")
+    p.add_argument("--lm-weight", type=float, help="weight of the next-token loss that keeps the tuned backbone a "
+                   "language model (default: 0.1)")
     p.add_argument("--precondition", choices=("none", "standardize", "whiten"),
                    help="train on conditioned states and fold the map into the saved router (default: standardize)")
     p.add_argument("--seed", type=int, help="default: 0")

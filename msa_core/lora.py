@@ -8,7 +8,7 @@ differs from the base one: banks built with and without the delta are never mixe
 
     adapters = attach(backbone, layers=range(12, 30), rank=16)   # training: wrap, train a/b
     tensors = adapter_tensors(backbone)                          # {"model.layers.12.mlp.up_proj.lora_a": ...}
-    detach(backbone)                                             # unwrap, deltas merged into the weights
+    fold(backbone)                                               # deltas merged into the weights, unwrapped
     merge(other_backbone, tensors, scale)                        # loading: the same delta, merged
 """
 
@@ -90,11 +90,17 @@ def adapter_tensors(backbone: nn.Module) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def detach(backbone: nn.Module) -> None:
+def fold(backbone: nn.Module) -> None:
     """Merge every attached adapter into its base weight and put the plain nn.Linear back."""
     for _, parent, attr, _, m in list(_attached(backbone)):
         w = m.base.weight
         w.copy_((w.float() + m.delta()).to(w.dtype))
+        setattr(parent, attr, m.base)
+
+
+def remove(backbone: nn.Module) -> None:
+    """Put the plain nn.Linear back everywhere, dropping the adapters (the weights stay as they were)."""
+    for _, parent, attr, _, m in list(_attached(backbone)):
         setattr(parent, attr, m.base)
 
 

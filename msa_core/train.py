@@ -90,6 +90,13 @@ class TrainConfig(BaseModel):
                          "split (and a share of it to the held-out split), built from the split's own documents.")
     span_pairs: int = Field(default=0, ge=0, description="Self-supervised questions added to the training split: "
                             "a few words cut from a training document, answered by that document.")
+    tune_from_layer: int | None = Field(default=None, ge=1, description="Also train the backbone's layers from "
+                                        "this one up, as rank-lora_rank adapters carried in the router file "
+                                        "(msa_core/train_tuned.py); None: the backbone stays frozen.")
+    lora_rank: int = Field(default=32, ge=1, description="Rank of the backbone adapters (with tune_from_layer).")
+    adapter_lr: float = Field(default=5e-4, gt=0, description="Peak learning rate of the backbone adapters.")
+    lm_weight: float = Field(default=0.1, ge=0, description="Weight of the next-token loss on a few of each "
+                             "batch's documents, which keeps the tuned backbone a language model.")
     precondition: str = Field(default="standardize", pattern="^(none|standardize|whiten)$",
                               description="Train on conditioned states S·x and save W = V·S "
                               "(msa_core/train_precondition.py).")
@@ -217,21 +224,26 @@ class RouterTrainer:
                  train_queries: RaggedStates, train_docs: RaggedStates, heldout: TrainingSet | None,
                  heldout_queries: RaggedStates | None, heldout_docs: RaggedStates | None,
                  config: TrainConfig, routing: RoutingConfig, *, checkpoint_dir: str | Path | None = None,
-                 log: Any = None) -> None:
+                 log: Any = None, extra_parameters: dict[str, torch.nn.Parameter] | None = None,
+                 extra_lr_scale: float = 1.0) -> None:
         self.router, self.layers, self.cfg, self.routing = router, list(layers), config, routing
         self.train, self.tq, self.td = train, train_queries, train_docs
         self.heldout, self.hq, self.hd = heldout, heldout_queries, heldout_docs
-        self.device = train_docs.x.device
+        self.device = next(router.parameters()).device
         self.router_pool: list[list[int]] = [[] for _ in range(len(train))]
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.log = log or (lambda message: None)
-        params = list(router.parameters())
-        for p in params:
+        self.names = dict(router.named_parameters())  # every trained tensor, by the name checkpoints use
+        self.names.update({f"backbone.{n}": p for n, p in (extra_parameters or {}).items()})
+        for p in self.names.values():
             p.requires_grad_(True)
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        self.names = dict(router.named_parameters())
+        # Extra parameters (backbone adapters) learn at extra_lr_scale times the router's rate.
+        groups = [{"params": list(router.parameters()), "lr_scale": 1.0}]
+        if extra_parameters:
+            groups.append({"params": list(extra_parameters.values()), "lr_scale": extra_lr_scale})
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
         self.mine_steps = sorted({max(1, int(f * config.steps)) for f in config.mine_at if 0 < f < 1})
@@ -282,22 +294,34 @@ class RouterTrainer:
 
     # -- one step --
 
+    def batch_states(self, rows: Sequence[int], docs: Sequence[int]):
+        """Question states [B, T, L, hidden] and mask, pooled document states [C, L, hidden] and the
+        batch position of each chunk's document."""
+        q_x, q_mask = self.tq.padded(rows)
+        d_x, owner = self.td.flat(docs)
+        return q_x, q_mask, d_x, owner
+
+    def extra_loss(self, docs: Sequence[int]) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """A loss added to the routing loss (none here; the tuned trainer adds the LM loss)."""
+        return None, {}
+
     def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         rows = self.batch_rows(step)
         docs, positive = self.batch_documents(step, rows)
-        q_x, q_mask = self.tq.padded(rows)
-        d_x, owner = self.td.flat(docs)
         per_layer = []
         with self.autocast:
+            q_x, q_mask, d_x, owner = self.batch_states(rows, docs)
             for li, layer in enumerate(self.layers):
                 per_layer.append(layer_doc_scores(self.router, layer, q_x[:, :, li], q_mask, d_x[:, li], owner,
                                                   len(docs), self.routing))
+            extra, info = self.extra_loss(docs)
         losses = torch.stack([decoupled_infonce(s, positive, self.cfg.tau) for s in per_layer])
         total = losses.mean()
         if self.cfg.aggregate_weight:
             agg = _aggregate(torch.stack(per_layer), self.routing.layer_aggregate)
             total = total + self.cfg.aggregate_weight * decoupled_infonce(agg, positive, self.cfg.tau)
-        return total, {"loss": float(total.detach()), "documents": len(docs)}
+        info = {"loss": float(total.detach()), **info, "documents": len(docs)}
+        return (total if extra is None else total + extra), info
 
     def run(self, stop_at: int | None = None) -> list[dict[str, Any]]:
         """Train to config.steps (or stop early at `stop_at`, as an interrupted run would)."""
@@ -305,11 +329,11 @@ class RouterTrainer:
         started = time.perf_counter()
         while self.step < min(c.steps, stop_at or c.steps):
             for group in self.optimizer.param_groups:
-                group["lr"] = self.lr_at(self.step)
+                group["lr"] = self.lr_at(self.step) * group["lr_scale"]
             self.optimizer.zero_grad(set_to_none=True)
             loss, info = self.loss(self.step)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.router.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(list(self.names.values()), 1.0)
             self.optimizer.step()
             self.step += 1
             record = {"step": self.step, "lr": self.lr_at(self.step - 1), **info}
@@ -327,9 +351,19 @@ class RouterTrainer:
                 self.save_checkpoint()
         return self.history
 
+    def backbone_delta(self) -> tuple[dict[str, torch.Tensor], float]:
+        """Backbone adapters trained with the router, and their scale (none here: the backbone is frozen)."""
+        return {}, 1.0
+
+    def heldout_states(self) -> tuple[RaggedStates, RaggedStates]:
+        """The held-out questions' and documents' states as the router reads them now."""
+        assert self.hq is not None and self.hd is not None
+        return self.hq, self.hd
+
     def evaluate_heldout(self) -> dict[str, Any]:
-        assert self.heldout is not None and self.hq is not None and self.hd is not None
-        return evaluate(self.router, self.layers, self.hq, self.hd, self.heldout.positives, self.routing)
+        assert self.heldout is not None
+        hq, hd = self.heldout_states()
+        return evaluate(self.router, self.layers, hq, hd, self.heldout.positives, self.routing)
 
     @torch.no_grad()
     def mine_router_negatives(self) -> None:
@@ -415,18 +449,13 @@ class RouterTrainer:
 # ---- the whole job ------------------------------------------------------------------------------
 
 
-def prepare_trainer(model: Any, data: Sequence[str | Path], config: TrainConfig, *,
-                    checkpoint_dir: str | Path | None = None, log: Any = print,
-                    show_progress_bar: bool | None = None) -> tuple[RouterTrainer, dict[str, Any]]:
-    """Read and split the pairs, mine BM25 negatives, cache the frozen backbone's states and start from
-    a float32 copy of the model's router. Returns the trainer and {"sources", "timings"}."""
-    from .train_cache import cache_documents, cache_queries
+def read_training_data(data: Sequence[str | Path], c: TrainConfig, log: Any = print):
+    """Read and split the pairs, add synthetic questions, mine BM25 negatives.
+    Returns (all pairs, training split, held-out split, {"data": seconds})."""
     from .train_data import add_needle_pairs, add_span_pairs, load_pairs
 
-    c = config
     torch.manual_seed(c.seed)
     t0 = time.perf_counter()
-    timings: dict[str, float] = {}
     full = load_pairs(data, title_rate=c.title_rate, max_per_source=c.max_per_source)
     train, heldout = full.split(c.heldout_fraction, c.heldout_sources)
     if c.needles:
@@ -439,8 +468,25 @@ def prepare_trainer(model: Any, data: Sequence[str | Path], config: TrainConfig,
         f"{len(heldout)} held out over {len(heldout.documents)}; sources {full.source_counts()}")
     if c.bm25_depth:
         train.mine_bm25_negatives(c.bm25_depth)
-    timings["data"] = round(time.perf_counter() - t0, 2)
+    timings = {"data": round(time.perf_counter() - t0, 2)}
     log(f"data read and BM25 negatives mined in {timings['data']} s")
+    return full, train, heldout, timings
+
+
+def prepare_trainer(model: Any, data: Sequence[str | Path], config: TrainConfig, *,
+                    checkpoint_dir: str | Path | None = None, log: Any = print,
+                    show_progress_bar: bool | None = None) -> tuple[RouterTrainer, dict[str, Any]]:
+    """Read and split the pairs, mine BM25 negatives, cache the frozen backbone's states and start from
+    a float32 copy of the model's router. Returns the trainer and {"sources", "timings"}."""
+    from .train_cache import cache_documents, cache_queries
+
+    c = config
+    if c.tune_from_layer is not None:
+        from .train_tuned import prepare_tuned_trainer
+
+        return prepare_tuned_trainer(model, data, c, checkpoint_dir=checkpoint_dir, log=log,
+                                     show_progress_bar=show_progress_bar)
+    full, train, heldout, timings = read_training_data(data, c, log)
 
     layers, enc = list(model.layers), model.config.encode
     bb, tok = model.backbone, model.tokenizer
@@ -472,11 +518,24 @@ def train_router(model: Any, data: Sequence[str | Path], out: str | Path, config
                  checkpoint_dir: str | Path | None = None, resume: bool = False, log: Any = print,
                  show_progress_bar: bool | None = None) -> TrainReport:
     """Train `model`'s routing layers on JSONL pairs and write the router to `out` (safetensors, with
-    a model card `out`.md beside it). Starts from the model's own router; the backbone stays frozen."""
+    a model card `out`.md beside it). Starts from the model's own router. The backbone stays frozen, unless
+    config.tune_from_layer is set: then adapters of its upper layers are trained too and saved in the
+    router file (`model` itself is left as it was)."""
     c = config or TrainConfig()
     t0 = time.perf_counter()
     trainer, prep = prepare_trainer(model, data, c, checkpoint_dir=checkpoint_dir, log=log,
                                     show_progress_bar=show_progress_bar)
+    try:
+        return _train_and_save(model, data, out, c, trainer, prep, t0, resume, log)
+    finally:
+        if c.tune_from_layer is not None:
+            from .lora import remove
+
+            remove(model.backbone)
+
+
+def _train_and_save(model: Any, data: Sequence[str | Path], out: str | Path, c: TrainConfig, trainer: RouterTrainer,
+                    prep: dict[str, Any], t0: float, resume: bool, log: Any) -> TrainReport:
     timings = prep["timings"]
     router, layers, heldout = trainer.router, trainer.layers, trainer.heldout
     if resume and trainer.load_checkpoint():
@@ -491,7 +550,7 @@ def train_router(model: Any, data: Sequence[str | Path], out: str | Path, config
     chosen = layers
     final: dict[str, Any] = {}
     if heldout is not None:
-        hq, hd, routing = trainer.hq, trainer.hd, model.config.routing
+        (hq, hd), routing = trainer.heldout_states(), model.config.routing
         final["all_layers"] = evaluate(router, layers, hq, hd, heldout.positives, routing)
         if c.max_layers:
             chosen = choose_layers(router, layers, hq, hd, heldout.positives, routing, c.max_layers)
@@ -505,7 +564,9 @@ def train_router(model: Any, data: Sequence[str | Path], out: str | Path, config
                          heldout_queries=held_queries, heldout_documents=held_docs, sources=prep["sources"],
                          history=trainer.history, final=final, timings=timings)
     saved = router.copy(chosen, dtype=torch.float32, device="cpu")
-    prep["preconditioner"].fold(saved)  # the trainer's router reads conditioned states; the saved one raw
+    if prep.get("preconditioner") is not None:
+        prep["preconditioner"].fold(saved)  # the trainer's router reads conditioned states; the saved one raw
+    saved.backbone_delta, saved.delta_scale = trainer.backbone_delta()
     save_trained_router(saved, out, model, c, report,
                         [str(p) for p in data])
     return report
@@ -525,10 +586,12 @@ def save_trained_router(router: RouterProjectors, out: str | Path, model: Any, c
 
 def model_card(report: TrainReport, config: TrainConfig, data: Sequence[str], model_name: str) -> str:
     f = report.final
+    tuned = config.tune_from_layer is not None
     lines = [f"# Router for `{model_name}`", "",
-             "Router projectors (W_QR, W_KR) trained with the backbone frozen: decoupled InfoNCE (paper Eq. 5, "
-             f"tau={config.tau}) over per-layer document scores, in-batch negatives plus BM25-mined and "
-             "router-mined hard negatives.", "",
+             "Router projectors (W_QR, W_KR) trained "
+             + ("together with adapters of the backbone's upper layers" if tuned else "with the backbone frozen")
+             + f": decoupled InfoNCE (paper Eq. 5, tau={config.tau}) over per-layer document scores, in-batch "
+             "negatives plus " + ("BM25-mined" if tuned else "BM25-mined and router-mined") + " hard negatives.", "",
              "## Data", "",
              f"- files: {', '.join(Path(d).name for d in data)}",
              f"- {report.train_queries} training questions over {report.train_documents} documents; "
@@ -540,11 +603,17 @@ def model_card(report: TrainReport, config: TrainConfig, data: Sequence[str], mo
              "## Training", "",
              f"- {report.steps} steps of {config.batch_size} questions, lr {config.lr}, "
              f"{config.hard_negatives} hard negatives per question, seed {config.seed}",
+             "- states preconditioned: no (the tuned layers' states move during training)" if tuned else
              f"- states preconditioned: {config.precondition}"
              + ("" if config.precondition == "none" else " (trained on S·x; the saved weights are W = V·S, "
                 "see msa_core/train_precondition.py)"),
              f"- device: {report.device}; {report.seconds} s in all ({json.dumps(report.timings)})",
-             f"- routing layers: {report.layers}", "",
+             f"- routing layers: {report.layers}"]
+    if tuned:
+        lines.append(f"- backbone tuned too: rank-{config.lora_rank} adapters of every projection from layer "
+                     f"{config.tune_from_layer} up (adapter lr {config.adapter_lr}, LM loss weight {config.lm_weight}), "
+                     "carried in this file and merged into the backbone at load (msa_core/lora.py)")
+    lines += ["",
              "## Held-out metrics (questions ranked against all held-out documents)", ""]
     if f:
         lines += ["| recall@1 | recall@5 | recall@10 |", "|---:|---:|---:|",

@@ -9,7 +9,7 @@ import torch
 
 from msa_core import BankMismatchError, MSAModel, RouterProjectors
 from msa_core.errors import ModelLoadError
-from msa_core.lora import NAME_RE, adapter_tensors, attach, detach, merge
+from msa_core.lora import NAME_RE, adapter_tensors, attach, fold, merge
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def test_fresh_adapters_change_nothing_and_merging_is_exact(model):
     tensors = adapter_tensors(model.backbone)
     assert len(tensors) == 3 * 7 * 2 and all(NAME_RE.match(n) for n in tensors)
     base = copy.deepcopy(model.backbone)
-    detach(model.backbone)
+    fold(model.backbone)
     assert not any(".a" in n or ".b" in n for n, _ in model.backbone.named_parameters())
     torch.testing.assert_close(_states(model), wrapped, rtol=1e-5, atol=1e-5)
     # the same tensors merged into an untouched copy give the same weights

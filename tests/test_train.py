@@ -379,3 +379,77 @@ def test_span_pairs_cut_a_few_words_from_the_body_of_their_own_document():
     again = TrainingSet(list(docs), ["q"], [[0]], [[]], ["src"])
     add_span_pairs(again, 40, min_words=6, max_words=9, seed=5)
     assert again.queries == data.queries and again.positives == data.positives
+
+
+# ---- training the upper layers too (msa_core/train_tuned.py) ----------------------------------------
+
+
+@pytest.mark.parametrize("first", [1, 2])
+def test_split_forward_gives_the_cached_states(fp32_model, first):
+    """Layers 0..F-1 once, then F.. per batch: the same states train_cache (and so the bank) computes."""
+    from msa_core.train_tuned import lower_documents, lower_queries, ragged_states
+
+    m = fp32_model
+    docs, qs = _states(m)
+    offset = m._position_offset(m.config.routing.top_k)
+    lower_d = lower_documents(m.backbone, m.tokenizer, _DOCS, first, 2048, torch.float32)
+    lower_q = lower_queries(m.backbone, m.tokenizer, _QUESTIONS, first, offset, torch.float32)
+    got_q, got_d = ragged_states(m.backbone, lower_q, lower_d, first, m.layers, 16, 2048)
+    assert torch.equal(got_d.offsets, docs.offsets) and torch.equal(got_q.offsets, qs.offsets)
+    torch.testing.assert_close(got_d.x, docs.x, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got_q.x, qs.x, atol=1e-5, rtol=1e-4)
+
+
+def test_tuned_training_learns_and_ships_its_adapters(keyword_model_dir, tmp_path):
+    """With the upper layers tuned, recall@5 through the engine goes from chance to > 0.9; the router file
+    carries the adapters, and the model that trained is left as it was."""
+    from safetensors import safe_open
+
+    rows = _keyword_pairs(tmp_path / "pairs.jsonl")
+    model = MSAModel.from_pretrained(str(keyword_model_dir))
+    base_fingerprint = model.backbone_fingerprint
+    before = _recall_at_5(model, rows)
+    config = TrainConfig(steps=150, batch_size=64, lr=1e-2, adapter_lr=2e-3, warmup_steps=10, heldout_fraction=0.0,
+                         bm25_depth=10, hard_negatives=2, tune_from_layer=1, lora_rank=4, lm_weight=0.1)
+    report = train_router(model, [tmp_path / "pairs.jsonl"], tmp_path / "tuned.safetensors", config,
+                          log=lambda m: None)
+    assert model.backbone.fingerprint() == base_fingerprint  # adapters removed from the training model
+    assert not any(n.endswith((".a", ".b")) for n, _ in model.backbone.named_parameters())
+    with safe_open(str(tmp_path / "tuned.safetensors"), framework="pt") as f:
+        assert f.metadata()["version"] == "2" and sum(".lora_" in k for k in f.keys()) == 3 * 7 * 2  # layers 1-3
+    tuned = MSAModel.from_pretrained(str(keyword_model_dir), router=tmp_path / "tuned.safetensors")
+    after = _recall_at_5(tuned, rows)
+    assert tuned.backbone_fingerprint != base_fingerprint
+    assert before < 0.2 and after > 0.9, (before, after)
+    assert report.steps == 150 and "lm_loss" in report.history[-1]
+    assert "adapters of every projection from layer 1" in (tmp_path / "tuned.md").read_text()
+
+
+def test_tuned_training_resumes_exactly(keyword_model_dir, keyword_data, tmp_path):
+    model = MSAModel.from_pretrained(str(keyword_model_dir))
+    config = TrainConfig(steps=6, batch_size=16, lr=1e-2, warmup_steps=2, heldout_fraction=0.0, bm25_depth=5,
+                         checkpoint_every=3, tune_from_layer=2, lora_rank=2)
+
+    def run(ckpt, stop_at=None, resume=False):
+        from msa_core.lora import adapter_tensors, remove
+
+        trainer = _trainer(model, keyword_data, config, ckpt)
+        if resume:
+            assert trainer.load_checkpoint() and trainer.step == 3
+        trainer.run(stop_at=stop_at)
+        out = trainer.router.fingerprint(), {n: t.clone() for n, t in adapter_tensors(model.backbone).items()}
+        remove(model.backbone)
+        return out
+
+    straight = run(None)
+    run(tmp_path / "ckpt", stop_at=4)  # checkpoint at step 3, then "killed" after step 4
+    resumed = run(tmp_path / "ckpt", resume=True)
+    assert resumed[0] == straight[0]
+    for name, t in straight[1].items():
+        torch.testing.assert_close(resumed[1][name], t, rtol=0, atol=0)
+
+
+def test_tune_from_layer_must_reach_the_routing_layers(keyword_model_dir, keyword_data):
+    model = MSAModel.from_pretrained(str(keyword_model_dir))
+    with pytest.raises(InvalidInputError, match="tune_from_layer"):
+        _trainer(model, keyword_data, TrainConfig(steps=1, heldout_fraction=0.0, tune_from_layer=3))
