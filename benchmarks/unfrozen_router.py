@@ -33,175 +33,14 @@ from pathlib import Path
 
 import torch
 
-from msa_core.encode import plan_batches, pool_chunks
-from msa_core.generate import build_prompt, left_pad, query_positions
 from msa_core.lora import adapter_tensors, attach
 from msa_core.train import decoupled_infonce, evaluate, layer_doc_scores
-from msa_core.train_cache import RaggedStates, cache_documents, cache_queries
+from msa_core.train_cache import cache_documents, cache_queries
 from msa_core.train_data import load_pairs
+from msa_core.train_tuned import (LORA_SCALE, TRAIN_DOC_TOKENS, document_states, lm_loss, lower_documents,
+                                  lower_queries, question_states, ragged_states)
 
-LORA_SCALE = 2.0  # alpha = 2r
-TRAIN_DOC_TOKENS = 512  # documents are cut here for training steps (most are shorter); evaluation uses 2048
 EVAL_DOC_TOKENS = 2048
-
-
-class LowerStates:
-    """Per-token residual stream entering layer F, for many sequences back to back."""
-
-    def __init__(self, h: torch.Tensor, positions: torch.Tensor, routing: torch.Tensor, offsets: list[int],
-                 ids: torch.Tensor | None = None):
-        self.h, self.positions, self.routing, self.offsets, self.ids = h, positions, routing, offsets, ids
-
-    def token_ids(self, items: list[int], t: int) -> torch.Tensor:
-        """Right-padded token ids [B, t] of `items` (documents only)."""
-        out = torch.zeros(len(items), t, dtype=torch.long, device=self.h.device)
-        for row, i in enumerate(items):
-            n = min(t, self.offsets[i + 1] - self.offsets[i])
-            out[row, :n] = self.ids[self.offsets[i]:self.offsets[i] + n]
-        return out
-
-    def batch(self, items: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Right-padded h [B, T, hidden], positions [B, T], routing [B, T], lengths [B]."""
-        lens = [self.offsets[i + 1] - self.offsets[i] for i in items]
-        t, dev = max(lens), self.h.device
-        h = self.h.new_zeros(len(items), t, self.h.shape[-1])
-        pos = torch.zeros(len(items), t, dtype=torch.long, device=dev)
-        rout = torch.zeros(len(items), t, dtype=torch.bool, device=dev)
-        for row, (i, n) in enumerate(zip(items, lens)):
-            s = self.offsets[i]
-            h[row, :n], pos[row, :n], rout[row, :n] = self.h[s:s + n], self.positions[s:s + n], self.routing[s:s + n]
-        return h, pos, rout, torch.tensor(lens, device=dev)
-
-    def lengths(self) -> list[int]:
-        if not hasattr(self, "_lengths"):
-            self._lengths = [self.offsets[i + 1] - self.offsets[i] for i in range(len(self.offsets) - 1)]
-        return self._lengths
-
-
-@torch.no_grad()
-def lower_documents(bb, tok, texts, first: int, max_tokens: int) -> LowerStates:
-    ids_all = [ids[:max_tokens] for ids in tok(list(texts), add_special_tokens=False)["input_ids"]]
-    lens = [len(x) for x in ids_all]
-    offsets = [0]
-    for n in lens:
-        offsets.append(offsets[-1] + n)
-    dev = bb.device
-    h_out = torch.empty(offsets[-1], bb.args.hidden_size, dtype=torch.bfloat16, device=dev)
-    for batch in plan_batches(lens, 256, 65536):
-        t = lens[batch[0]]
-        ids = torch.zeros(len(batch), t, dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids[row, :lens[i]] = torch.tensor(ids_all[i])
-        ids = ids.to(dev)
-        h = bb(ids, torch.arange(t, device=dev).expand_as(ids), last_layer=first - 1)
-        for row, i in enumerate(batch):
-            h_out[offsets[i]:offsets[i + 1]] = h[row, :lens[i]].to(torch.bfloat16)
-    pos = torch.cat([torch.arange(n) for n in lens]).to(dev)
-    ids = torch.tensor([t for x in ids_all for t in x], dtype=torch.long, device=dev)
-    return LowerStates(h_out, pos, torch.ones_like(pos, dtype=torch.bool), offsets, ids)
-
-
-@torch.no_grad()
-def lower_queries(bb, tok, queries, first: int, position_offset: int) -> LowerStates:
-    prompts = [build_prompt(tok, q) for q in queries]
-    lens = [len(p.ids) for p in prompts]
-    offsets = [0]
-    for n in lens:
-        offsets.append(offsets[-1] + n)
-    dev = bb.device
-    h_out = torch.empty(offsets[-1], bb.args.hidden_size, dtype=torch.bfloat16, device=dev)
-    pos_out = torch.empty(offsets[-1], dtype=torch.long, device=dev)
-    rout_out = torch.empty(offsets[-1], dtype=torch.bool, device=dev)
-    for batch in plan_batches(lens, 512, 65536):
-        ids, valid, routing = left_pad([prompts[i] for i in batch], tok.pad_token_id or 0, dev)
-        pos = query_positions(valid, position_offset)
-        h = bb(ids, pos, valid=valid, last_layer=first - 1)
-        for row, i in enumerate(batch):
-            v = valid[row]
-            h_out[offsets[i]:offsets[i + 1]] = h[row][v].to(torch.bfloat16)
-            pos_out[offsets[i]:offsets[i + 1]] = pos[row][v]
-            rout_out[offsets[i]:offsets[i + 1]] = routing[row][v]
-    return LowerStates(h_out, pos_out, rout_out, offsets)
-
-
-def upper(bb, h, positions, first: int, layers: list[int], last: int | None = None):
-    """Layers first..last (default max(layers)) over right-padded sequences (pads last, causal: real tokens
-    never see them); returns each routing layer's normed input, as Backbone.forward's capture hook sees
-    it, and the residual stream after `last` under the key "out"."""
-    h = h.float()
-    cos, sin = bb.rotary(positions, h.dtype)
-    out = {}
-    for i in range(first, (max(layers) if last is None else last) + 1):
-        layer = bb.layers[i]
-        x = layer.input_layernorm(h)
-        if i in layers:
-            out[i] = x
-        h = h + layer.self_attn(x, cos, sin, None, None, None)
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
-    out["out"] = h
-    return out
-
-
-def lm_loss(bb, lower: "LowerStates", items: list[int], first: int, max_tokens: int) -> torch.Tensor:
-    """Next-token cross-entropy of the backbone over the documents `items` (the LM loss that keeps the
-    generator a language model while its upper layers learn to route)."""
-    h, pos, _, n = lower.batch(items)
-    t = min(h.shape[1], max_tokens)
-    n = n.clamp(max=t)
-    final = upper(bb, h[:, :t], pos[:, :t], first, [first], last=bb.args.num_layers - 1)["out"]
-    logits = bb.lm_head(bb.norm(final[:, :-1])).float()
-    target = lower.token_ids(items, t)[:, 1:]
-    real = torch.arange(t - 1, device=h.device)[None, :] < (n[:, None] - 1)
-    return torch.nn.functional.cross_entropy(logits[real], target[real])
-
-
-def doc_states(bb, lower: LowerStates, items: list[int], first, layers, chunk, max_tokens, token_budget):
-    """Pooled states [C, L, hidden] of `items` and the owner (position in items) of each chunk."""
-    all_lens = lower.lengths()
-    lens = [min(all_lens[i], max_tokens) for i in items]
-    xs, owners = [], []
-    for sub in plan_batches(lens, 512, token_budget):
-        h, pos, _, n = lower.batch([items[j] for j in sub])
-        t = min(h.shape[1], max_tokens)
-        n = n.clamp(max=t)
-        states = upper(bb, h[:, :t], pos[:, :t], first, layers)
-        pooled = torch.stack([pool_chunks(states[layer], n, chunk) for layer in layers], dim=2)  # [b, C, L, hid]
-        counts = (n + chunk - 1) // chunk
-        for row, j in enumerate(sub):
-            xs.append(pooled[row, :int(counts[row])])
-            owners.append(torch.full((int(counts[row]),), j, dtype=torch.long, device=h.device))
-    return torch.cat(xs), torch.cat(owners)
-
-
-def query_states(bb, lower: LowerStates, items: list[int], first, layers, max_routing=128):
-    """Routing-token states [B, T, L, hidden] (left-aligned) and their mask [B, T]."""
-    h, pos, rout, _ = lower.batch(items)
-    states = upper(bb, h, pos, first, layers)
-    x = torch.stack([states[layer] for layer in layers], dim=2)  # [B, T, L, hid]
-    counts = rout.sum(1).clamp(max=max_routing)
-    m = int(counts.max())
-    q_x = x.new_zeros(len(items), m, len(layers), x.shape[-1])
-    mask = torch.arange(m, device=x.device)[None, :] < counts[:, None]
-    for row in range(len(items)):
-        q_x[row, :int(counts[row])] = x[row][rout[row]][:int(counts[row])]
-    return q_x, mask
-
-
-@torch.no_grad()
-def ragged(bb, docs: LowerStates, queries: LowerStates, first, layers, chunk):
-    """Held-out states as the trainer caches them, computed through the (possibly trained) upper layers."""
-    n_docs = len(docs.offsets) - 1
-    d_x, owner = doc_states(bb, docs, list(range(n_docs)), first, layers, chunk, EVAL_DOC_TOKENS, 131072)
-    order = torch.argsort(owner, stable=True)
-    d_off = torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(owner.cpu(), minlength=n_docs).cumsum(0)])
-    qs, q_off = [], [0]
-    n_q = len(queries.offsets) - 1
-    for s in range(0, n_q, 512):
-        q_x, mask = query_states(bb, queries, list(range(s, min(s + 512, n_q))), first, layers)
-        for row in range(q_x.shape[0]):
-            qs.append(q_x[row][mask[row]])
-            q_off.append(q_off[-1] + int(mask[row].sum()))
-    return RaggedStates(torch.cat(qs), torch.tensor(q_off)), RaggedStates(d_x[order], d_off)
 
 
 def engine_recall(model, path: str | None, name: str, limit: int | None, ks=(1, 5, 10)) -> dict | None:
@@ -284,8 +123,9 @@ def main() -> None:
     ref_d = cache_documents(bb, tok, probe_docs, layers, dtype=torch.float32)
     ref_q = cache_queries(bb, tok, probe_qs, layers, position_offset=offset, dtype=torch.float32)
     with torch.no_grad():
-        got_q, got_d = ragged(bb, lower_documents(bb, tok, probe_docs, first, EVAL_DOC_TOKENS),
-                              lower_queries(bb, tok, probe_qs, first, offset), first, layers, chunk)
+        got_q, got_d = ragged_states(bb, lower_queries(bb, tok, probe_qs, first, offset, torch.bfloat16),
+                                     lower_documents(bb, tok, probe_docs, first, EVAL_DOC_TOKENS, torch.bfloat16),
+                                     first, layers, chunk, EVAL_DOC_TOKENS)
     def rel(a, b):
         return float((a - b).norm() / b.norm())
     result["split_parity_rel_error"] = {"documents": rel(got_d.x, ref_d.x), "queries": rel(got_q.x, ref_q.x)}
@@ -293,17 +133,17 @@ def main() -> None:
     assert torch.equal(got_d.offsets, ref_d.offsets) and torch.equal(got_q.offsets, ref_q.offsets)
     assert max(result["split_parity_rel_error"].values()) < 0.03, "split forward differs from the engine"
 
-    lower_td = lower_documents(bb, tok, train.documents, first, TRAIN_DOC_TOKENS)
-    lower_tq = lower_queries(bb, tok, train.queries, first, offset)
-    lower_hd = lower_documents(bb, tok, held.documents, first, EVAL_DOC_TOKENS)
-    lower_hq = lower_queries(bb, tok, held.queries, first, offset)
+    lower_td = lower_documents(bb, tok, train.documents, first, TRAIN_DOC_TOKENS, torch.bfloat16)
+    lower_tq = lower_queries(bb, tok, train.queries, first, offset, torch.bfloat16)
+    lower_hd = lower_documents(bb, tok, held.documents, first, EVAL_DOC_TOKENS, torch.bfloat16)
+    lower_hq = lower_queries(bb, tok, held.queries, first, offset, torch.bfloat16)
     say(f"lower states cached: {lower_td.h.shape[0]} + {lower_tq.h.shape[0]} tokens")
 
     router = model.router.copy(layers, dtype=torch.float32, device=bb.device)
 
     def measure(tag: str) -> None:
         bb.eval()
-        hq, hd = ragged(bb, lower_hd, lower_hq, first, layers, chunk)
+        hq, hd = ragged_states(bb, lower_hq, lower_hd, first, layers, chunk, EVAL_DOC_TOKENS)
         r = evaluate(router, layers, hq, hd, held.positives, routing)
         for layer in layers:  # the engine routes with model.router
             model.router.q_weight(layer).data.copy_(router.q_weight(layer))
@@ -363,8 +203,8 @@ def main() -> None:
             for d in train.positives[q]:
                 positive[b, docs[d]] = True
         with autocast:
-            d_x, owner = doc_states(bb, lower_td, order, first, layers, chunk, TRAIN_DOC_TOKENS, 65536)
-            q_x, q_mask = query_states(bb, lower_tq, rows, first, layers)
+            d_x, owner = document_states(bb, lower_td, order, first, layers, chunk, TRAIN_DOC_TOKENS)
+            q_x, q_mask = question_states(bb, lower_tq, rows, first, layers)
             losses = [decoupled_infonce(layer_doc_scores(router, layer, q_x[:, :, li], q_mask, d_x[:, li], owner,
                                                          len(order), routing), positive)
                       for li, layer in enumerate(layers)]
