@@ -16,9 +16,13 @@ trains the backbone with the routing loss. This script measures what that buys o
 Options for the next questions: --lora-rank r trains rank-r adapters of every projection instead of the
 layers (a delta of a few MB could ship; full layers 12-29 are ~63M parameters), and --lm-weight w adds the
 next-token loss on a few of the batch's documents, the paper's way to keep the generator a language model.
-Each measurement reports the LM loss on held-out documents, so generation drift is visible. Nothing this
-script trains is saved or shipped. Splitting the forward at F is checked against the engine's own caching at
-start-up.
+Each measurement reports the LM loss on held-out documents, so generation drift is visible. --save-router
+writes the trained router and adapters as a router file (for msa compare --router); nothing is shipped from
+here. Splitting the forward at F is checked against the engine's own caching at start-up.
+
+The library trainer (`msa train-router --tune-from-layer`, msa_core/train_tuned.py) uses the same state
+functions; this script keeps what experiments need on top: a wall-clock budget instead of a step count,
+full-layer training, and engine recall (HotpotQA, NIAH) before and after in one run.
 
     python benchmarks/unfrozen_router.py --data 'train/*.jsonl' --first-trainable 12 --train-seconds 240 \
         --hotpotqa eval/hotpotqa100 --niah niah1m --out results.json
