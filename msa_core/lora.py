@@ -93,8 +93,7 @@ def adapter_tensors(backbone: nn.Module) -> dict[str, Tensor]:
 def fold(backbone: nn.Module) -> None:
     """Merge every attached adapter into its base weight and put the plain nn.Linear back."""
     for _, parent, attr, _, m in list(_attached(backbone)):
-        w = m.base.weight
-        w.copy_((w.float() + m.delta()).to(w.dtype))
+        _add(m.base.weight, m.delta())
         setattr(parent, attr, m.base)
 
 
@@ -124,4 +123,9 @@ def merge(backbone: nn.Module, tensors: Mapping[str, Tensor], scale: float) -> N
         if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0] or (b.shape[0], a.shape[1]) != tuple(w.shape):
             raise ModelLoadError(f"adapter of layer {layer} {path} has shapes {tuple(a.shape)} and {tuple(b.shape)}, "
                                  f"which do not fit the weight {tuple(w.shape)}")
-        w.copy_((w.float() + (b.to(w.device) @ a.to(w.device)) * scale).to(w.dtype))
+        _add(w, (b.to(w.device) @ a.to(w.device)) * scale)
+
+
+def _add(weight: Tensor, delta: Tensor) -> None:
+    """weight += delta, computed in float32 whatever the weight's dtype."""
+    weight.copy_((weight.float() + delta).to(weight.dtype))

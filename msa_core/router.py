@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .config import ChunkReduce, HeadReduce, LayerAggregate, Normalization, QueryReduce
 from .errors import InvalidInputError, ModelLoadError
+from .lora import NAME_RE as DELTA_NAME_RE
 
 FORMAT_NAME = "msa-router"
 FORMAT_VERSION = "1"
@@ -380,8 +381,6 @@ def _router_from_file(path: Path, tensors: Mapping[str, Tensor], meta: Mapping[s
         delta_scale = float(json.loads(meta.get("backbone_delta", "{}")).get("scale", 1.0))
     except (KeyError, ValueError, AttributeError) as e:
         raise ModelLoadError(f"router file {str(path)!r} has malformed metadata: {e}") from e
-    from .lora import NAME_RE as DELTA_NAME_RE
-
     delta = {n: t for n, t in tensors.items() if DELTA_NAME_RE.match(n)}
     if delta and meta.get("version") != DELTA_FORMAT_VERSION:
         raise ModelLoadError(f"router file {str(path)!r} holds backbone adapters but is format version "

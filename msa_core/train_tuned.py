@@ -41,32 +41,22 @@ class TokenStates:
 
     def __init__(self, h: torch.Tensor, positions: torch.Tensor, routing: torch.Tensor, offsets: list[int],
                  ids: torch.Tensor | None = None) -> None:
-        self.h, self.positions, self.routing, self.offsets, self.ids = h, positions, routing, offsets, ids
+        self.h, self.positions, self.routing, self.ids = h, positions, routing, ids
         self.lengths = [offsets[i + 1] - offsets[i] for i in range(len(offsets) - 1)]
+        # Token numbers as ragged rows: their padded batch indexes every per-token tensor at once.
+        self._tokens = RaggedStates(torch.arange(offsets[-1], device=h.device), torch.tensor(offsets))
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def batch(self, items: Sequence[int], max_tokens: int | None = None):
-        """Right-padded h [B, T, hidden], positions [B, T], routing mask [B, T], lengths [B] of `items`,
-        each cut to max_tokens."""
-        lens = [min(self.lengths[i], max_tokens or self.lengths[i]) for i in items]
-        t, dev = max(lens), self.h.device
-        h = self.h.new_zeros(len(items), t, self.h.shape[-1])
-        pos = torch.zeros(len(items), t, dtype=torch.long, device=dev)
-        rout = torch.zeros(len(items), t, dtype=torch.bool, device=dev)
-        for row, (i, n) in enumerate(zip(items, lens)):
-            s = self.offsets[i]
-            h[row, :n], pos[row, :n], rout[row, :n] = self.h[s:s + n], self.positions[s:s + n], self.routing[s:s + n]
-        return h, pos, rout, torch.tensor(lens, device=dev)
-
-    def token_ids(self, items: Sequence[int], t: int) -> torch.Tensor:
-        """Right-padded token ids [B, t] of `items` (documents)."""
-        out = torch.zeros(len(items), t, dtype=torch.long, device=self.h.device)
-        for row, i in enumerate(items):
-            n = min(t, self.lengths[i])
-            out[row, :n] = self.ids[self.offsets[i]:self.offsets[i] + n]
-        return out
+        """Right-padded h [B, T, hidden], positions [B, T], routing mask [B, T], lengths [B] and token ids
+        [B, T] (None for questions) of `items`, each cut to max_tokens. Pads repeat token 0; the lengths
+        and the routing mask leave them out."""
+        index, real = self._tokens.padded(items)
+        index, real = index[:, :max_tokens], real[:, :max_tokens]
+        ids = None if self.ids is None else self.ids[index]
+        return self.h[index], self.positions[index], self.routing[index] & real, real.sum(1), ids
 
 
 def _offsets(lengths: Sequence[int]) -> list[int]:
@@ -148,28 +138,26 @@ def document_states(backbone: Any, lower: TokenStates, items: Sequence[int], fir
     lens = [min(lower.lengths[i], max_tokens) for i in items]
     xs, owners = [], []
     for sub in plan_batches(lens, 512, token_budget):
-        h, pos, _, n = lower.batch([items[j] for j in sub], max_tokens)
+        h, pos, _, n, _ = lower.batch([items[j] for j in sub], max_tokens)
         states = upper(backbone, h, pos, first, layers)
         pooled = torch.stack([pool_chunks(states[layer], n, chunk) for layer in layers], dim=2)  # [b, C, L, hidden]
-        counts = ((n + chunk - 1) // chunk).tolist()
-        for row, j in enumerate(sub):
-            xs.append(pooled[row, :counts[row]])
-            owners.append(torch.full((counts[row],), j, dtype=torch.long, device=h.device))
+        counts = (n + chunk - 1) // chunk
+        xs.append(pooled[torch.arange(pooled.shape[1], device=h.device)[None, :] < counts[:, None]])
+        owners.append(torch.repeat_interleave(torch.tensor(sub, device=h.device), counts))
     return torch.cat(xs), torch.cat(owners)
 
 
 def question_states(backbone: Any, lower: TokenStates, items: Sequence[int], first: int,
                     layers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Routing-token states [B, T, L, hidden] (left-aligned, the first MAX_ROUTING_TOKENS) and mask [B, T]."""
-    h, pos, rout, _ = lower.batch(items)
+    h, pos, rout, _, _ = lower.batch(items)
     states = upper(backbone, h, pos, first, layers)
     x = torch.stack([states[layer] for layer in layers], dim=2)
     counts = rout.sum(1).clamp(max=MAX_ROUTING_TOKENS)
     m = int(counts.max())
-    q_x = x.new_zeros(len(items), m, len(layers), x.shape[-1])
+    first_routing = torch.sort((~rout).to(torch.uint8), dim=1, stable=True).indices[:, :m]  # routing tokens, in order
     mask = torch.arange(m, device=x.device)[None, :] < counts[:, None]
-    for row, n in enumerate(counts.tolist()):
-        q_x[row, :n] = x[row][rout[row]][:n]
+    q_x = x.gather(1, first_routing[:, :, None, None].expand(-1, -1, *x.shape[2:])) * mask[:, :, None, None]
     return q_x, mask
 
 
@@ -182,21 +170,21 @@ def ragged_states(backbone: Any, questions: TokenStates, documents: TokenStates,
     order = torch.argsort(owner, stable=True)
     d_off = torch.cat([torch.zeros(1, dtype=torch.long),
                        torch.bincount(owner.cpu(), minlength=len(documents)).cumsum(0)])
-    rows, q_off = [], [0]
+    rows, counts = [], []
     for s in range(0, len(questions), 512):
         q_x, mask = question_states(backbone, questions, range(s, min(s + 512, len(questions))), first, layers)
-        for row in range(q_x.shape[0]):
-            rows.append(q_x[row][mask[row]])
-            q_off.append(q_off[-1] + int(mask[row].sum()))
-    return RaggedStates(torch.cat(rows), torch.tensor(q_off)), RaggedStates(d_x[order], d_off)
+        rows.append(q_x[mask])  # row-major: each question's tokens in order, question after question
+        counts.append(mask.sum(1).cpu())
+    q_off = torch.cat([torch.zeros(1, dtype=torch.long), torch.cat(counts).cumsum(0)])
+    return RaggedStates(torch.cat(rows), q_off), RaggedStates(d_x[order], d_off)
 
 
 def lm_loss(backbone: Any, lower: TokenStates, items: Sequence[int], first: int, max_tokens: int) -> torch.Tensor:
     """Mean next-token cross-entropy of the backbone over the documents `items` (cut to max_tokens)."""
-    h, pos, _, n = lower.batch(items, max_tokens)
+    h, pos, _, n, ids = lower.batch(items, max_tokens)
     final = upper(backbone, h, pos, first, [first], last=backbone.args.num_layers - 1)["out"]
     logits = backbone.lm_head(backbone.norm(final[:, :-1])).float()
-    target = lower.token_ids(items, h.shape[1])[:, 1:]
+    target = ids[:, 1:]
     real = torch.arange(h.shape[1] - 1, device=h.device)[None, :] < (n[:, None] - 1)
     return F.cross_entropy(logits[real], target[real])
 
