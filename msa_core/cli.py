@@ -452,7 +452,8 @@ def cmd_train_router(args: argparse.Namespace) -> int:
               "max_per_source": args.max_per_source, "precision": args.precision, "needles": args.needles,
               "precondition": args.precondition, "span_pairs": args.span_pairs,
               "tune_from_layer": args.tune_from_layer, "lora_rank": args.lora_rank, "adapter_lr": args.adapter_lr,
-              "lm_weight": args.lm_weight,
+              "lm_weight": args.lm_weight, "recompute": args.recompute or None,
+              "checkpoint_every": args.checkpoint_every,
               "heldout_sources": args.heldout_sources.split(",") if args.heldout_sources else None}
     try:
         config = TrainConfig(**{k: v for k, v in fields.items() if v is not None})
@@ -641,11 +642,15 @@ def _add_train_command(command: Any) -> None:
     p.add_argument("--adapter-lr", type=float, help="peak learning rate of the adapters (default: 5e-4)")
     p.add_argument("--lm-weight", type=float, help="weight of the next-token loss that keeps the tuned backbone a "
                    "language model (default: 0.1)")
+    p.add_argument("--recompute", action="store_true", help="with --tune-from-layer: recompute the tuned layers' "
+                   "activations in the backward pass (about a third slower, far less memory)")
     p.add_argument("--precondition", choices=("none", "standardize", "whiten"),
                    help="train on conditioned states and fold the map into the saved router (default: standardize)")
     p.add_argument("--seed", type=int, help="default: 0")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--checkpoint-dir", metavar="DIR", help="write checkpoints here (step-N/ and LATEST)")
+    p.add_argument("--checkpoint-every", type=_positive_int, help="steps between checkpoints (default: 500, and "
+                   "always the last step)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
     p.add_argument("--report", metavar="FILE", help="also write the training report (history, metrics) as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -10,6 +10,7 @@ differs from the base one: banks built with and without the delta are never mixe
     tensors = adapter_tensors(backbone)                          # {"model.layers.12.mlp.up_proj.lora_a": ...}
     fold(backbone)                                               # deltas merged into the weights, unwrapped
     merge(other_backbone, tensors, scale)                        # loading: the same delta, merged
+    combine(first, s1, second, s2)                               # two deltas as one set (ranks stacked)
 """
 
 from __future__ import annotations
@@ -124,6 +125,22 @@ def merge(backbone: nn.Module, tensors: Mapping[str, Tensor], scale: float) -> N
             raise ModelLoadError(f"adapter of layer {layer} {path} has shapes {tuple(a.shape)} and {tuple(b.shape)}, "
                                  f"which do not fit the weight {tuple(w.shape)}")
         _add(w, (b.to(w.device) @ a.to(w.device)) * scale)
+
+
+def combine(first: Mapping[str, Tensor], first_scale: float, second: Mapping[str, Tensor],
+            second_scale: float) -> dict[str, Tensor]:
+    """One set of adapters, at second_scale, whose delta is first's plus second's: where both adapt a
+    projection, the ranks are stacked ([B1·s1/s2, B2] @ [A1; A2] = B1·A1·s1/s2 + B2·A2), so nothing is lost.
+    Training from a tuned router uses it: the file must carry the starting delta and the new one."""
+    out = {n: t.float().clone() for n, t in second.items()}
+    ratio = first_scale / second_scale
+    for name, t in first.items():
+        t = t.float() * (ratio if name.endswith("lora_b") else 1.0)
+        if name not in out:
+            out[name] = t.clone()
+        else:
+            out[name] = torch.cat([t.to(out[name].device), out[name]], dim=0 if name.endswith("lora_a") else 1)
+    return out
 
 
 def _add(weight: Tensor, delta: Tensor) -> None:

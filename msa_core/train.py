@@ -97,6 +97,9 @@ class TrainConfig(BaseModel):
     adapter_lr: float = Field(default=5e-4, gt=0, description="Peak learning rate of the backbone adapters.")
     lm_weight: float = Field(default=0.1, ge=0, description="Weight of the next-token loss on a few of each "
                              "batch's documents, which keeps the tuned backbone a language model.")
+    recompute: bool = Field(default=False, description="With tune_from_layer: run each tuned layer again in the "
+                            "backward pass instead of keeping its activations (about a third more time, a "
+                            "fraction of the memory).")
     precondition: str = Field(default="standardize", pattern="^(none|standardize|whiten)$",
                               description="Train on conditioned states S·x and save W = V·S "
                               "(msa_core/train_precondition.py).")
@@ -345,6 +348,8 @@ class RouterTrainer:
                 record["heldout"] = self.evaluate_heldout()
             if self.step % 50 == 0 or "heldout" in record or self.step == c.steps:
                 record["elapsed"] = round(time.perf_counter() - started, 2)
+                if self.device.type == "cuda":
+                    record["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
                 self.log(json.dumps(record))
                 self.history.append(record)
             if self.checkpoint_dir and (self.step % c.checkpoint_every == 0 or self.step == c.steps):
@@ -352,8 +357,9 @@ class RouterTrainer:
         return self.history
 
     def backbone_delta(self) -> tuple[dict[str, torch.Tensor], float]:
-        """Backbone adapters trained with the router, and their scale (none here: the backbone is frozen)."""
-        return {}, 1.0
+        """The backbone delta the saved router carries: here, the starting router's own (the backbone is
+        frozen, but a router trained on a tuned backbone's states needs that backbone)."""
+        return dict(self.router.backbone_delta), self.router.delta_scale
 
     def heldout_states(self) -> tuple[RaggedStates, RaggedStates]:
         """The held-out questions' and documents' states as the router reads them now."""
@@ -577,9 +583,14 @@ def save_trained_router(router: RouterProjectors, out: str | Path, model: Any, c
     """The router as safetensors (fp16 weights; training summary in its metadata) and a model card."""
     out = Path(out)
     half = router.copy(dtype=torch.float16)
+    # A router with a delta is checked against the backbone before the delta is merged: when training started
+    # from a tuned router, that is the one its file recorded, not the merged model's fingerprint.
+    start = model.router
+    base_fingerprint = (getattr(start, "backbone_fingerprint", None) if start.backbone_delta else None) \
+        or model.backbone_fingerprint
     summary = {"final": report.final, "steps": report.steps, "seconds": report.seconds, "device": report.device,
                "data": [Path(d).name for d in data], "config": config.model_dump()}
-    half.save(out, model.backbone_fingerprint, extra={"training": summary})
+    half.save(out, base_fingerprint, extra={"training": summary})
     out.with_suffix(".md").write_text(model_card(report, config, data, model.name))
     return out
 

@@ -21,11 +21,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .encode import plan_batches, pool_chunks
 from .errors import InvalidInputError
 from .generate import build_prompt, left_pad, query_positions
-from .lora import adapter_tensors, attach
+from .lora import adapter_tensors, attach, combine
 from .train import RouterTrainer, TrainConfig, read_training_data
 from .train_cache import RaggedStates
 from .train_data import TrainingSet
@@ -112,34 +113,44 @@ def lower_queries(backbone: Any, tokenizer: Any, queries: Sequence[str], first: 
     return TokenStates(h_out, pos_out, rout_out, offsets)
 
 
+def _layer(layer: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoder layer: its normed input (what routing reads) and the residual stream after it."""
+    x = layer.input_layernorm(h)
+    h = h + layer.self_attn(x, cos, sin, None, None, None)
+    return x, h + layer.mlp(layer.post_attention_layernorm(h))
+
+
 def upper(backbone: Any, h: torch.Tensor, positions: torch.Tensor, first: int, layers: Sequence[int],
-          last: int | None = None) -> dict[Any, torch.Tensor]:
+          last: int | None = None, recompute: bool = False) -> dict[Any, torch.Tensor]:
     """Layers first..last (default max(layers)) over right-padded sequences: pads come last and attention
     is causal, so no real token sees them. Returns each of `layers`' normed input (what Backbone.forward's
-    capture hook sees) and, under "out", the residual stream after `last`."""
+    capture hook sees) and, under "out", the residual stream after `last`. recompute: keep only each
+    layer's input for the backward pass and run the layer again there (activation checkpointing)."""
     h = h.float()
     cos, sin = backbone.rotary(positions, h.dtype)
     out: dict[Any, torch.Tensor] = {}
+    recompute = recompute and torch.is_grad_enabled()
     for i in range(first, (max(layers) if last is None else last) + 1):
-        layer = backbone.layers[i]
-        x = layer.input_layernorm(h)
+        if recompute:
+            x, h = checkpoint(_layer, backbone.layers[i], h, cos, sin, use_reentrant=False)
+        else:
+            x, h = _layer(backbone.layers[i], h, cos, sin)
         if i in layers:
             out[i] = x
-        h = h + layer.self_attn(x, cos, sin, None, None, None)
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
     out["out"] = h
     return out
 
 
 def document_states(backbone: Any, lower: TokenStates, items: Sequence[int], first: int, layers: Sequence[int],
-                    chunk: int, max_tokens: int, token_budget: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+                    chunk: int, max_tokens: int, token_budget: int = 65536,
+                    recompute: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled states [C, L, hidden] of the documents `items` and the position in `items` of each chunk's
     document. Runs in length-sorted sub-batches of at most token_budget padded tokens."""
     lens = [min(lower.lengths[i], max_tokens) for i in items]
     xs, owners = [], []
     for sub in plan_batches(lens, 512, token_budget):
         h, pos, _, n, _ = lower.batch([items[j] for j in sub], max_tokens)
-        states = upper(backbone, h, pos, first, layers)
+        states = upper(backbone, h, pos, first, layers, recompute=recompute)
         pooled = torch.stack([pool_chunks(states[layer], n, chunk) for layer in layers], dim=2)  # [b, C, L, hidden]
         counts = (n + chunk - 1) // chunk
         xs.append(pooled[torch.arange(pooled.shape[1], device=h.device)[None, :] < counts[:, None]])
@@ -148,10 +159,10 @@ def document_states(backbone: Any, lower: TokenStates, items: Sequence[int], fir
 
 
 def question_states(backbone: Any, lower: TokenStates, items: Sequence[int], first: int,
-                    layers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                    layers: Sequence[int], recompute: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Routing-token states [B, T, L, hidden] (left-aligned, the first MAX_ROUTING_TOKENS) and mask [B, T]."""
     h, pos, rout, _, _ = lower.batch(items)
-    states = upper(backbone, h, pos, first, layers)
+    states = upper(backbone, h, pos, first, layers, recompute=recompute)
     x = torch.stack([states[layer] for layer in layers], dim=2)
     counts = rout.sum(1).clamp(max=MAX_ROUTING_TOKENS)
     m = int(counts.max())
@@ -179,10 +190,11 @@ def ragged_states(backbone: Any, questions: TokenStates, documents: TokenStates,
     return RaggedStates(torch.cat(rows), q_off), RaggedStates(d_x[order], d_off)
 
 
-def lm_loss(backbone: Any, lower: TokenStates, items: Sequence[int], first: int, max_tokens: int) -> torch.Tensor:
+def lm_loss(backbone: Any, lower: TokenStates, items: Sequence[int], first: int, max_tokens: int,
+            recompute: bool = False) -> torch.Tensor:
     """Mean next-token cross-entropy of the backbone over the documents `items` (cut to max_tokens)."""
     h, pos, _, n, ids = lower.batch(items, max_tokens)
-    final = upper(backbone, h, pos, first, [first], last=backbone.args.num_layers - 1)["out"]
+    final = upper(backbone, h, pos, first, [first], last=backbone.args.num_layers - 1, recompute=recompute)["out"]
     logits = backbone.lm_head(backbone.norm(final[:, :-1])).float()
     target = ids[:, 1:]
     real = torch.arange(h.shape[1] - 1, device=h.device)[None, :] < (n[:, None] - 1)
@@ -205,15 +217,16 @@ class TunedTrainer(RouterTrainer):
         self.mine_steps = []  # mining with the router would need every training document through the upper layers
 
     def batch_states(self, rows: Sequence[int], docs: Sequence[int]):
+        recompute = self.cfg.recompute
         d_x, owner = document_states(self.backbone, self.train_d, docs, self.first, self.layers, self.chunk,
-                                     TRAIN_DOC_TOKENS)
-        q_x, q_mask = question_states(self.backbone, self.train_q, rows, self.first, self.layers)
+                                     TRAIN_DOC_TOKENS, recompute=recompute)
+        q_x, q_mask = question_states(self.backbone, self.train_q, rows, self.first, self.layers, recompute)
         return q_x, q_mask, d_x, owner
 
     def extra_loss(self, docs: Sequence[int]) -> tuple[torch.Tensor | None, dict[str, float]]:
         if not self.cfg.lm_weight:
             return None, {}
-        lm = lm_loss(self.backbone, self.train_d, docs[:LM_DOCS], self.first, TRAIN_DOC_TOKENS)
+        lm = lm_loss(self.backbone, self.train_d, docs[:LM_DOCS], self.first, TRAIN_DOC_TOKENS, self.cfg.recompute)
         return self.cfg.lm_weight * lm, {"lm_loss": float(lm.detach())}
 
     def heldout_states(self) -> tuple[RaggedStates, RaggedStates]:
@@ -223,7 +236,11 @@ class TunedTrainer(RouterTrainer):
                                  self.max_doc_tokens)
 
     def backbone_delta(self) -> tuple[dict[str, torch.Tensor], float]:
-        return adapter_tensors(self.backbone), LORA_SCALE
+        """The new adapters, stacked onto the starting router's delta (already merged into the weights they
+        trained on), so the file holds the whole change from the base backbone."""
+        start = self.router.backbone_delta
+        new = adapter_tensors(self.backbone)
+        return (combine(start, self.router.delta_scale, new, LORA_SCALE) if start else new), LORA_SCALE
 
 
 def prepare_tuned_trainer(model: Any, data: Sequence[str | Path], config: TrainConfig, *,

@@ -9,7 +9,7 @@ import torch
 
 from msa_core import BankMismatchError, MSAModel, RouterProjectors
 from msa_core.errors import ModelLoadError
-from msa_core.lora import NAME_RE, adapter_tensors, attach, fold, merge
+from msa_core.lora import NAME_RE, adapter_tensors, attach, combine, fold, merge, remove
 
 
 @pytest.fixture
@@ -54,6 +54,25 @@ def test_fresh_adapters_change_nothing_and_merging_is_exact(model):
     for (n1, p1), (n2, p2) in zip(model.backbone.state_dict().items(), base.state_dict().items()):
         assert n1 == n2
         torch.testing.assert_close(p1, p2, rtol=1e-6, atol=1e-6)
+
+
+def test_combined_adapters_merge_to_the_sum_of_both(model):
+    """combine stacks ranks: merging the result equals merging one set, then the other (other scale too)."""
+    _trained_adapters(model.backbone, [1, 2], rank=2, seed=1)
+    first = adapter_tensors(model.backbone)
+    remove(model.backbone)
+    _trained_adapters(model.backbone, [2, 3], rank=3, seed=2)
+    second = adapter_tensors(model.backbone)
+    remove(model.backbone)
+    one_by_one = copy.deepcopy(model.backbone)
+    merge(one_by_one, first, scale=0.5)
+    merge(one_by_one, second, scale=2.0)
+    together = combine(first, 0.5, second, 2.0)
+    assert together["model.layers.2.mlp.up_proj.lora_a"].shape[0] == 5  # ranks 2 + 3 where both adapt
+    assert together["model.layers.1.mlp.up_proj.lora_a"].shape[0] == 2
+    merge(model.backbone, together, scale=2.0)
+    for (name, p1), p2 in zip(one_by_one.state_dict().items(), model.backbone.state_dict().values()):
+        torch.testing.assert_close(p2, p1, rtol=1e-6, atol=1e-6, msg=name)
 
 
 def test_merge_refuses_bad_adapters(model):

@@ -449,6 +449,67 @@ def test_tuned_training_resumes_exactly(keyword_model_dir, keyword_data, tmp_pat
         torch.testing.assert_close(resumed[1][name], t, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("tuned_again", [False, True])
+def test_training_from_a_tuned_router_keeps_its_backbone_delta(keyword_model_dir, keyword_data, tmp_path,
+                                                               tuned_again):
+    """Starting from a router that carries adapters, the new file must carry that delta too (stacked with
+    the new adapters when tuning again) and load on the base backbone: the loaded model's weights are the
+    ones training ended with, and it accepts its own banks."""
+    from msa_core.lora import fold
+
+    base = MSAModel.from_pretrained(str(keyword_model_dir))
+    first = TrainConfig(steps=3, batch_size=16, lr=1e-2, adapter_lr=1e-2, warmup_steps=1, heldout_fraction=0.0,
+                        bm25_depth=5, tune_from_layer=1, lora_rank=2, lm_weight=0.0)
+    train_router(base, [keyword_data], tmp_path / "tuned.safetensors", first, log=lambda m: None)
+    start = MSAModel.from_pretrained(str(keyword_model_dir), router=tmp_path / "tuned.safetensors")
+    again = first.model_copy(update={"tune_from_layer": 2 if tuned_again else None, "precondition": "none"})
+    trainer = _trainer(start, keyword_data, again)
+    trainer.run()
+    from msa_core.train import TrainReport, save_trained_router
+
+    saved = trainer.router.copy(dtype=torch.float32, device="cpu")
+    saved.backbone_delta, saved.delta_scale = trainer.backbone_delta()
+    save_trained_router(saved, tmp_path / "again.safetensors", start, again,
+                        TrainReport(3, 0.0, "cpu", list(trainer.layers), 0, 0, 0, 0, {}), [str(keyword_data)])
+    fold(start.backbone)  # what training ended with: the starting delta and (if tuned) the new adapters
+    loaded = MSAModel.from_pretrained(str(keyword_model_dir), router=tmp_path / "again.safetensors")
+    assert loaded.backbone_fingerprint != base.backbone_fingerprint
+    for (name, want), got in zip(start.backbone.state_dict().items(), loaded.backbone.state_dict().values()):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4, msg=name)  # the file stores fp16
+    bank = loaded.index(["alpha beta gamma", "delta epsilon"], ids=["a", "b"])
+    reloaded = MSAModel.from_pretrained(str(keyword_model_dir), router=tmp_path / "again.safetensors")
+    assert len(reloaded.retrieve(["alpha?"], bank, k=1)[0]) == 1  # the same file accepts its own banks
+
+
+def test_recomputed_activations_give_the_same_loss_and_gradients(keyword_model_dir, keyword_data):
+    """--recompute (activation checkpointing of the tuned layers) is a memory trade, not a different model."""
+    from msa_core.lora import remove
+
+    model = MSAModel.from_pretrained(str(keyword_model_dir))
+
+    def step(recompute):
+        config = TrainConfig(steps=2, batch_size=16, heldout_fraction=0.0, bm25_depth=5, tune_from_layer=1,
+                             lora_rank=2, lm_weight=0.1, recompute=recompute)
+        trainer = _trainer(model, keyword_data, config)
+        with torch.no_grad():  # B starts at zero: give the adapters a value so every gradient is non-trivial
+            for name, p in trainer.names.items():
+                if name.startswith("backbone."):
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
+        loss, info = trainer.loss(0)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.names.items()}
+        remove(model.backbone)
+        return loss.detach(), info, grads
+
+    plain, recomputed = step(False), step(True)
+    torch.testing.assert_close(recomputed[0], plain[0], rtol=1e-6, atol=1e-6)
+    assert recomputed[1]["lm_loss"] == pytest.approx(plain[1]["lm_loss"], rel=1e-6)
+    assert plain[2].keys() == recomputed[2].keys() and sum(n.startswith("backbone.") for n in plain[2]) > 0
+    for name, g in plain[2].items():
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(recomputed[2][name], g, rtol=1e-5, atol=1e-7)
+
+
 def test_tune_from_layer_must_reach_the_routing_layers(keyword_model_dir, keyword_data):
     model = MSAModel.from_pretrained(str(keyword_model_dir))
     with pytest.raises(InvalidInputError, match="tune_from_layer"):
