@@ -15,6 +15,7 @@ differs from the base one: banks built with and without the delta are never mixe
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Iterable, Mapping
 
@@ -141,6 +142,22 @@ def combine(first: Mapping[str, Tensor], first_scale: float, second: Mapping[str
         else:
             out[name] = torch.cat([t.to(out[name].device), out[name]], dim=0 if name.endswith("lora_a") else 1)
     return out
+
+
+def delta_layers(tensors: Mapping[str, Tensor]) -> list[int]:
+    """The layers a set of adapter tensors changes."""
+    return sorted({int(m.group(1)) for m in map(NAME_RE.match, tensors) if m})
+
+
+def base_view(backbone: nn.Module, layers: Iterable[int]) -> nn.Module:
+    """A backbone that shares every module with `backbone` except private copies of `layers`. Taken before a
+    delta is merged into those layers, it keeps their base weights at the cost of those layers alone."""
+    view = copy.copy(backbone)
+    view._modules = dict(backbone._modules)  # its own module table: replacing `layers` leaves backbone alone
+    keep = set(layers)
+    view.layers = nn.ModuleList(copy.deepcopy(layer) if i in keep else layer
+                                for i, layer in enumerate(backbone.layers))
+    return view
 
 
 def _add(weight: Tensor, delta: Tensor) -> None:

@@ -104,12 +104,15 @@ class MSAModel:
     """A backbone, its router projectors and the engine settings."""
 
     def __init__(self, backbone: Backbone, tokenizer: Any, router: RouterProjectors, config: MSAConfig, *,
-                 name: str = "", eos_ids: Sequence[int] = ()) -> None:
+                 name: str = "", eos_ids: Sequence[int] = (), generator: Backbone | None = None) -> None:
         from .reference import ReferenceProfile
 
         if config.profile is None:
             config = config.model_copy(update={"profile": "default"})
         self.backbone, self.tokenizer, self.router, self.config = backbone, tokenizer, router, config
+        # Hybrid answers generate with this one: the backbone itself, or its base weights when the router
+        # carries a backbone delta (trained for routing only).
+        self.generator = generator if generator is not None else backbone
         self.name = name
         self.layers = config.resolve_routing_layers(backbone.args.num_layers)
         if sorted(router.layers) != self.layers:
@@ -161,10 +164,11 @@ class MSAModel:
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         backbone, hf_cfg = load_backbone(path, dtype=dtype, device=device)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        projectors, cfg = _make_router(backbone, cfg, router)
+        projectors, cfg, generator = _make_router(backbone, cfg, router)
         projectors = projectors.to(device=device, dtype=dtype)
         name = "default" if str(name_or_path) == "default" else str(name_or_path)
-        model = cls(backbone, tokenizer, projectors, cfg, name=name, eos_ids=_eos_ids(tokenizer, hf_cfg, path))
+        model = cls(backbone, tokenizer, projectors, cfg, name=name, eos_ids=_eos_ids(tokenizer, hf_cfg, path),
+                    generator=generator)
         model.hf_config = hf_cfg
         model.router_source = str(router) if router is not None else "native"
         return model
@@ -352,7 +356,8 @@ class MSAModel:
 
         latent: routing layers attend to the pooled K/V of the top-k documents of each layer.
         hybrid: the top-k documents by routing score are put, as text, into the prompt of
-        `generator` (default: this backbone without memory).
+        `generator` (default: this model's LM without memory; with its base weights where the router
+        carries a backbone delta, which is trained for routing, not answering).
         interleave (reference profile): the model names documents, their texts are injected and it
         routes again, at most `max_rounds` times, then answers (spec §3); Answer.rounds lists the
         documents of each round. max_new_tokens bounds each generation segment; `stop` does not apply;
@@ -489,7 +494,7 @@ class MSAModel:
         gen: Generation | None = None
         if generator is None:
             conversation = prompt_text if isinstance(question, str) else _replace_last_user(question, prompt_text)
-            gen = Generation(self.backbone, self.tokenizer, build_prompt(self.tokenizer, conversation), params,
+            gen = Generation(self.generator, self.tokenizer, build_prompt(self.tokenizer, conversation), params,
                              eos_ids=self.eos_ids)
             pieces: Iterator[str] = iter(gen)
         else:
@@ -511,17 +516,18 @@ def _replace_last_user(messages: Sequence[Message], content: str) -> list[Messag
 
 
 def _make_router(backbone: Backbone, cfg: MSAConfig,
-                 router: str | Path | None) -> tuple[RouterProjectors, MSAConfig]:
-    """Router projectors, and the config with the routing layers they cover."""
+                 router: str | Path | None) -> tuple[RouterProjectors, MSAConfig, Backbone | None]:
+    """Router projectors, the config with the routing layers they cover, and, when the router file carries a
+    backbone delta (merged into `backbone` here), a backbone with the base weights for hybrid answers."""
     a = backbone.args
     if router is None or router == "native" or router == "random":
         layers = cfg.resolve_routing_layers(a.num_layers)
         if router == "random":
-            return RouterProjectors.random(layers, a.hidden_size, a.num_heads, a.kv_heads, a.head_dim), cfg
+            return RouterProjectors.random(layers, a.hidden_size, a.num_heads, a.kv_heads, a.head_dim), cfg, None
         weights = {i: backbone.attention_weights(i) for i in layers}
         native = RouterProjectors.native({i: (q.float(), k.float()) for i, (q, k) in weights.items()},
                                          a.num_heads, a.kv_heads, a.head_dim)
-        return native, cfg
+        return native, cfg, None
     loaded = RouterProjectors.load(router, expected_backbone_fingerprint=backbone.fingerprint())
     layout = (loaded.hidden, loaded.num_heads, loaded.kv_heads, loaded.head_dim)
     if layout != (a.hidden_size, a.num_heads, a.kv_heads, a.head_dim):
@@ -530,16 +536,20 @@ def _make_router(backbone: Backbone, cfg: MSAConfig,
                              f"{loaded.kv_heads} key heads of {loaded.head_dim}; this backbone's attention has "
                              f"hidden {a.hidden_size}, {a.num_heads} and {a.kv_heads} heads of {a.head_dim}, "
                              "and memory banks store routing keys in that layout")
+    generator = None
     if loaded.backbone_delta:  # the router was trained with the backbone's upper layers: they change too
-        from .lora import merge
+        from .lora import base_view, delta_layers, merge
 
+        # The delta is trained for routing, not for answering (it costs the instruction-tuned model its
+        # answers: README, Training routers), so hybrid answers keep the base weights of the layers it changes.
+        generator = base_view(backbone, delta_layers(loaded.backbone_delta))
         merge(backbone, loaded.backbone_delta, loaded.delta_scale)
     if cfg.routing.layers is None:  # a trained router decides which layers route
         cfg = cfg.model_copy(update={"routing": cfg.routing.model_copy(update={"layers": loaded.layers})})
     elif loaded.layers != cfg.resolve_routing_layers(a.num_layers):
         raise ModelLoadError(f"router {router} covers layers {loaded.layers}, the config asks for "
                              f"{cfg.routing.layers}; leave routing.layers unset to use the router's")
-    return loaded, cfg
+    return loaded, cfg, generator
 
 
 def _eos_ids(tokenizer: Any, hf_cfg: Any, path: Path) -> list[int]:

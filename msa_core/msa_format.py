@@ -40,6 +40,10 @@ ARCHITECTURES = ["MSAForCausalLM"]
 ENGINE_KEY = "msa_engine"
 ENGINE_FORMAT_VERSION = 1
 BASE_KEY = "base_model_type"  # ours: the backbone family when it is not Qwen3
+# Ours: the LoRA delta a trained router carried (msa_core/lora.py). The weights in the folder already include
+# it, so any MSA loader runs the routing-trained model; we read it back to keep the router's fingerprint and
+# the base weights that hybrid answers use. Not a model*.safetensors file, so other loaders ignore it.
+DELTA_FILE = "msa_router_delta.safetensors"
 
 # Spec §1.1, "resave default" column, plus the engine's own doc_top_k (never written by resave).
 MSA_CONFIG_DEFAULTS: dict[str, Any] = {
@@ -369,16 +373,18 @@ def load_msa_model(path: str | os.PathLike[str], *, router: str | Path | None = 
         base = engine_config(msa_cfg, a.num_layers, max_doc_tokens=a.rope.max_position_embeddings,
                              storage_dtype=_dtype_name(dtype))
     cfg = _with_profile(merge_config(base, config), profile)
+    generator = None  # hybrid answers use the backbone, unless a router file's delta changes it
     if router is not None:
-        projectors, cfg = _make_router(backbone, cfg, router)
+        projectors, cfg, generator = _make_router(backbone, cfg, router)
         projectors = projectors.to(device=device, dtype=dtype)
     elif msa_cfg["decouple_router"]:
         projectors, cfg = _checkpoint_router(path, backbone, cfg, device, dtype)
+        generator = _restore_delta(path, backbone, projectors)
     else:
         projectors = AttentionRouter(backbone, cfg.resolve_routing_layers(a.num_layers))
     tokenizer = _quietly(AutoTokenizer.from_pretrained, str(path))
     model = MSAModel(backbone, tokenizer, projectors, cfg, name=name or str(path),
-                     eos_ids=_eos_ids(tokenizer, hf_cfg, path))
+                     eos_ids=_eos_ids(tokenizer, hf_cfg, path), generator=generator)
     model.hf_config = hf_cfg
     model.msa_config = msa_cfg
     return model
@@ -444,6 +450,28 @@ def _checkpoint_router(path: Path, backbone: Backbone, cfg: MSAConfig, device: t
         raise ModelLoadError(f"{path}: router tensors cover layers {projectors.layers} but the routing layers are "
                              f"{want} (router_layer_idx / config); make them agree")
     return projectors.to(device=device, dtype=dtype), cfg
+
+
+def _restore_delta(path: Path, backbone: Backbone, projectors: RouterProjectors) -> Backbone | None:
+    """Give the router back the delta saved beside the weights, and return the base weights of the layers it
+    changed (unmerged from a private copy of them), for hybrid answers. None when the folder has no delta."""
+    from safetensors import safe_open
+
+    from .lora import base_view, delta_layers, merge
+
+    file = path / DELTA_FILE
+    if not file.is_file():
+        return None
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            scale = float((f.metadata() or {})["scale"])
+    except Exception as exc:  # truncated file, missing metadata, not safetensors
+        raise ModelLoadError(f"{file} is unreadable ({exc}); save the model again") from exc
+    projectors.backbone_delta, projectors.delta_scale = tensors, scale
+    generator = base_view(backbone, delta_layers(tensors))
+    merge(generator, tensors, -scale)
+    return generator
 
 
 # --------------------------------------------------------------------------------------------
@@ -538,8 +566,13 @@ def save_msa(model: "MSAModel", path: str | os.PathLike[str], *, dtype: torch.dt
     tensors = _backbone_tensors(model.backbone, dtype)
     for name, t in model.router.state_dict_msa().items():
         tensors[name] = (t.to(dtype) if dtype is not None else t).cpu().contiguous()
-    for old in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
+    for old in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")) \
+            + list(path.glob(DELTA_FILE)):
         old.unlink()
+    delta = getattr(model.router, "backbone_delta", None)
+    if delta:  # the weights below include it; kept for the router's fingerprint and the hybrid generator
+        save_file({n: t.detach().cpu().contiguous() for n, t in delta.items()}, str(path / DELTA_FILE),
+                  metadata={"scale": repr(model.router.delta_scale)})
     shards = _shard(tensors, max_shard_bytes)
     if len(shards) == 1:
         save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})

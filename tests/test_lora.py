@@ -17,9 +17,10 @@ def model(tiny_model_dir) -> MSAModel:
     return MSAModel.from_pretrained(tiny_model_dir("qwen3"), device="cpu")
 
 
-def _states(m: MSAModel) -> torch.Tensor:
+def _states(m) -> torch.Tensor:
+    """Final hidden states of a model's backbone (or of a backbone) on a fixed input."""
     ids = torch.tensor([[3, 9, 4, 7, 11, 2]])
-    return m.backbone(ids, torch.arange(6)[None])
+    return getattr(m, "backbone", m)(ids, torch.arange(6)[None])
 
 
 def _trained_adapters(backbone, layers, rank=2, seed=0) -> None:
@@ -116,6 +117,47 @@ def test_router_file_carries_the_delta_and_the_model_merges_it(model, tiny_model
     bank = model.index(["the lighthouse was built in 1887", "ferries leave at seven"], ids=["a", "b"])
     with pytest.raises(BankMismatchError, match="another model"):  # a bank of the base model is refused
         tuned.retrieve("when was the lighthouse built?", bank)
+
+
+def test_hybrid_answers_generate_with_the_base_weights(model, tiny_model_dir, tmp_path):
+    """The delta serves routing; hybrid answers keep the base model's weights (shared where the delta changes
+    nothing, copied where it does), and every answer mode still runs."""
+    router = _router_with_delta(model, tiny_model_dir)
+    path = tmp_path / "tuned.safetensors"
+    router.save(path, backbone_fingerprint=model.backbone_fingerprint)
+    tuned = MSAModel.from_pretrained(tiny_model_dir("qwen3"), router=path, device="cpu")
+    changed = sorted({int(n.split(".")[2]) for n in router.backbone_delta})
+    assert model.generator is model.backbone and tuned.generator is not tuned.backbone
+    torch.testing.assert_close(_states(tuned.generator), _states(model), rtol=0, atol=0)
+    assert not torch.allclose(_states(tuned), _states(model))
+    assert tuned.generator.embed_tokens is tuned.backbone.embed_tokens
+    for i, layer in enumerate(tuned.generator.layers):
+        assert (layer is tuned.backbone.layers[i]) == (i not in changed), i
+    # one document, so both models put the same prompt together: the hybrid answers must then be the same
+    docs, question = ["the lighthouse was built in 1887"], "when was the lighthouse built?"
+    tuned_bank, base_bank = tuned.index(docs, ids=["a"]), model.index(docs, ids=["a"])
+    hybrid = tuned.answer(question, tuned_bank, mode="hybrid", k=1, max_new_tokens=6)
+    assert hybrid.text == model.answer(question, base_bank, mode="hybrid", k=1, max_new_tokens=6).text
+    assert tuned.answer(question, tuned_bank, mode="latent", k=1, max_new_tokens=6).mode == "latent"
+
+
+def test_a_tuned_model_round_trips_in_msa_format(model, tiny_model_dir, tmp_path):
+    """The MSA folder holds the merged weights (what any MSA loader should run) and the delta beside them, so
+    our loader gives back the same fingerprints and the base weights for hybrid answers."""
+    router = _router_with_delta(model, tiny_model_dir)
+    path = tmp_path / "tuned.safetensors"
+    router.save(path, backbone_fingerprint=model.backbone_fingerprint)
+    tuned = MSAModel.from_pretrained(tiny_model_dir("qwen3"), router=path, device="cpu")
+    out = tuned.save_pretrained(tmp_path / "msa")
+    assert (out / "msa_router_delta.safetensors").is_file()
+    again = MSAModel.from_pretrained(out, device="cpu", profile="default")
+    assert again.backbone_fingerprint == tuned.backbone_fingerprint
+    assert again.router_fingerprint == tuned.router_fingerprint
+    torch.testing.assert_close(_states(again.generator), _states(model), rtol=1e-5, atol=1e-5)
+    bank = tuned.index(["the lighthouse was built in 1887"], ids=["a"])
+    assert again.retrieve("when was the lighthouse built?", bank, k=1)[0].id == "a"  # accepts the bank
+    model.save_pretrained(tmp_path / "msa")  # saving a model without a delta over it removes the stale file
+    assert not (out / "msa_router_delta.safetensors").exists()
 
 
 def test_a_router_file_without_a_delta_keeps_format_and_fingerprint(model, tmp_path):

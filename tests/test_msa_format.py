@@ -272,3 +272,5 @@ def test_default_model_round_trips_in_msa_format(tmp_path):
     assert again.backbone_fingerprint == model.backbone_fingerprint
     assert again.router_fingerprint == model.router_fingerprint and again.config == model.config
     assert again.profile == "default" and again.eos_ids == model.eos_ids
+    for (name, want), got in zip(model.generator.state_dict().items(), again.generator.state_dict().values()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)  # base weights, unmerged
