@@ -7,7 +7,7 @@ from .memory import MemoryBank
 from .model import Answer, AnswerStream, MSAModel, RetrievedDocument
 from .router import RouterProjectors
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "Answer", "AnswerStream", "BankError", "BankMismatchError", "CorruptBankError", "EncodeConfig",

@@ -422,11 +422,12 @@ def _demo_summary(args: argparse.Namespace, n_docs: int, encode_s: float, hits: 
     _out(f"- bank kept at {bank_dir}" if args.keep else "- the bank was written to a temporary folder, now removed "
          "(pass --keep DIR to keep it)")
     if args.model == "default":
-        _out("\nNote: the default model's router was trained on question/passage pairs (its model card: "
-             "msa_core/data/routers/); it routes by topic far more than by the names a question mentions, and "
-             "retrieves much worse than an embedding model or BM25 (README, Training routers).")
-        _out("The default backbone is SmolLM2-135M-Instruct: a 135M model gives short, often wrong answers. "
-             "Try --model PATH with a larger Llama/Qwen2/Qwen3 checkpoint.")
+        _out("\nNote: the default model's router was trained together with adapters of its upper layers (model "
+             "card: msa_core/data/routers/). It finds needles in a 1M-token haystack, but on multi-hop questions "
+             "it still retrieves worse than an embedding model or BM25 (README, Training routers).")
+        _out("The default backbone is SmolLM2-135M-Instruct: a 135M model gives short, often wrong answers; hybrid "
+             "answers use its base weights, latent ones the adapted layers and are often repetitive. Try --model "
+             "PATH with a larger Llama/Qwen2/Qwen3 checkpoint.")
     else:
         _out("\nNote: this model routes with the untrained `native` router (copies of each routing layer's "
              "W_Q/W_K) unless it ships its own; train one with `msa train-router`.")

@@ -610,8 +610,15 @@ def model_card(report: TrainReport, config: TrainConfig, data: Sequence[str], mo
              f"(split by document, no document in both; {config.heldout_fraction:.1%} of documents"
              + (f", plus the whole sources {', '.join(config.heldout_sources)}" if config.heldout_sources else "")
              + ")",
-             f"- questions per source, before the split: {json.dumps(report.sources)}", "",
-             "## Training", "",
+             f"- questions per source, before the split: {json.dumps(report.sources)}"]
+    if config.needles or config.span_pairs:
+        lines.append(f"- synthetic questions added to the training split: {config.needles} in the needle format "
+                     f"(train_data.add_needle_pairs; {max(1, int(config.needles * config.heldout_fraction))} to the "
+                     f"held-out split too), {config.span_pairs} span questions (train_data.add_span_pairs)"
+                     if config.needles else
+                     f"- synthetic questions added to the training split: {config.span_pairs} span questions "
+                     "(train_data.add_span_pairs)")
+    lines += ["", "## Training", "",
              f"- {report.steps} steps of {config.batch_size} questions, lr {config.lr}, "
              f"{config.hard_negatives} hard negatives per question, seed {config.seed}",
              "- states preconditioned: no (the tuned layers' states move during training)" if tuned else

@@ -36,9 +36,13 @@ def test_default_model_is_smollm2_and_loads_fast_once_converted(model):
     a = model.backbone.args
     assert (a.family, a.num_layers, a.hidden_size, a.num_heads, a.kv_heads) == ("llama", 30, 576, 9, 3)
     # the shipped trained router decides which layers route (msa_core/data/routers, model card beside it)
-    shipped = RouterProjectors.load(DEFAULT_ROUTER, expected_backbone_fingerprint=model.backbone_fingerprint)
+    # it carries a LoRA delta of the upper layers, merged at load: checked against the base backbone's fingerprint
+    base = MSAModel.from_pretrained("default", router="native", device="cpu")
+    shipped = RouterProjectors.load(DEFAULT_ROUTER, expected_backbone_fingerprint=base.backbone_fingerprint)
     assert model.layers == shipped.layers and model.router.fingerprint() == shipped.fingerprint()
-    assert model.router.init_mode.startswith("trained")
+    assert shipped.backbone_delta and model.backbone_fingerprint != base.backbone_fingerprint
+    assert model.generator is not model.backbone  # hybrid answers keep the base weights
+    assert model.router.init_mode.startswith("tuned")
     assert model.load_seconds < 5.0, f"loading the cached default model took {model.load_seconds:.1f} s"
 
 

@@ -310,15 +310,26 @@ def test_cli_trains_a_router_the_engine_loads(keyword_model_dir, keyword_data, t
     out = tmp_path / "r.safetensors"
     code = main(["train-router", str(keyword_data), "--model", str(keyword_model_dir), "--out", str(out),
                  "--steps", "20", "--batch-size", "16", "--heldout", "0.2", "--eval-every", "10",
-                 "--bm25-depth", "5", "--report", str(tmp_path / "report.json"), "--no-progress"])
+                 "--bm25-depth", "5", "--span-pairs", "10", "--report", str(tmp_path / "report.json"),
+                 "--no-progress"])
     assert code == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["steps"] == 20 and "recall@5" in report["final"]
     card = out.with_suffix(".md").read_text()
     assert "Held-out metrics" in card and "20 steps" in card
+    assert "10 span questions" in card  # synthetic data is disclosed
     model = MSAModel.from_pretrained(str(keyword_model_dir), router=out)
     assert model.router.fingerprint() == RouterProjectors.load(out).fingerprint()
     assert "held-out recall@1/5/10" in capsys.readouterr().err
+
+
+def test_model_card_discloses_synthetic_questions():
+    from msa_core.train import TrainReport, model_card
+
+    report = TrainReport(3, 1.0, "cpu", [1], 10, 10, 0, 0, {})
+    card = model_card(report, TrainConfig(needles=500, span_pairs=7, heldout_fraction=0.01), ["a.jsonl"], "m")
+    assert "500 in the needle format" in card and "5 to the held-out split" in card and "7 span questions" in card
+    assert "synthetic" not in model_card(report, TrainConfig(), ["a.jsonl"], "m")
 
 
 def test_cli_train_router_bad_data_exits_2(keyword_model_dir, tmp_path, capsys):
