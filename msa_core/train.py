@@ -586,8 +586,10 @@ def save_trained_router(router: RouterProjectors, out: str | Path, model: Any, c
     # A router with a delta is checked against the backbone before the delta is merged: when training started
     # from a tuned router, that is the one its file recorded, not the merged model's fingerprint.
     start = model.router
-    base_fingerprint = (getattr(start, "backbone_fingerprint", None) if start.backbone_delta else None) \
-        or model.backbone_fingerprint
+    if getattr(start, "backbone_delta", None):  # the router file's record, else the kept base weights' own
+        base_fingerprint = getattr(start, "backbone_fingerprint", None) or model.generator.fingerprint()
+    else:
+        base_fingerprint = model.backbone_fingerprint
     summary = {"final": report.final, "steps": report.steps, "seconds": report.seconds, "device": report.device,
                "data": [Path(d).name for d in data], "config": config.model_dump()}
     half.save(out, base_fingerprint, extra={"training": summary})
