@@ -455,6 +455,11 @@ class RouterTrainer:
 # ---- the whole job ------------------------------------------------------------------------------
 
 
+def _heldout_needles(c: TrainConfig) -> int:
+    """Needle questions added to the held-out split alongside c.needles training ones."""
+    return max(1, int(c.needles * c.heldout_fraction))
+
+
 def read_training_data(data: Sequence[str | Path], c: TrainConfig, log: Any = print):
     """Read and split the pairs, add synthetic questions, mine BM25 negatives.
     Returns (all pairs, training split, held-out split, {"data": seconds})."""
@@ -466,7 +471,7 @@ def read_training_data(data: Sequence[str | Path], c: TrainConfig, log: Any = pr
     train, heldout = full.split(c.heldout_fraction, c.heldout_sources)
     if c.needles:
         add_needle_pairs(train, c.needles, seed=c.seed + 1)
-        add_needle_pairs(heldout, max(1, int(c.needles * c.heldout_fraction)), seed=c.seed + 2)
+        add_needle_pairs(heldout, _heldout_needles(c), seed=c.seed + 2)
     add_span_pairs(train, c.span_pairs, seed=c.seed + 3)
     if len(train) < 2:
         raise InvalidInputError(f"only {len(train)} training questions after the held-out split; give more data")
@@ -583,13 +588,10 @@ def save_trained_router(router: RouterProjectors, out: str | Path, model: Any, c
     """The router as safetensors (fp16 weights; training summary in its metadata) and a model card."""
     out = Path(out)
     half = router.copy(dtype=torch.float16)
-    # A router with a delta is checked against the backbone before the delta is merged: when training started
-    # from a tuned router, that is the one its file recorded, not the merged model's fingerprint.
-    start = model.router
-    if getattr(start, "backbone_delta", None):  # the router file's record, else the kept base weights' own
-        base_fingerprint = getattr(start, "backbone_fingerprint", None) or model.generator.fingerprint()
-    else:
-        base_fingerprint = model.backbone_fingerprint
+    # A router with a delta is checked against the backbone before the delta is merged. When training started
+    # from a tuned router, the model keeps those base weights as its generator: record their fingerprint.
+    base_fingerprint = (model.backbone_fingerprint if model.generator is model.backbone
+                        else model.generator.fingerprint())
     summary = {"final": report.final, "steps": report.steps, "seconds": report.seconds, "device": report.device,
                "data": [Path(d).name for d in data], "config": config.model_dump()}
     half.save(out, base_fingerprint, extra={"training": summary})
@@ -613,13 +615,11 @@ def model_card(report: TrainReport, config: TrainConfig, data: Sequence[str], mo
              + (f", plus the whole sources {', '.join(config.heldout_sources)}" if config.heldout_sources else "")
              + ")",
              f"- questions per source, before the split: {json.dumps(report.sources)}"]
-    if config.needles or config.span_pairs:
-        lines.append(f"- synthetic questions added to the training split: {config.needles} in the needle format "
-                     f"(train_data.add_needle_pairs; {max(1, int(config.needles * config.heldout_fraction))} to the "
-                     f"held-out split too), {config.span_pairs} span questions (train_data.add_span_pairs)"
-                     if config.needles else
-                     f"- synthetic questions added to the training split: {config.span_pairs} span questions "
-                     "(train_data.add_span_pairs)")
+    synthetic = ([f"{config.needles} in the needle format (train_data.add_needle_pairs; "
+                  f"{_heldout_needles(config)} to the held-out split too)"] if config.needles else []) \
+        + ([f"{config.span_pairs} span questions (train_data.add_span_pairs)"] if config.span_pairs else [])
+    if synthetic:
+        lines.append(f"- synthetic questions added to the training split: {', '.join(synthetic)}")
     lines += ["", "## Training", "",
              f"- {report.steps} steps of {config.batch_size} questions, lr {config.lr}, "
              f"{config.hard_negatives} hard negatives per question, seed {config.seed}",

@@ -21,6 +21,8 @@ from .encode import plan_batches, pool_chunks
 from .errors import InvalidInputError
 from .generate import build_prompt, left_pad, query_positions
 
+MAX_QUERY_TOKENS = 128  # routing tokens kept per question: a bound on a training batch's size
+
 
 @dataclass
 class RaggedStates:
@@ -100,7 +102,7 @@ def cache_documents(backbone: Backbone, tokenizer: Any, texts: Sequence[str], la
 @torch.no_grad()
 def cache_queries(backbone: Backbone, tokenizer: Any, queries: Sequence[str], layers: Sequence[int], *,
                   position_offset: int = 16, batch_size: int = 64, max_tokens_per_batch: int = 16384,
-                  max_query_tokens: int = 128, dtype: torch.dtype = torch.float16,
+                  max_query_tokens: int = MAX_QUERY_TOKENS, dtype: torch.dtype = torch.float16,
                   show_progress_bar: bool | None = None) -> RaggedStates:
     """Normed hidden states at each question's routing tokens, [tokens, len(layers), hidden].
 

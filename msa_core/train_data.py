@@ -116,6 +116,7 @@ class TrainingSet:
 
 
 _WORD = re.compile(r"^[a-z]{4,10}$")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")  # where synthetic questions cut documents into sentences
 
 
 def add_needle_pairs(data: TrainingSet, n: int, *, doc_words: int = 300, seed: int = 1) -> None:
@@ -134,7 +135,7 @@ def add_needle_pairs(data: TrainingSet, n: int, *, doc_words: int = 300, seed: i
     vocab = sorted({w for d in data.documents[:5000] for w in d.lower().split() if _WORD.match(w)})
     if len(vocab) < 50:
         raise InvalidInputError("too few distinct words in the training documents to draw needle keys from")
-    sentences = [s for d in data.documents for s in re.split(r"(?<=[.!?])\s+", d) if len(s.split()) >= 4]
+    sentences = [s for d in data.documents for s in _SENTENCE_END.split(d) if len(s.split()) >= 4]
     kinds = ("numbers", "uuids", "words")
     for i in range(n):
         key = f"{rng.choice(vocab)}-{rng.choice(vocab)}"
@@ -176,7 +177,7 @@ def add_span_pairs(data: TrainingSet, n: int, *, min_words: int = 6, max_words: 
         if added >= n:
             break
         body = data.documents[d].split("\n", 1)[-1]
-        sentences = [s.split() for s in re.split(r"(?<=[.!?])\s+", body)]
+        sentences = [s.split() for s in _SENTENCE_END.split(body)]
         sentences = [s for s in sentences if len(s) >= min_words]
         if not sentences:
             continue

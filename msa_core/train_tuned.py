@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +29,12 @@ from .errors import InvalidInputError
 from .generate import build_prompt, left_pad, query_positions
 from .lora import adapter_tensors, attach, combine
 from .train import RouterTrainer, TrainConfig, read_training_data
-from .train_cache import RaggedStates
+from .train_cache import MAX_QUERY_TOKENS, RaggedStates
 from .train_data import TrainingSet
 
 TRAIN_DOC_TOKENS = 512  # documents are cut here in training steps (most are shorter); evaluation uses the model's cap
 LM_DOCS = 16  # documents per step that carry the next-token loss
 LORA_SCALE = 2.0  # alpha = 2r, the usual choice
-MAX_ROUTING_TOKENS = 128  # as train_cache.cache_queries
 
 
 class TokenStates:
@@ -60,13 +60,6 @@ class TokenStates:
         return self.h[index], self.positions[index], self.routing[index] & real, real.sum(1), ids
 
 
-def _offsets(lengths: Sequence[int]) -> list[int]:
-    out = [0]
-    for n in lengths:
-        out.append(out[-1] + n)
-    return out
-
-
 @torch.no_grad()
 def lower_documents(backbone: Any, tokenizer: Any, texts: Sequence[str], first: int, max_tokens: int,
                     dtype: torch.dtype) -> TokenStates:
@@ -75,7 +68,7 @@ def lower_documents(backbone: Any, tokenizer: Any, texts: Sequence[str], first: 
     if any(not ids for ids in token_ids):
         raise InvalidInputError("a training document has no tokens")
     lens = [len(ids) for ids in token_ids]
-    offsets, dev = _offsets(lens), backbone.device
+    offsets, dev = list(accumulate(lens, initial=0)), backbone.device
     h_out = torch.empty(offsets[-1], backbone.args.hidden_size, dtype=dtype, device=dev)
     for batch in plan_batches(lens, 256, 65536):
         t = lens[batch[0]]
@@ -97,7 +90,7 @@ def lower_queries(backbone: Any, tokenizer: Any, queries: Sequence[str], first: 
     """Layers 0..first-1 over each question's prompt, at the positions retrieval uses."""
     prompts = [build_prompt(tokenizer, q) for q in queries]
     lens = [len(p.ids) for p in prompts]
-    offsets, dev = _offsets(lens), backbone.device
+    offsets, dev = list(accumulate(lens, initial=0)), backbone.device
     h_out = torch.empty(offsets[-1], backbone.args.hidden_size, dtype=dtype, device=dev)
     pos_out = torch.empty(offsets[-1], dtype=torch.long, device=dev)
     rout_out = torch.empty(offsets[-1], dtype=torch.bool, device=dev)
@@ -160,11 +153,11 @@ def document_states(backbone: Any, lower: TokenStates, items: Sequence[int], fir
 
 def question_states(backbone: Any, lower: TokenStates, items: Sequence[int], first: int,
                     layers: Sequence[int], recompute: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Routing-token states [B, T, L, hidden] (left-aligned, the first MAX_ROUTING_TOKENS) and mask [B, T]."""
+    """Routing-token states [B, T, L, hidden] (left-aligned, the first MAX_QUERY_TOKENS) and mask [B, T]."""
     h, pos, rout, _, _ = lower.batch(items)
     states = upper(backbone, h, pos, first, layers, recompute=recompute)
     x = torch.stack([states[layer] for layer in layers], dim=2)
-    counts = rout.sum(1).clamp(max=MAX_ROUTING_TOKENS)
+    counts = rout.sum(1).clamp(max=MAX_QUERY_TOKENS)
     m = int(counts.max())
     first_routing = torch.sort((~rout).to(torch.uint8), dim=1, stable=True).indices[:, :m]  # routing tokens, in order
     mask = torch.arange(m, device=x.device)[None, :] < counts[:, None]
