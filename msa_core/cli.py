@@ -452,6 +452,7 @@ def cmd_train_router(args: argparse.Namespace) -> int:
               "heldout_fraction": args.heldout, "seed": args.seed, "max_layers": args.max_layers,
               "max_per_source": args.max_per_source, "precision": args.precision, "needles": args.needles,
               "precondition": args.precondition, "span_pairs": args.span_pairs,
+              "pair_questions": args.pair_questions,
               "tune_from_layer": args.tune_from_layer, "lora_rank": args.lora_rank, "adapter_lr": args.adapter_lr,
               "lm_weight": args.lm_weight, "recompute": args.recompute or None,
               "checkpoint_every": args.checkpoint_every,
@@ -637,6 +638,8 @@ def _add_train_command(command: Any) -> None:
                    "documents (default: 0)")
     p.add_argument("--span-pairs", type=int, help="add N self-supervised questions: a few words cut from a "
                    "training document, answered by it (default: 0)")
+    p.add_argument("--pair-questions", type=int, help="add N self-supervised two-document questions: the words "
+                   "around a name in each of two training documents, answered by both (default: 0)")
     p.add_argument("--tune-from-layer", type=_positive_int, metavar="F", help="also train the backbone's layers from "
                    "F up, as LoRA adapters saved in the router file and merged at load (default: frozen backbone)")
     p.add_argument("--lora-rank", type=_positive_int, help="rank of those adapters (default: 32)")

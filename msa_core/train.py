@@ -90,6 +90,8 @@ class TrainConfig(BaseModel):
                          "split (and a share of it to the held-out split), built from the split's own documents.")
     span_pairs: int = Field(default=0, ge=0, description="Self-supervised questions added to the training split: "
                             "a few words cut from a training document, answered by that document.")
+    pair_questions: int = Field(default=0, ge=0, description="Self-supervised two-document questions added to "
+                                "the training split: words around a name in each of two training documents.")
     tune_from_layer: int | None = Field(default=None, ge=1, description="Also train the backbone's layers from "
                                         "this one up, as rank-lora_rank adapters carried in the router file "
                                         "(msa_core/train_tuned.py); None: the backbone stays frozen.")
@@ -463,7 +465,7 @@ def _heldout_needles(c: TrainConfig) -> int:
 def read_training_data(data: Sequence[str | Path], c: TrainConfig, log: Any = print):
     """Read and split the pairs, add synthetic questions, mine BM25 negatives.
     Returns (all pairs, training split, held-out split, {"data": seconds})."""
-    from .train_data import add_needle_pairs, add_span_pairs, load_pairs
+    from .train_data import add_needle_pairs, add_pair_questions, add_span_pairs, load_pairs
 
     torch.manual_seed(c.seed)
     t0 = time.perf_counter()
@@ -473,6 +475,7 @@ def read_training_data(data: Sequence[str | Path], c: TrainConfig, log: Any = pr
         add_needle_pairs(train, c.needles, seed=c.seed + 1)
         add_needle_pairs(heldout, _heldout_needles(c), seed=c.seed + 2)
     add_span_pairs(train, c.span_pairs, seed=c.seed + 3)
+    add_pair_questions(train, c.pair_questions, seed=c.seed + 4)
     if len(train) < 2:
         raise InvalidInputError(f"only {len(train)} training questions after the held-out split; give more data")
     log(f"data: {len(train)} training questions over {len(train.documents)} documents, "
@@ -617,7 +620,9 @@ def model_card(report: TrainReport, config: TrainConfig, data: Sequence[str], mo
              f"- questions per source, before the split: {json.dumps(report.sources)}"]
     synthetic = ([f"{config.needles} in the needle format (train_data.add_needle_pairs; "
                   f"{_heldout_needles(config)} to the held-out split too)"] if config.needles else []) \
-        + ([f"{config.span_pairs} span questions (train_data.add_span_pairs)"] if config.span_pairs else [])
+        + ([f"{config.span_pairs} span questions (train_data.add_span_pairs)"] if config.span_pairs else []) \
+        + ([f"{config.pair_questions} two-document questions (train_data.add_pair_questions)"]
+           if config.pair_questions else [])
     if synthetic:
         lines.append(f"- synthetic questions added to the training split: {', '.join(synthetic)}")
     lines += ["", "## Training", "",

@@ -196,6 +196,47 @@ def add_span_pairs(data: TrainingSet, n: int, *, min_words: int = 6, max_words: 
         added += 1
 
 
+def _name_window(body: str, rng: random.Random, around: int = 3) -> str | None:
+    """A few words either side of a name: a capitalised word that does not open its sentence."""
+    spots = [(words, i) for words in (s.split() for s in _SENTENCE_END.split(body))
+             for i in range(1, len(words)) if words[i][:1].isupper()]
+    if not spots:
+        return None
+    words, i = rng.choice(spots)
+    return " ".join(words[max(0, i - around): i + around + 1])
+
+
+def add_pair_questions(data: TrainingSet, n: int, *, seed: int = 2) -> None:
+    """Add n self-supervised two-document questions: "<words around a name in A> and <words around a
+    name in B>", whose positives are A and B.
+
+    Multi-hop questions (HotpotQA's comparisons and bridges) name one or two entities among many other
+    words; routing takes the max over query tokens, so each named document should win on its own words.
+    Each positive competes with the negatives only (decoupled InfoNCE), never with the other. Windows skip
+    the first line (a titled document's title) and the first word of each sentence.
+    """
+    if n <= 0 or len(data.documents) < 2:
+        return
+    rng = random.Random(seed)
+    existing = set(data.queries)
+    added = 0
+    for _ in range(4 * n):  # documents without a name are drawn again, within bounds
+        if added >= n:
+            break
+        a, b = rng.sample(range(len(data.documents)), 2)
+        windows = [_name_window(data.documents[d].split("\n", 1)[-1], rng) for d in (a, b)]
+        if None in windows or " and ".join(windows) in existing:
+            continue
+        query = " and ".join(windows)
+        existing.add(query)
+        data.queries.append(query)
+        data.positives.append([a, b])
+        data.given_negatives.append([])
+        data.mined_negatives.append([])
+        data.sources.append("pairs")
+        added += 1
+
+
 def load_pairs(paths: Iterable[str | Path], *, title_rate: float = 0.5,
                max_per_source: int | None = None) -> TrainingSet:
     """Read JSONL files of {"query", "positive", "negatives"?, "title"?, "source"?}.

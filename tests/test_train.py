@@ -327,8 +327,10 @@ def test_model_card_discloses_synthetic_questions():
     from msa_core.train import TrainReport, model_card
 
     report = TrainReport(3, 1.0, "cpu", [1], 10, 10, 0, 0, {})
-    card = model_card(report, TrainConfig(needles=500, span_pairs=7, heldout_fraction=0.01), ["a.jsonl"], "m")
+    config = TrainConfig(needles=500, span_pairs=7, pair_questions=9, heldout_fraction=0.01)
+    card = model_card(report, config, ["a.jsonl"], "m")
     assert "500 in the needle format" in card and "5 to the held-out split" in card and "7 span questions" in card
+    assert "9 two-document questions" in card
     assert "synthetic" not in model_card(report, TrainConfig(), ["a.jsonl"], "m")
 
 
@@ -389,6 +391,28 @@ def test_span_pairs_cut_a_few_words_from_the_body_of_their_own_document():
         assert 6 <= len(words) <= 9 and data.queries[q] in body and "Title" not in words
     again = TrainingSet(list(docs), ["q"], [[0]], [[]], ["src"])
     add_span_pairs(again, 40, min_words=6, max_words=9, seed=5)
+    assert again.queries == data.queries and again.positives == data.positives
+
+
+def test_pair_questions_join_words_around_a_name_in_each_of_two_documents():
+    from msa_core.train_data import TrainingSet, add_pair_questions
+
+    rng = random.Random(0)
+    filler = [w for w in _FILLER if w != "and"]  # " and " joins the two windows
+    docs = [f"Title{i} Heading\n" + " ".join(f"{rng.choice(filler)} the Name{i}x{j} was {rng.choice(filler)} here."
+                                           for j in range(rng.randint(1, 3))) for i in range(20)]
+    docs.append("Nameless\nall lower case words only. and again no names.")  # no window: never a positive
+    data = TrainingSet(list(docs), ["q"], [[0]], [[]], ["src"])
+    add_pair_questions(data, 25, seed=3)
+    assert data.documents == docs and len(data) == 26 and set(data.sources[1:]) == {"pairs"}
+    for q in range(1, 26):
+        a, b = data.positives[q]
+        assert a != b and len(docs) - 1 not in (a, b)
+        left, right = data.queries[q].split(" and ")
+        for window, d in ((left, a), (right, b)):
+            assert window in docs[d].split("\n", 1)[1] and f"Name{d}x" in window and "Title" not in window
+    again = TrainingSet(list(docs), ["q"], [[0]], [[]], ["src"])
+    add_pair_questions(again, 25, seed=3)
     assert again.queries == data.queries and again.positives == data.positives
 
 
