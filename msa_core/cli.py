@@ -447,7 +447,8 @@ def cmd_train_router(args: argparse.Namespace) -> int:
 
     from .train import TrainConfig, train_router
 
-    fields = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "tau": args.tau,
+    fields = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+              "warmup_steps": args.warmup_steps, "tau": args.tau,
               "hard_negatives": args.hard_negatives, "bm25_depth": args.bm25_depth, "eval_every": args.eval_every,
               "heldout_fraction": args.heldout, "seed": args.seed, "max_layers": args.max_layers,
               "max_per_source": args.max_per_source, "precision": args.precision, "needles": args.needles,
@@ -625,6 +626,7 @@ def _add_train_command(command: Any) -> None:
     p.add_argument("--steps", type=_positive_int, help="optimizer steps (default: 1500)")
     p.add_argument("--batch-size", type=_positive_int, help="questions per step (default: 256)")
     p.add_argument("--lr", type=_float_in(0.0, 1.0, low_open=True), help="peak learning rate (default: 5e-4)")
+    p.add_argument("--warmup-steps", type=int, help="steps of linear learning-rate warm-up (default: 100)")
     p.add_argument("--tau", type=_float_in(0.0, 0.5, low_open=True), help="InfoNCE temperature (default: 0.1)")
     p.add_argument("--hard-negatives", type=int, help="mined negatives per question per step (default: 3)")
     p.add_argument("--bm25-depth", type=int, help="BM25 hits kept as hard negatives, 0 for none (default: 30)")

@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from .encode import plan_batches, pool_chunks
 from .errors import InvalidInputError
 from .generate import build_prompt, left_pad, query_positions
-from .lora import adapter_tensors, attach, combine
+from .lora import adapter_tensors, attach, base_view, combine
 from .train import RouterTrainer, TrainConfig, read_training_data
 from .train_cache import MAX_QUERY_TOKENS, RaggedStates
 from .train_data import TrainingSet
@@ -265,6 +265,11 @@ def prepare_tuned_trainer(model: Any, data: Sequence[str | Path], config: TrainC
     last = bb.args.num_layers - 1 if c.lm_weight else max(layers)
     for p in bb.parameters():
         p.requires_grad_(False)
+    if model.generator is not bb:
+        # Started from a tuned router: the generator (base weights) shares every layer its delta leaves alone.
+        # Adapters attached to those would reach it, and the saved file would record a wrong base fingerprint.
+        shared = [i for i in range(first, last + 1) if model.generator.layers[i] is bb.layers[i]]
+        model.generator = base_view(model.generator, shared)
     new = {id(p) for p in attach(bb, range(first, last + 1), c.lora_rank, scale=LORA_SCALE)}
     adapters = {n: p for n, p in bb.named_parameters() if id(p) in new}
     log(f"adapters of rank {c.lora_rank} on layers {first}-{last}: {sum(p.numel() for p in adapters.values())} "

@@ -484,20 +484,21 @@ def test_tuned_training_resumes_exactly(keyword_model_dir, keyword_data, tmp_pat
         torch.testing.assert_close(resumed[1][name], t, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("tuned_again", [False, True])
+@pytest.mark.parametrize("first_from, again_from", [(1, None), (1, 2), (2, 1)])
 def test_training_from_a_tuned_router_keeps_its_backbone_delta(keyword_model_dir, keyword_data, tmp_path,
-                                                               tuned_again):
+                                                               first_from, again_from):
     """Starting from a router that carries adapters, the new file must carry that delta too (stacked with
-    the new adapters when tuning again) and load on the base backbone: the loaded model's weights are the
-    ones training ended with, and it accepts its own banks."""
+    the new adapters when tuning again, on the same layers, fewer or more) and load on the base backbone:
+    the loaded model's weights are the ones training ended with, its generator keeps the base weights, and
+    it accepts its own banks."""
     from msa_core.lora import fold
 
     base = MSAModel.from_pretrained(str(keyword_model_dir))
     first = TrainConfig(steps=3, batch_size=16, lr=1e-2, adapter_lr=1e-2, warmup_steps=1, heldout_fraction=0.0,
-                        bm25_depth=5, tune_from_layer=1, lora_rank=2, lm_weight=0.0)
+                        bm25_depth=5, tune_from_layer=first_from, lora_rank=2, lm_weight=0.0)
     train_router(base, [keyword_data], tmp_path / "tuned.safetensors", first, log=lambda m: None)
     start = MSAModel.from_pretrained(str(keyword_model_dir), router=tmp_path / "tuned.safetensors")
-    again = first.model_copy(update={"tune_from_layer": 2 if tuned_again else None, "precondition": "none"})
+    again = first.model_copy(update={"tune_from_layer": again_from, "precondition": "none"})
     trainer = _trainer(start, keyword_data, again)
     trainer.run()
     from msa_core.train import TrainReport, save_trained_router
@@ -509,6 +510,7 @@ def test_training_from_a_tuned_router_keeps_its_backbone_delta(keyword_model_dir
     fold(start.backbone)  # what training ended with: the starting delta and (if tuned) the new adapters
     loaded = MSAModel.from_pretrained(str(keyword_model_dir), router=tmp_path / "again.safetensors")
     assert loaded.backbone_fingerprint != base.backbone_fingerprint
+    assert loaded.generator.fingerprint() == start.generator.fingerprint() == base.backbone_fingerprint
     for (name, want), got in zip(start.backbone.state_dict().items(), loaded.backbone.state_dict().values()):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4, msg=name)  # the file stores fp16
     bank = loaded.index(["alpha beta gamma", "delta epsilon"], ids=["a", "b"])
