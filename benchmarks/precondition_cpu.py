@@ -49,7 +49,9 @@ def build_cache(path: Path) -> dict:
     return out
 
 
-def run(c: dict, mode: str, layers: list[int], steps: int, lr: float, kv_heads: int = 3) -> dict:
+def run(c: dict, mode: str, layers: list[int], steps: int, lr: float, kv_heads: int = 3,
+        routing: RoutingConfig | None = None) -> dict:
+    routing = routing or RoutingConfig()
     cols = [c["layers"].index(layer) for layer in layers]
     tq, td, hq, hd = (RaggedStates(c[k].x[:, cols].clone(), c[k].offsets)
                       for k in ("train_qs", "train_docs", "held_qs", "held_docs"))
@@ -58,9 +60,9 @@ def run(c: dict, mode: str, layers: list[int], steps: int, lr: float, kv_heads: 
     cfg = TrainConfig(steps=steps, batch_size=128, lr=lr, warmup_steps=30, eval_every=10**6, mine_at=[0.5],
                       precondition=mode)
     t = time.perf_counter()
-    trainer = RouterTrainer(router, layers, c["train"], tq, td, c["held"], hq, hd, cfg, RoutingConfig())
+    trainer = RouterTrainer(router, layers, c["train"], tq, td, c["held"], hq, hd, cfg, routing)
     trainer.run()
-    res = evaluate(router, layers, hq, hd, c["held"].positives, RoutingConfig())
+    res = evaluate(router, layers, hq, hd, c["held"].positives, routing)
     return {"mode": mode, "kv_heads": kv_heads, "lr": lr, "steps": steps, "final_train_loss": round(trainer.history[-1]["loss"], 3),
             "seconds": round(time.perf_counter() - t, 1),
             **{k: round(v, 4) for k, v in res.items() if k.startswith("recall")},

@@ -225,9 +225,9 @@ def add_pair_questions(data: TrainingSet, n: int, *, seed: int = 2) -> None:
             break
         a, b = rng.sample(range(len(data.documents)), 2)
         windows = [_name_window(data.documents[d].split("\n", 1)[-1], rng) for d in (a, b)]
-        if None in windows or " and ".join(windows) in existing:
+        query = None if None in windows else " and ".join(windows)
+        if query is None or query in existing:
             continue
-        query = " and ".join(windows)
         existing.add(query)
         data.queries.append(query)
         data.positives.append([a, b])
