@@ -316,16 +316,15 @@ def environment() -> dict[str, Any]:
         env["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     except ImportError:
         env["device"] = "cpu"
-    versions = {}
-    for pkg in ("msa", "torch", "transformers", "sentence-transformers", "faiss-cpu", "bm25s", "PyStemmer",
+    from msa_core import __version__
+
+    # The code's own version: an editable install keeps the metadata of the day it was installed.
+    versions = {"msa": __version__}
+    for pkg in ("torch", "transformers", "sentence-transformers", "faiss-cpu", "bm25s", "PyStemmer",
                 "langchain-core", "numpy"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             pass
-    if "msa" not in versions:
-        from msa_core import __version__
-
-        versions["msa"] = __version__
     env["versions"] = versions
     return env

@@ -459,3 +459,11 @@ def test_cli_compare_bad_input(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_reports_name_the_running_code_version():
+    """An editable install keeps the metadata version it was installed with; the report must not."""
+    from msa_core import __version__
+    from msa_integrations.compare.harness import environment
+
+    assert environment()["versions"]["msa"] == __version__
