@@ -69,29 +69,39 @@ def run(c: dict, mode: str, layers: list[int], steps: int, lr: float, kv_heads: 
             "per_layer_recall@5": res["per_layer_recall@5"]}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def slice_arguments(ap: argparse.ArgumentParser) -> tuple[argparse.Namespace, dict]:
+    """Add the options every CPU-slice benchmark shares (--layers, --steps, --cache), parse them, use 2 threads
+    and load the cached slice (building it the first time)."""
     ap.add_argument("--layers", default="12,24,28")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--cache", default="/tmp/precondition_cache.pt")
     args = ap.parse_args()
+    args.layers = [int(x) for x in args.layers.split(",")]
     torch.set_num_threads(2)
     path = Path(args.cache)
-    c = torch.load(path, weights_only=False) if path.is_file() else build_cache(path)
-    layers = [int(x) for x in args.layers.split(",")]
-    runs = []
+    return args, (torch.load(path, weights_only=False) if path.is_file() else build_cache(path))
+
+
+def write_result(name: str, c: dict, layers: list[int], runs: list[dict]) -> None:
+    """results/router_training/<name>.json: the slice's size, the runs and the machine."""
+    result = {"layers": layers, "train_questions": len(c["train"]), "train_documents": len(c["train"].documents),
+              "heldout_questions": len(c["held"]), "heldout_documents": len(c["held"].documents), "runs": runs,
+              "device": "cpu", "threads": torch.get_num_threads(), "python": platform.python_version(),
+              "torch": torch.__version__}
+    out = ROOT / f"results/router_training/{name}.json"
+    out.write_text(json.dumps(result, indent=1))
+    print("wrote", out)
+
+
+def main() -> None:
+    args, c = slice_arguments(argparse.ArgumentParser())
+    layers, runs = args.layers, []
     for mode in ("none", "standardize", "whiten"):
         runs.append(run(c, mode, layers, args.steps, 5e-4))
         print(json.dumps(runs[-1]), flush=True)
     runs.append(run(c, "standardize", layers, args.steps, 5e-4, kv_heads=9))
     print(json.dumps(runs[-1]), flush=True)
-    result = {"layers": layers, "train_questions": len(c["train"]), "train_documents": len(c["train"].documents),
-              "heldout_questions": len(c["held"]), "heldout_documents": len(c["held"].documents), "runs": runs,
-              "device": "cpu", "threads": torch.get_num_threads(), "python": platform.python_version(),
-              "torch": torch.__version__}
-    out = ROOT / "results/router_training/precondition_cpu.json"
-    out.write_text(json.dumps(result, indent=1))
-    print("wrote", out)
+    write_result("precondition_cpu", c, layers, runs)
 
 
 if __name__ == "__main__":

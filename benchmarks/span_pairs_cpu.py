@@ -10,14 +10,13 @@ each on 2 cores, kept in --cache-dir). Writes benchmarks/results/router_training
 import argparse
 import copy
 import json
-import platform
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from precondition_cpu import ROOT, build_cache, run  # noqa: E402
+from precondition_cpu import run, slice_arguments, write_result  # noqa: E402
 
 from msa_core.train_cache import RaggedStates, cache_queries  # noqa: E402
 from msa_core.train_data import add_span_pairs  # noqa: E402
@@ -47,24 +46,14 @@ def with_spans(c: dict, n: int, cache_dir: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--spans", default="0,2160,6480")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--cache", default="/tmp/precondition_cache.pt")
     ap.add_argument("--cache-dir", default="/tmp")
-    args = ap.parse_args()
-    torch.set_num_threads(2)
-    path = Path(args.cache)
-    c = torch.load(path, weights_only=False) if path.is_file() else build_cache(path)
+    args, c = slice_arguments(ap)
     runs = []
     for n in (int(x) for x in args.spans.split(",")):
         runs.append({"span_pairs": n, **run(with_spans(c, n, Path(args.cache_dir)) if n else c, "standardize",
-                                            [12, 24, 28], args.steps, 5e-4)})
+                                            args.layers, args.steps, 5e-4)})
         print(json.dumps(runs[-1]), flush=True)
-    result = {"layers": [12, 24, 28], "train_questions": len(c["train"]), "heldout_questions": len(c["held"]),
-              "heldout_documents": len(c["held"].documents), "runs": runs, "device": "cpu",
-              "threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__}
-    out = ROOT / "results/router_training/span_pairs_cpu.json"
-    out.write_text(json.dumps(result, indent=1))
-    print("wrote", out)
+    write_result("span_pairs_cpu", c, args.layers, runs)
 
 
 if __name__ == "__main__":
