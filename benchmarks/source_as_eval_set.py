@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+
+from msa_integrations.compare import Document, Query, write_dataset
 
 
 def main() -> None:
@@ -26,14 +27,10 @@ def main() -> None:
             text = rec["positive"]
             if text not in ids:
                 ids[text] = f"p{len(ids):05d}"
-                corpus.append({"id": ids[text], "title": rec.get("title") or "", "text": text})
-            queries.append({"id": f"q{n:05d}", "question": rec["query"], "answer": rec.get("answer", ""),
-                            "gold_ids": [ids[text]]})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("corpus.jsonl", corpus), ("queries.jsonl", queries)):
-        (out / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    print(f"{len(corpus)} passages and {len(queries)} questions written to {out}")
+                corpus.append(Document(ids[text], text, rec.get("title") or ""))
+            queries.append(Query(f"q{n:05d}", rec["query"], (ids[text],), rec.get("answer", "")))
+    write_dataset(args.out, corpus, queries)
+    print(f"{len(corpus)} passages and {len(queries)} questions written to {args.out}")
 
 
 if __name__ == "__main__":

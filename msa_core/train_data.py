@@ -119,6 +119,12 @@ _WORD = re.compile(r"^[a-z]{4,10}$")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")  # where synthetic questions cut documents into sentences
 
 
+def _body_sentences(document: str) -> list[list[str]]:
+    """The words of each sentence of a document's body: the first line (a titled document's title) is
+    skipped, so a title alone never gives a synthetic question away."""
+    return [s.split() for s in _SENTENCE_END.split(document.split("\n", 1)[-1])]
+
+
 def add_needle_pairs(data: TrainingSet, n: int, *, doc_words: int = 300, seed: int = 1) -> None:
     """Add n synthetic key-lookup questions in RULER's needle format, built from `data`'s own documents.
 
@@ -176,9 +182,7 @@ def add_span_pairs(data: TrainingSet, n: int, *, min_words: int = 6, max_words: 
     for d in order * 3:  # several windows per document when n exceeds the number of documents
         if added >= n:
             break
-        body = data.documents[d].split("\n", 1)[-1]
-        sentences = [s.split() for s in _SENTENCE_END.split(body)]
-        sentences = [s for s in sentences if len(s) >= min_words]
+        sentences = [s for s in _body_sentences(data.documents[d]) if len(s) >= min_words]
         if not sentences:
             continue
         words = rng.choice(sentences)
@@ -196,10 +200,10 @@ def add_span_pairs(data: TrainingSet, n: int, *, min_words: int = 6, max_words: 
         added += 1
 
 
-def _name_window(body: str, rng: random.Random, around: int = 3) -> str | None:
-    """A few words either side of a name: a capitalised word that does not open its sentence."""
-    spots = [(words, i) for words in (s.split() for s in _SENTENCE_END.split(body))
-             for i in range(1, len(words)) if words[i][:1].isupper()]
+def _name_window(document: str, rng: random.Random, around: int = 3) -> str | None:
+    """A few words either side of a name in the document's body: a capitalised word that does not open its
+    sentence."""
+    spots = [(words, i) for words in _body_sentences(document) for i in range(1, len(words)) if words[i][:1].isupper()]
     if not spots:
         return None
     words, i = rng.choice(spots)
@@ -224,7 +228,7 @@ def add_pair_questions(data: TrainingSet, n: int, *, seed: int = 2) -> None:
         if added >= n:
             break
         a, b = rng.sample(range(len(data.documents)), 2)
-        windows = [_name_window(data.documents[d].split("\n", 1)[-1], rng) for d in (a, b)]
+        windows = [_name_window(data.documents[d], rng) for d in (a, b)]
         query = None if None in windows else " and ".join(windows)
         if query is None or query in existing:
             continue
