@@ -82,7 +82,7 @@ def summary(times: list[float]) -> dict[str, float]:
 
 def baseline_forward_tps(model: MSAModel, texts: list[str], budget_tokens: int = 16384) -> float:
     """Tokens/s of the bare backbone over right-padded batches like encoding uses (no capture, no pooling)."""
-    from msa_core.encode import plan_batches
+    from msa_core.inference.encode import plan_batches
 
     tok = [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     tok = [t[: model.config.encode.max_doc_tokens] for t in tok]

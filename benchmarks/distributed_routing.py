@@ -38,7 +38,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from msa_core import MSAConfig, MSAModel, __version__
 from msa_core.distributed import ShardedBank, _bank_like, distributed_answer, distributed_retrieve, load_sharded
-from msa_core.memory import PartRecord
+from msa_core.memory.records import PartRecord
 
 QUESTIONS = ["Who built the lighthouse of Velmora?", "When do the ferries return to the harbour?",
              "What is the capital of France?", "How long is the cheese aged?",

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from msa_core import MSAConfig, MSAModel, __version__  # noqa: E402
-from msa_core.encode import DocumentPart, _Pooler, _routing_keys, encode_parts  # noqa: E402
+from msa_core.inference.encode import DocumentPart, _Pooler, _routing_keys, encode_parts
 
 
 def timed(fn, reps: int) -> float:

@@ -46,10 +46,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from msa_core import MSAConfig, MSAModel, __version__, kernels  # noqa: E402
-from msa_core.encoded import EncodedDocuments  # noqa: E402
-from msa_core.generate import (  # noqa: E402
-    Generation, MemoryRouter, SamplingParams, build_prompt, left_pad, query_positions)
-from msa_core.memory import MemoryBank  # noqa: E402
+from msa_core.inference.generate import (
+    Generation,
+    MemoryRouter,
+    SamplingParams,
+    build_prompt,
+    left_pad,
+    query_positions,
+)
+from msa_core.memory.bank import MemoryBank
+from msa_core.memory.encoded import EncodedDocuments
 from msa_core.model import HYBRID_INSTRUCTION  # noqa: E402
 
 H100_BANDWIDTH = 3.35e12  # bytes/s, H100 SXM HBM3
@@ -295,7 +301,7 @@ def msa4b_part(args, device: torch.device, result: dict, save) -> None:
     from msa_tiny import save_msa_tokenizer
     from transformers import AutoTokenizer
 
-    from msa_core.msa_format import model_from_components
+    from msa_core.checkpoints.msa_format import model_from_components
     tok_dir = Path(tempfile.mkdtemp(prefix="gpu-scale-tok-"))
     save_msa_tokenizer(tok_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))

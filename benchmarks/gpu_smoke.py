@@ -22,9 +22,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from msa_core import MSAConfig, MSAModel, __version__  # noqa: E402
-from msa_core.encode import DocumentPart, encode_parts  # noqa: E402
 from tiny import save_tiny_tokenizer  # noqa: E402
+
+from msa_core import MSAConfig, MSAModel, __version__  # noqa: E402
+from msa_core.inference.encode import DocumentPart, encode_parts
 
 
 def smollm2_shaped_checkpoint(path: Path) -> Path:

@@ -30,15 +30,21 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from msa_core import __version__  # noqa: E402
-from msa_core.backbone import Backbone, BackboneArgs  # noqa: E402
-from msa_core.generate import SamplingParams  # noqa: E402
-from msa_core.interleave import (END_OF_RETRIEVE, OBJECT_REF_END, InterleaveMachine, ModelBackend,  # noqa: E402
-                                 run_interleave)
-from msa_core.msa_format import model_from_components  # noqa: E402
-from msa_core.rope import RopeSpec, RotaryEmbedding  # noqa: E402
-from msa_core.router import RouterProjectors  # noqa: E402
 from msa_tiny import save_msa_tokenizer  # noqa: E402
+
+from msa_core import __version__  # noqa: E402
+from msa_core.checkpoints.msa_format import model_from_components
+from msa_core.decoder.backbone import Backbone, BackboneArgs
+from msa_core.decoder.rope import RopeSpec, RotaryEmbedding
+from msa_core.inference.generate import SamplingParams
+from msa_core.inference.interleave import (
+    END_OF_RETRIEVE,
+    OBJECT_REF_END,
+    InterleaveMachine,
+    ModelBackend,
+    run_interleave,
+)
+from msa_core.routing.projectors import RouterProjectors
 
 MSA_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_layers=36, num_heads=32,
               kv_heads=8, head_dim=128, rope_theta=5e6, max_pos=262144, layers="18-35", pooling=64, top_k=16)

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from msa_core.config import RoutingConfig
-from msa_core.router import RouterProjectors
-from msa_core.train import RouterTrainer, TrainConfig, evaluate
-from msa_core.train_cache import RaggedStates
-from msa_core.train_precondition import condition
+from msa_core.routing.projectors import RouterProjectors
+from msa_core.training.cache import RaggedStates
+from msa_core.training.precondition import condition
+from msa_core.training.trainer import RouterTrainer, TrainConfig, evaluate
 
 ROOT = Path(__file__).resolve().parent
 CACHED_LAYERS = [2, 4, 7, 12, 16, 24, 28]
@@ -31,8 +31,8 @@ CACHED_LAYERS = [2, 4, 7, 12, 16, 24, 28]
 
 def build_cache(path: Path) -> dict:
     from msa_core.model import MSAModel
-    from msa_core.train_cache import cache_documents, cache_queries
-    from msa_core.train_data import load_pairs
+    from msa_core.training.cache import cache_documents, cache_queries
+    from msa_core.training.data import load_pairs
 
     m = MSAModel.from_pretrained("default", device="cpu")
     files = sorted(glob.glob(str(ROOT.parents[1] / "shared/data/train/*.jsonl")))

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from msa_core.model import MSAModel
-from msa_core.train import evaluate
-from msa_core.train_cache import cache_documents, cache_queries
-from msa_core.train_data import load_pairs
+from msa_core.training.cache import cache_documents, cache_queries
+from msa_core.training.data import load_pairs
+from msa_core.training.trainer import evaluate
 
 torch.set_num_threads(2)
 m = MSAModel.from_pretrained("default", device="cpu")  # shipped router

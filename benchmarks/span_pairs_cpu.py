@@ -18,8 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from precondition_cpu import run, slice_arguments, write_result  # noqa: E402
 
-from msa_core.train_cache import RaggedStates, cache_queries  # noqa: E402
-from msa_core.train_data import add_span_pairs  # noqa: E402
+from msa_core.training.cache import RaggedStates, cache_queries
+from msa_core.training.data import add_span_pairs
 
 
 def with_spans(c: dict, n: int, cache_dir: Path) -> dict:

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from msa_core.model import MSAModel
-from msa_core.train_data import load_pairs
-from msa_core.train_tuned import TRAIN_DOC_TOKENS, lm_loss, lower_documents
+from msa_core.training.data import load_pairs
+from msa_core.training.tuned import TRAIN_DOC_TOKENS, lm_loss, lower_documents
 
 ROOT = Path(__file__).resolve().parent
 

@@ -37,12 +37,20 @@ from pathlib import Path
 
 import torch
 
-from msa_core.lora import adapter_tensors, attach
-from msa_core.train import decoupled_infonce, evaluate, layer_doc_scores
-from msa_core.train_cache import cache_documents, cache_queries
-from msa_core.train_data import load_pairs
-from msa_core.train_tuned import (LORA_SCALE, TRAIN_DOC_TOKENS, document_states, lm_loss, lower_documents,
-                                  lower_queries, question_states, ragged_states)
+from msa_core.decoder.lora import adapter_tensors, attach
+from msa_core.training.cache import cache_documents, cache_queries
+from msa_core.training.data import load_pairs
+from msa_core.training.trainer import decoupled_infonce, evaluate, layer_doc_scores
+from msa_core.training.tuned import (
+    LORA_SCALE,
+    TRAIN_DOC_TOKENS,
+    document_states,
+    lm_loss,
+    lower_documents,
+    lower_queries,
+    question_states,
+    ragged_states,
+)
 
 EVAL_DOC_TOKENS = 2048
 

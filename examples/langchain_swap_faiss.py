@@ -24,7 +24,7 @@ from langchain_core.prompts import ChatPromptTemplate  # noqa: E402
 from langchain_core.runnables import RunnableParallel, RunnablePassthrough  # noqa: E402
 from langchain_core.vectorstores import VectorStore  # noqa: E402
 
-from msa_core.corpus import DEMO_CORPUS_PATH, read_corpus  # noqa: E402
+from msa_core.memory.corpus import DEMO_CORPUS_PATH, read_corpus
 from msa_integrations.langchain import ChatMSA, MSAVectorStore  # noqa: E402
 
 QUESTIONS = ["Who is the keeper of Greyhook Lighthouse?",

@@ -15,7 +15,7 @@ import time
 
 from llama_index.core import Document, StorageContext, VectorStoreIndex
 
-from msa_core.corpus import DEMO_CORPUS_PATH, DEMO_QUESTIONS_PATH, read_corpus
+from msa_core.memory.corpus import DEMO_CORPUS_PATH, DEMO_QUESTIONS_PATH, read_corpus
 from msa_integrations.llama_index import MSALLM, MSAQueryEngine, MSAVectorStore
 
 

@@ -35,11 +35,10 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from .backbone import Memory
 from .config import RoutingConfig
+from .decoder.backbone import Memory
 from .errors import InvalidInputError, check_text
-from .filters import Filter
-from .generate import (
+from .inference.generate import (
     Generation,
     LayerRouting,
     MemoryRouter,
@@ -49,21 +48,13 @@ from .generate import (
     left_pad,
     query_positions,
 )
-from .memory import (
-    DOCSTORE,
-    MANIFEST,
-    TENSOR_NAMES,
-    TENSORS,
-    MemoryBank,
-    _bank_from_manifest,
-    _build_state,
-    _live_version,
-    _read_docstore,
-    _read_manifest,
-    _verify_file,
-)
+from .memory.bank import MemoryBank
+from .memory.filters import Filter
+from .memory.persist import MANIFEST, TENSORS, read_version
+from .memory.records import TENSOR_NAMES
 from .model import Answer, MSAModel, RetrievedDocument
-from .router import RouterProjectors, aggregate_layers, select_top_k
+from .routing.projectors import RouterProjectors
+from .routing.scores import aggregate_layers, select_top_k
 
 Strategy = Literal["contiguous", "round_robin"]
 
@@ -127,7 +118,7 @@ class ShardedBank:
     def from_bank(cls, bank: MemoryBank, rank: int, world_size: int, *, group: Any = None,
                   strategy: Strategy = "contiguous") -> ShardedBank:
         """Cut `bank` (held whole in this process) down to the shard of `rank`."""
-        rows = shard_rows(list(bank._state.parent_rows.values()), rank, world_size, strategy)
+        rows = shard_rows(bank.parent_rows(), rank, world_size, strategy)
         rows_t = torch.tensor(rows, dtype=torch.long)
         chunks = bank.chunks_of(rows_t)
         # Any K/V tier in, a plain bank on bank.device out (a shard is meant to be resident).
@@ -135,7 +126,7 @@ class ShardedBank:
         for name in TENSOR_NAMES:
             t = getattr(bank, name)
             tensors[name] = t.index_select(1, chunks.to(t.device)).to(bank.device)
-        local = _bank_like(bank, tuple(bank.docstore[r] for r in rows), tensors)
+        local = bank.with_contents(tuple(bank.docstore[r] for r in rows), tensors, bank.device)
         return cls(local, rows_t, bank.chunk_counts.cpu(), len(bank), rank, world_size, group)
 
 
@@ -150,13 +141,8 @@ def load_sharded(path: str | Path, group: Any = None, *, strategy: Strategy = "c
     from safetensors import safe_open
 
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    vdir = _live_version(Path(path))
-    manifest = _read_manifest(vdir / MANIFEST)
-    if verify:
-        for name in (DOCSTORE, TENSORS):
-            _verify_file(vdir / name, manifest)
-    parts = _read_docstore(vdir / DOCSTORE)
-    template = _bank_from_manifest(MemoryBank, manifest, vdir / MANIFEST)
+    vdir, manifest, parts = read_version(Path(path), verify=verify)
+    template = MemoryBank.from_manifest(manifest, vdir / MANIFEST)
     parents: dict[str, list[int]] = {}
     for row, p in enumerate(parts):
         parents.setdefault(p.parent_id, []).append(row)
@@ -173,23 +159,8 @@ def load_sharded(path: str | Path, group: Any = None, *, strategy: Strategy = "c
             empty = torch.empty(len(template.layers), 0, template.kv_heads, template.head_dim,
                                 dtype=template.storage_dtype)
             tensors[name] = torch.cat(pieces, dim=1).to(device) if pieces else empty.to(device)
-    template._device = device
-    local = _bank_like(template, tuple(parts[r] for r in rows), tensors)
+    local = template.with_contents(tuple(parts[r] for r in rows), tensors, device)
     return ShardedBank(local, torch.tensor(rows, dtype=torch.long), counts, len(parents), rank, world, group)
-
-
-def _bank_like(template: MemoryBank, parts: tuple, tensors: dict[str, torch.Tensor]) -> MemoryBank:
-    """A MemoryBank with `template`'s settings and fingerprints holding exactly `parts` and `tensors`."""
-    bank = MemoryBank(layers=template.layers, kv_heads=template.kv_heads, head_dim=template.head_dim,
-                      config=template.config, backbone_fingerprint=template.backbone_fingerprint,
-                      router_fingerprint=template.router_fingerprint, model_name=template.model_name)
-    bank._device = template.device
-    expected = (len(template.layers), sum(p.n_chunks for p in parts), template.kv_heads, template.head_dim)
-    for name, t in tensors.items():
-        if tuple(t.shape) != expected:
-            raise InvalidInputError(f"shard tensor {name} has shape {tuple(t.shape)}, expected {expected}")
-    bank._state = _build_state(parts, tensors, template.device)
-    return bank
 
 
 def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -21,15 +21,24 @@ from typing import Any, Literal
 
 import torch
 
-from .backbone import Backbone, load_backbone
 from .config import MSAConfig
-from .encode import encode_parts, split_documents
+from .decoder.backbone import Backbone, load_backbone
 from .errors import InvalidInputError, ModelLoadError, check_text
-from .filters import Filter
-from .generate import (Generation, MemoryRouter, Message, SamplingParams, build_prompt, last_user_text, left_pad,
-                       query_positions)
-from .memory import MemoryBank
-from .router import RouterProjectors, aggregate_layers, relevance
+from .inference.encode import encode_parts, split_documents
+from .inference.generate import (
+    Generation,
+    MemoryRouter,
+    Message,
+    SamplingParams,
+    build_prompt,
+    last_user_text,
+    left_pad,
+    query_positions,
+)
+from .memory.bank import MemoryBank
+from .memory.filters import Filter
+from .routing.projectors import RouterProjectors
+from .routing.scores import aggregate_layers, relevance
 
 Mode = Literal["latent", "hybrid", "interleave"]
 # A hybrid-mode generator: prompt text -> answer text, or an iterator of text pieces (streaming).
@@ -105,7 +114,7 @@ class MSAModel:
 
     def __init__(self, backbone: Backbone, tokenizer: Any, router: RouterProjectors, config: MSAConfig, *,
                  name: str = "", eos_ids: Sequence[int] = (), generator: Backbone | None = None) -> None:
-        from .reference import ReferenceProfile
+        from .inference.reference import ReferenceProfile
 
         if config.profile is None:
             config = config.model_copy(update={"profile": "default"})
@@ -146,8 +155,8 @@ class MSAModel:
         """
         from transformers import AutoTokenizer
 
-        from .defaults import default_router_path, resolve_model_path
-        from .msa_format import is_msa_checkpoint, load_msa_model
+        from .checkpoints.defaults import default_router_path, resolve_model_path
+        from .checkpoints.msa_format import is_msa_checkpoint, load_msa_model
 
         if profile not in (None, "default", "reference"):
             raise InvalidInputError(f"profile must be 'default' or 'reference', got {profile!r}")
@@ -177,7 +186,7 @@ class MSAModel:
         """Save backbone, router, settings and tokenizer as an MSA-format checkpoint folder (the
         released model's format: config.json with msa_config, router tensors under the reference's
         names). Loading it back gives the same weights, router fingerprint and settings."""
-        from .msa_format import save_msa
+        from .checkpoints.msa_format import save_msa
 
         if format != "msa":
             raise InvalidInputError(f"format must be 'msa', got {format!r}")
@@ -423,7 +432,7 @@ class MSAModel:
 
     def _interleave(self, question: str | Sequence[Message], bank: MemoryBank | None, k: int, filter: Filter,
                     params: SamplingParams, max_rounds: int, bidirectional: bool) -> AnswerStream:
-        from .interleave import InterleaveMachine, ModelBackend, run_interleave
+        from .inference.interleave import InterleaveMachine, ModelBackend, run_interleave
 
         if self.reference is None:
             raise InvalidInputError("mode='interleave' is the released MSA model's protocol and needs the reference "
@@ -538,7 +547,7 @@ def _make_router(backbone: Backbone, cfg: MSAConfig,
                              "and memory banks store routing keys in that layout")
     generator = None
     if loaded.backbone_delta:  # the router was trained with the backbone's upper layers: they change too
-        from .lora import base_view, delta_layers, merge
+        from .decoder.lora import base_view, delta_layers, merge
 
         # The delta is trained for routing, not for answering (it costs the instruction-tuned model its
         # answers: README, Training routers), so hybrid answers keep the base weights of the layers it changes.

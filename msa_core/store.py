@@ -16,8 +16,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from .filters import Filter
-from .memory import MemoryBank
+from .memory.bank import MemoryBank
+from .memory.filters import Filter
 from .model import Answer, AnswerStream, MSAModel, RetrievedDocument
 
 T = TypeVar("T")

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from msa_core import memory
 from msa_core.config import EncodeConfig, MSAConfig
-from msa_core.encoded import EncodedDocuments
-from msa_core.memory import MemoryBank
+from msa_core.memory import persist as memory
+from msa_core.memory.bank import MemoryBank
+from msa_core.memory.encoded import EncodedDocuments
 
 LAYERS = [1, 2]
 H, D = 2, 16

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from msa_core.backbone import load_backbone
+from msa_core.decoder.backbone import load_backbone
 from msa_core.errors import ModelLoadError
 
 ROPES = {

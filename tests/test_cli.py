@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from msa_core.cli import _parse_filters, main
+from msa_core.cli.main import _parse_filters, main
 from msa_core.errors import InvalidInputError
-from msa_core.memory import CURRENT, TENSORS
+from msa_core.memory.persist import CURRENT, TENSORS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -358,7 +358,7 @@ def test_info_loads_no_model(capsys, bank):
 
 @pytest.mark.integration
 def test_demo(capsys):
-    from msa_core.corpus import DEMO_CORPUS_PATH
+    from msa_core.memory.corpus import DEMO_CORPUS_PATH
 
     n_docs = sum(1 for line in DEMO_CORPUS_PATH.read_text(encoding="utf-8").splitlines() if line.strip())
     code, out, err = run(capsys, "demo")

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from msa_core.corpus import DEMO_CORPUS_PATH, DEMO_QUESTIONS_PATH, CorpusRecord, read_corpus
 from msa_core.errors import InvalidInputError
+from msa_core.memory.corpus import DEMO_CORPUS_PATH, DEMO_QUESTIONS_PATH, CorpusRecord, read_corpus
 
 
 def write_jsonl(path: Path, lines: list[str], newline: str = "\n", bom: bool = False) -> Path:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from msa_core import MSAModel
-from msa_core.debug import trace
+from msa_core.inference.debug import trace
 
 DOCS = ["The lighthouse of Velmora was built in 1887 by the engineer Ada Quist.",
         "Ferries leave the harbour every morning at seven and return at dusk.",

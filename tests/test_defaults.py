@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from msa_core import defaults
+from msa_core.checkpoints import defaults
 from msa_core.errors import ModelLoadError
 
 SUBDIR = defaults._CACHE_SUBDIR

@@ -26,8 +26,8 @@ from msa_core.distributed import (
     merge_top_k,
     shard_rows,
 )
-from msa_core.generate import MemoryRouter, build_prompt, left_pad, query_positions
-from msa_core.router import select_top_k
+from msa_core.inference.generate import MemoryRouter, build_prompt, left_pad, query_positions
+from msa_core.routing.scores import select_top_k
 
 WORLD = 2
 DOCS = {

@@ -7,11 +7,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from msa_core.backbone import load_backbone
 from msa_core.config import EncodeConfig
-from msa_core.encode import DocumentPart, encode_parts, plan_batches, pool_chunks, split_documents
+from msa_core.decoder.backbone import load_backbone
 from msa_core.errors import InvalidInputError
-from msa_core.router import RouterProjectors
+from msa_core.inference.encode import DocumentPart, encode_parts, plan_batches, pool_chunks, split_documents
+from msa_core.routing.projectors import RouterProjectors
 
 TEXTS = [
     "The lighthouse of Velmora was built in 1887 by the engineer Ada Quist.",

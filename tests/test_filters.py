@@ -3,7 +3,7 @@
 import pytest
 
 from msa_core.errors import InvalidInputError
-from msa_core.filters import compile_filter
+from msa_core.memory.filters import compile_filter
 
 DOC = {"lang": "en", "year": 2021, "score": 0.5, "tags": ["a", "b"], "draft": False, "owner": None}
 

@@ -8,8 +8,15 @@ from transformers import AutoModelForCausalLM
 
 from msa_core.config import MSAConfig
 from msa_core.errors import InvalidInputError
-from msa_core.generate import (MemoryRouter, SamplingParams, TextStream, build_prompt, left_pad, query_positions,
-                               sample_next)
+from msa_core.inference.generate import (
+    MemoryRouter,
+    SamplingParams,
+    TextStream,
+    build_prompt,
+    left_pad,
+    query_positions,
+    sample_next,
+)
 from msa_core.model import MSAModel
 
 DOCS = ["The lighthouse of Velmora was built in 1887 by the engineer Ada Quist.",

@@ -8,9 +8,9 @@ import time
 import pytest
 
 from msa_core import MSAModel
-from msa_core.corpus import DEMO_CORPUS_PATH, DEMO_QUESTIONS_PATH, read_corpus
-from msa_core.defaults import DEFAULT_ROUTER, default_model_dir
-from msa_core.router import RouterProjectors
+from msa_core.checkpoints.defaults import DEFAULT_ROUTER, default_model_dir
+from msa_core.memory.corpus import DEMO_CORPUS_PATH, DEMO_QUESTIONS_PATH, read_corpus
+from msa_core.routing.projectors import RouterProjectors
 
 pytestmark = pytest.mark.integration
 

@@ -9,12 +9,24 @@ import pytest
 import torch
 
 from msa_core import InvalidInputError, MemoryBank, MSAModel
-from msa_core.backbone import attention_mask
-from msa_core.generate import SamplingParams
-from msa_core.interleave import (ANSWER_MARKER, END_OF_RETRIEVE, OBJECT_REF_END, Finish, Generate, Inject,
-                                 InterleaveMachine, ModelBackend, Reroute, extract_answer, parse_ids, reprompt_text,
-                                 run_interleave)
-from msa_core.reference import INSTRUCTION_TAIL, PROMPT_TAIL, Segment
+from msa_core.decoder.backbone import attention_mask
+from msa_core.inference.generate import SamplingParams
+from msa_core.inference.interleave import (
+    ANSWER_MARKER,
+    END_OF_RETRIEVE,
+    OBJECT_REF_END,
+    Finish,
+    Generate,
+    Inject,
+    InterleaveMachine,
+    ModelBackend,
+    Reroute,
+    extract_answer,
+    parse_ids,
+    reprompt_text,
+    run_interleave,
+)
+from msa_core.inference.reference import INSTRUCTION_TAIL, PROMPT_TAIL, Segment
 
 DOCUMENTS = {0: "The lighthouse was built in 1887.", 2: "Ada Quist was an engineer.", 5: "Paris is in France."}
 QUESTION = "Who built the lighthouse?"
@@ -249,7 +261,7 @@ def test_interleave_needs_the_reference_profile(tiny_model_dir):
 
 
 def test_cli_ask_interleave(tiny_msa_dir, tmp_path, capsys):
-    from msa_core.cli import main
+    from msa_core.cli.main import main
 
     corpus = tmp_path / "corpus.jsonl"
     docs = [("light", "The lighthouse was built in 1887."), ("ada", "Ada Quist was an engineer.")]

@@ -20,7 +20,8 @@ _IMPORTED_EARLY = any(m in sys.modules for m in _KERNEL_MODULES)
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton reads it when a kernel module is imported
 
-from msa_core.backbone import Attention, BackboneArgs, LayerCache, Memory
+from msa_core.decoder.backbone import Attention, BackboneArgs, LayerCache, Memory
+from msa_core.decoder.rope import RopeSpec
 from msa_core.errors import InvalidInputError
 from msa_core.kernels import (
     chunk_scores,
@@ -36,8 +37,7 @@ from msa_core.kernels import (
 from msa_core.kernels._common import resolve_backend
 from msa_core.kernels.attention import gather_chunks
 from msa_core.kernels.routing import docs_from_chunks
-from msa_core.rope import RopeSpec
-from msa_core.router import reduce_to_docs, select_top_k
+from msa_core.routing.scores import reduce_to_docs, select_top_k
 
 
 def _triton_skip_reason() -> str | None:
@@ -436,7 +436,8 @@ def test_routing_copies_are_made_once_per_bank_state(tiny_model_dir):
     import gc
 
     from msa_core import MSAConfig, MSAModel
-    from msa_core.generate import _PER_STATE as _ROUTING_COPIES, _routing_on
+    from msa_core.inference.generate import _PER_STATE as _ROUTING_COPIES
+    from msa_core.inference.generate import _routing_on
 
     model = MSAModel.from_pretrained(tiny_model_dir("llama"), config=MSAConfig(encode={"chunk_size": 4}),
                                      router="random", device="cpu")
@@ -456,7 +457,7 @@ def test_routing_copies_are_made_once_per_bank_state(tiny_model_dir):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_gpu_model_routes_a_cpu_bank_through_the_kernel(tiny_model_dir):
     from msa_core import MSAConfig, MSAModel
-    from msa_core.generate import _PER_STATE as _ROUTING_COPIES
+    from msa_core.inference.generate import _PER_STATE as _ROUTING_COPIES
 
     cfg = MSAConfig(routing={"top_k": 3, "exact_scores": True}, encode={"chunk_size": 4})
     model = MSAModel.from_pretrained(tiny_model_dir("llama"), config=cfg, router="random", device="cuda")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from msa_core import BankMismatchError, MSAModel, RouterProjectors
+from msa_core.decoder.lora import NAME_RE, adapter_tensors, attach, combine, fold, merge, remove
 from msa_core.errors import ModelLoadError
-from msa_core.lora import NAME_RE, adapter_tensors, attach, combine, fold, merge, remove
 
 
 @pytest.fixture

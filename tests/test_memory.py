@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from msa_core.config import EncodeConfig, MSAConfig
-from msa_core.encoded import EncodedDocuments
 from msa_core.errors import BankError, BankMismatchError, CorruptBankError, InvalidInputError
-from msa_core.memory import MemoryBank
+from msa_core.memory.bank import MemoryBank
+from msa_core.memory.encoded import EncodedDocuments
 
 LAYERS = [2, 3]
 H, D = 2, 4
@@ -463,10 +463,10 @@ def test_user_files_next_to_a_bank_survive_save(tmp_path, bank):
     assert (tmp_path / "README").read_text() == "mine"
 
 
-@pytest.mark.parametrize("where", ["save_file", "_write_current"])
+@pytest.mark.parametrize("where", ["save_file", "write_current"])
 @pytest.mark.parametrize("exc", [OSError("disk full"), KeyboardInterrupt()])
 def test_save_failing_midway_keeps_previous_version(tmp_path, bank, monkeypatch, where, exc):
-    import msa_core.memory as memory
+    from msa_core.memory import persist as memory
 
     bank.save(tmp_path)
     expected = snapshot(bank)

@@ -10,8 +10,15 @@ import torch
 from safetensors.torch import load_file
 
 from msa_core import InvalidInputError, ModelLoadError, MSAConfig, MSAModel
-from msa_core.msa_format import (MSA_CONFIG_DEFAULTS, AttentionRouter, engine_config, is_msa_checkpoint,
-                                 normalization_for, parse_router_layers, read_msa_config)
+from msa_core.checkpoints.msa_format import (
+    MSA_CONFIG_DEFAULTS,
+    AttentionRouter,
+    engine_config,
+    is_msa_checkpoint,
+    normalization_for,
+    parse_router_layers,
+    read_msa_config,
+)
 
 DOCS = ["The lighthouse of Velmora was built in 1887 by the engineer Ada Quist.",
         "Ferries leave the harbour every morning at seven and return at dusk.",
@@ -237,7 +244,7 @@ def test_our_llama_model_with_a_router_saves_in_msa_format(tiny_model_dir, tmp_p
 
 
 def test_sharded_save_loads_back(tiny_msa_dir, tmp_path):
-    from msa_core.msa_format import save_msa
+    from msa_core.checkpoints.msa_format import save_msa
 
     model = _load(tiny_msa_dir())
     folder = save_msa(model, tmp_path / "sharded", max_shard_bytes=100_000)

@@ -8,10 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from msa_core.cli import main
+from msa_core.cli.main import main
 from msa_core.errors import InvalidInputError
-from msa_core.niah import (NIAHSpec, default_haystack_path, generate_niah, load_haystack, parse_tokens,
-                           score_answer, score_answers)
+from msa_integrations.compare.niah import (
+    NIAHSpec,
+    default_haystack_path,
+    generate_niah,
+    load_haystack,
+    parse_tokens,
+    score_answer,
+    score_answers,
+)
 
 # A small synthetic haystack: sentences with varied words, ~6,000 whitespace tokens.
 HAYSTACK = " ".join(f"Sentence {i} tells of the {w} river and the {w2} hill near town {i % 17}."

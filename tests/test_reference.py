@@ -11,9 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from msa_core import InvalidInputError, MSAModel
-from msa_core.debug import trace
-from msa_core.reference import (DOC_INDEX_KEY, INSTRUCTION_HEAD, INSTRUCTION_TAIL, PROMPT_TAIL, TEMPLATE_HEAD,
-                                render_document)
+from msa_core.inference.debug import trace
+from msa_core.inference.reference import (
+    DOC_INDEX_KEY,
+    INSTRUCTION_HEAD,
+    INSTRUCTION_TAIL,
+    PROMPT_TAIL,
+    TEMPLATE_HEAD,
+    render_document,
+)
 
 DOCS = ["The lighthouse of Velmora was built in 1887 by the engineer Ada Quist.",
         "Ferries leave the harbour every morning at seven and return at dusk.",
@@ -185,7 +191,7 @@ def test_long_documents_split_into_parts_of_the_rendered_text(tiny_msa_dir):
 
 
 def test_chunks_are_spliced_in_ascending_document_order(model):
-    from msa_core.generate import left_pad, query_positions
+    from msa_core.inference.generate import left_pad, query_positions
 
     bank = model.index(DOCS, ids=list("abcd"))
     prof = model.reference

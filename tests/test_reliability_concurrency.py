@@ -19,7 +19,7 @@ import pytest
 from heartbeat import ticks_during
 
 from msa_core import MSAConfig, MSAModel
-from msa_core.memory import MemoryBank
+from msa_core.memory.bank import MemoryBank
 from msa_core.store import MemoryStore
 
 READERS = 100

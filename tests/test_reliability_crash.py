@@ -22,7 +22,8 @@ import torch
 from crash_child import OPS, apply, base_bank
 
 from msa_core.errors import CorruptBankError
-from msa_core.memory import CURRENT, DOCSTORE, MANIFEST, TENSORS, MemoryBank
+from msa_core.memory.bank import MemoryBank
+from msa_core.memory.persist import CURRENT, DOCSTORE, MANIFEST, TENSORS
 
 TRIALS = 20
 SEED = 20260101

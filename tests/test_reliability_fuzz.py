@@ -25,11 +25,11 @@ from hypothesis.control import currently_in_test_context
 
 from msa_core import MSAConfig, MSAModel
 from msa_core.config import EncodeConfig
-from msa_core.corpus import read_corpus
-from msa_core.encoded import EncodedDocuments
 from msa_core.errors import InvalidInputError, MSAError
-from msa_core.filters import compile_filter
-from msa_core.memory import MemoryBank
+from msa_core.memory.bank import MemoryBank
+from msa_core.memory.corpus import read_corpus
+from msa_core.memory.encoded import EncodedDocuments
+from msa_core.memory.filters import compile_filter
 
 EXPLORE = bool(os.environ.get("MSA_FUZZ_EXPLORE"))
 FUZZ = settings(max_examples=300 if EXPLORE else 40, derandomize=not EXPLORE, deadline=None, database=None,

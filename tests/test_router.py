@@ -12,14 +12,8 @@ import pytest
 import torch
 
 from msa_core.errors import InvalidInputError, ModelLoadError
-from msa_core.router import (
-    RouterProjectors,
-    aggregate_layers,
-    reduce_to_docs,
-    relevance,
-    score_chunks,
-    select_top_k,
-)
+from msa_core.routing.projectors import RouterProjectors
+from msa_core.routing.scores import aggregate_layers, reduce_to_docs, relevance, score_chunks, select_top_k
 
 B, T, H, HKV, D, C = 3, 5, 4, 2, 8, 7
 N_DOCS = 5
@@ -393,7 +387,7 @@ def test_fingerprint_tracks_weights():
 
 def test_fingerprint_is_stable_across_processes():
     code = (
-        "from msa_core.router import RouterProjectors as R;"
+        "from msa_core.routing.projectors import RouterProjectors as R;"
         f"print(R.random([3, 2], {HIDDEN}, {H}, {HKV}, {D}, std=0.2, seed=0).fingerprint())"
     )
     root = Path(__file__).resolve().parents[1]

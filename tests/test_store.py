@@ -6,9 +6,9 @@ import asyncio
 import threading
 
 import pytest
+from heartbeat import ticks_during
 
 from msa_core import MSAConfig, MSAModel
-from heartbeat import ticks_during
 from msa_core.store import MemoryStore
 
 DOCS = ["The lighthouse was built in 1887 by Ada Quist.", "Ferries leave at seven.", "Paris is in France."]

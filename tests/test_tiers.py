@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from msa_core.config import EncodeConfig, MSAConfig
-from msa_core.encoded import EncodedDocuments
 from msa_core.errors import CorruptBankError, InvalidInputError
-from msa_core.memory import MemoryBank
+from msa_core.memory.bank import MemoryBank
+from msa_core.memory.encoded import EncodedDocuments
 
 LAYERS = [1, 3]
 H, D = 2, 4

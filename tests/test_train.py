@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from msa_core.cli import main
+from msa_core.cli.main import main
 from msa_core.config import MSAConfig
 from msa_core.errors import InvalidInputError
 from msa_core.model import MSAModel
-from msa_core.router import RouterProjectors
-from msa_core.train import (
+from msa_core.routing.projectors import RouterProjectors
+from msa_core.training.cache import cache_documents, cache_queries
+from msa_core.training.data import load_pairs
+from msa_core.training.trainer import (
     RouterTrainer,
     TrainConfig,
     choose_layers,
@@ -26,8 +28,6 @@ from msa_core.train import (
     prepare_trainer,
     train_router,
 )
-from msa_core.train_cache import cache_documents, cache_queries
-from msa_core.train_data import load_pairs
 
 _SYLLABLES = ["ka", "lo", "mi", "ru", "te", "zu", "po", "na", "vi", "shi", "bo", "de", "fa", "gu", "ye"]
 _FILLER = ["of", "and", "in", "to", "a", "is", "the", "on", "at", "by"]
@@ -324,7 +324,7 @@ def test_cli_trains_a_router_the_engine_loads(keyword_model_dir, keyword_data, t
 
 
 def test_model_card_discloses_synthetic_questions():
-    from msa_core.train import TrainReport, model_card
+    from msa_core.training.trainer import TrainReport, model_card
 
     report = TrainReport(3, 1.0, "cpu", [1], 10, 10, 0, 0, {})
     config = TrainConfig(needles=500, span_pairs=7, pair_questions=9, heldout_fraction=0.01)
@@ -343,7 +343,7 @@ def test_cli_train_router_bad_data_exits_2(keyword_model_dir, tmp_path, capsys):
 
 
 def test_needle_pairs_hide_a_key_the_question_asks_for(tmp_path):
-    from msa_core.train_data import add_needle_pairs
+    from msa_core.training.data import add_needle_pairs
 
     _keyword_pairs(tmp_path / "p.jsonl", n=80)
     data = load_pairs([tmp_path / "p.jsonl"])
@@ -373,7 +373,7 @@ def test_heldout_sources_are_held_out_whole(tmp_path):
 
 
 def test_span_pairs_cut_a_few_words_from_the_body_of_their_own_document():
-    from msa_core.train_data import TrainingSet, add_span_pairs
+    from msa_core.training.data import TrainingSet, add_span_pairs
 
     rng = random.Random(0)
     docs = []
@@ -395,7 +395,7 @@ def test_span_pairs_cut_a_few_words_from_the_body_of_their_own_document():
 
 
 def test_pair_questions_join_words_around_a_name_in_each_of_two_documents():
-    from msa_core.train_data import TrainingSet, add_pair_questions
+    from msa_core.training.data import TrainingSet, add_pair_questions
 
     rng = random.Random(0)
     filler = [w for w in _FILLER if w != "and"]  # " and " joins the two windows
@@ -422,7 +422,7 @@ def test_pair_questions_join_words_around_a_name_in_each_of_two_documents():
 @pytest.mark.parametrize("first", [1, 2])
 def test_split_forward_gives_the_cached_states(fp32_model, first):
     """Layers 0..F-1 once, then F.. per batch: the same states train_cache (and so the bank) computes."""
-    from msa_core.train_tuned import lower_documents, lower_queries, ragged_states
+    from msa_core.training.tuned import lower_documents, lower_queries, ragged_states
 
     m = fp32_model
     docs, qs = _states(m)
@@ -466,7 +466,7 @@ def test_tuned_training_resumes_exactly(keyword_model_dir, keyword_data, tmp_pat
                          checkpoint_every=3, tune_from_layer=2, lora_rank=2)
 
     def run(ckpt, stop_at=None, resume=False):
-        from msa_core.lora import adapter_tensors, remove
+        from msa_core.decoder.lora import adapter_tensors, remove
 
         trainer = _trainer(model, keyword_data, config, ckpt)
         if resume:
@@ -491,7 +491,7 @@ def test_training_from_a_tuned_router_keeps_its_backbone_delta(keyword_model_dir
     the new adapters when tuning again, on the same layers, fewer or more) and load on the base backbone:
     the loaded model's weights are the ones training ended with, its generator keeps the base weights, and
     it accepts its own banks."""
-    from msa_core.lora import fold
+    from msa_core.decoder.lora import fold
 
     base = MSAModel.from_pretrained(str(keyword_model_dir))
     first = TrainConfig(steps=3, batch_size=16, lr=1e-2, adapter_lr=1e-2, warmup_steps=1, heldout_fraction=0.0,
@@ -501,7 +501,7 @@ def test_training_from_a_tuned_router_keeps_its_backbone_delta(keyword_model_dir
     again = first.model_copy(update={"tune_from_layer": again_from, "precondition": "none"})
     trainer = _trainer(start, keyword_data, again)
     trainer.run()
-    from msa_core.train import TrainReport, save_trained_router
+    from msa_core.training.trainer import TrainReport, save_trained_router
 
     saved = trainer.router.copy(dtype=torch.float32, device="cpu")
     saved.backbone_delta, saved.delta_scale = trainer.backbone_delta()
@@ -520,7 +520,7 @@ def test_training_from_a_tuned_router_keeps_its_backbone_delta(keyword_model_dir
 
 def test_recomputed_activations_give_the_same_loss_and_gradients(keyword_model_dir, keyword_data):
     """--recompute (activation checkpointing of the tuned layers) is a memory trade, not a different model."""
-    from msa_core.lora import remove
+    from msa_core.decoder.lora import remove
 
     model = MSAModel.from_pretrained(str(keyword_model_dir))
 

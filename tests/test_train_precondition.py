@@ -8,11 +8,11 @@ import torch
 
 from msa_core.config import RoutingConfig
 from msa_core.errors import InvalidInputError
-from msa_core.router import RouterProjectors
-from msa_core.train import RouterTrainer, TrainConfig, evaluate, layer_doc_scores
-from msa_core.train_cache import RaggedStates
-from msa_core.train_data import TrainingSet
-from msa_core.train_precondition import Preconditioner, condition, fit_map
+from msa_core.routing.projectors import RouterProjectors
+from msa_core.training.cache import RaggedStates
+from msa_core.training.data import TrainingSet
+from msa_core.training.precondition import Preconditioner, condition, fit_map
+from msa_core.training.trainer import RouterTrainer, TrainConfig, evaluate, layer_doc_scores
 
 HIDDEN, LAYERS = 48, [1, 3]
 

@@ -80,7 +80,7 @@ def memory_attention(
         _check_indices(chunk_idx, chunk_valid, k_bar.shape[0])
     if resolve_backend(backend, q, k_bar, v_bar, k, v) == "reference":
         return memory_attention_reference(q, k_bar, v_bar, chunk_idx, chunk_valid, k, v, local_valid, causal=causal)
-    from .attention_triton import memory_attention_triton  # imported on first use: see _common.interpreting
+    from .attention_triton import memory_attention_triton
 
     return memory_attention_triton(q, k_bar, v_bar, chunk_idx, chunk_valid, k, v, local_valid, causal=causal,
                                    num_splits=num_splits, block_m=block_m, block_n=block_n)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..config import ChunkReduce, Normalization, QueryReduce
 from ..errors import InvalidInputError
-from ..router import check_score_shapes, reduce_to_docs, score_chunks, select_top_k
+from ..routing.scores import check_score_shapes, reduce_to_docs, score_chunks, select_top_k
 from ._common import Backend, resolve_backend
 
 NORMALIZATIONS = ("cosine", "scaled_dot", "scaled_cosine")
@@ -165,7 +165,7 @@ def layer_routing_scores(
     kw = {"normalization": normalization, "query_reduce": query_reduce, "chunk_reduce": chunk_reduce}
     one_launch = resolve_backend(backend, q, kr_bar) == "triton"
     if one_launch:
-        from .routing_triton import stream_shape  # imports triton
+        from .routing_triton import stream_shape
 
         one_launch = stream_shape(*token_mask.shape) is not None
     if not one_launch:

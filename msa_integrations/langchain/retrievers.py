@@ -10,7 +10,7 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from msa_core.filters import compile_filter
+from msa_core.memory.filters import compile_filter
 from msa_core.store import MemoryStore
 
 from .documents import fill_ids, hit_to_document

@@ -17,7 +17,7 @@ from langchain_core.embeddings import Embeddings
 from langchain_core.vectorstores import VectorStore
 
 from msa_core.errors import InvalidInputError
-from msa_core.mmr import document_vectors, mmr_select
+from msa_core.routing.mmr import document_vectors, mmr_select
 from msa_core.store import MemoryStore
 
 from .documents import fill_ids, hit_to_document, record_to_document

@@ -14,7 +14,7 @@ from typing import Any, Union
 from llama_index.core.vector_stores.types import FilterCondition, FilterOperator, MetadataFilter, MetadataFilters
 
 from msa_core.errors import InvalidInputError
-from msa_core.filters import Filter
+from msa_core.memory.filters import Filter
 
 # What adapters accept: LlamaIndex filters, or an msa filter (dict or callable) passed through as is.
 FilterLike = Union[MetadataFilters, MetadataFilter, Mapping[str, Any], Callable[[dict], bool], None]

@@ -18,7 +18,7 @@ from llama_index.core.vector_stores.utils import metadata_dict_to_node, node_to_
 
 from msa_core.errors import InvalidInputError
 from msa_core.model import RetrievedDocument
-from msa_core.router import relevance
+from msa_core.routing.scores import relevance
 from msa_core.store import MemoryStore
 
 SCORE_KEY = "msa_score"  # raw routing score (cosine in [-1, 1] by default); NodeWithScore.score is [0, 1]

@@ -19,12 +19,18 @@ import fsspec
 from llama_index.core.bridge.pydantic import PrivateAttr
 from llama_index.core.schema import BaseNode
 from llama_index.core.vector_stores.simple import NAMESPACE_SEP
-from llama_index.core.vector_stores.types import (DEFAULT_PERSIST_DIR, DEFAULT_PERSIST_FNAME, BasePydanticVectorStore,
-                                                  MetadataFilters, VectorStoreQuery, VectorStoreQueryMode,
-                                                  VectorStoreQueryResult)
+from llama_index.core.vector_stores.types import (
+    DEFAULT_PERSIST_DIR,
+    DEFAULT_PERSIST_FNAME,
+    BasePydanticVectorStore,
+    MetadataFilters,
+    VectorStoreQuery,
+    VectorStoreQueryMode,
+    VectorStoreQueryResult,
+)
 
 from msa_core.errors import InvalidInputError
-from msa_core.filters import Filter, compile_filter
+from msa_core.memory.filters import Filter, compile_filter
 from msa_core.model import MSAModel, RetrievedDocument
 from msa_core.store import MemoryStore
 

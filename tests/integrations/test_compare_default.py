@@ -7,9 +7,8 @@ import json
 
 import pytest
 
-from msa_core.corpus import DEMO_CORPUS_PATH, DEMO_QUESTIONS_PATH, read_corpus
-from msa_integrations.compare import (BM25, Dataset, DenseFaiss, Document, MSARouting, Query, Settings, compare,
-                                      evaluate)
+from msa_core.memory.corpus import DEMO_CORPUS_PATH, DEMO_QUESTIONS_PATH, read_corpus
+from msa_integrations.compare import BM25, Dataset, DenseFaiss, Document, MSARouting, Query, Settings, compare, evaluate
 
 pytestmark = pytest.mark.integration
 

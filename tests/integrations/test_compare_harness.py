@@ -11,11 +11,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from msa_core.cli import main
+from msa_core.cli.main import main
 from msa_core.errors import InvalidInputError
-from msa_integrations.compare import (BM25, Dataset, DenseFaiss, Document, IndexStats, LangChainRetriever,
-                                      MSARouting, Query, RandomRanking, Settings, as_retriever, compare, evaluate,
-                                      load_dataset, write_dataset, write_report)
+from msa_integrations.compare import (
+    BM25,
+    Dataset,
+    DenseFaiss,
+    Document,
+    IndexStats,
+    LangChainRetriever,
+    MSARouting,
+    Query,
+    RandomRanking,
+    Settings,
+    as_retriever,
+    compare,
+    evaluate,
+    load_dataset,
+    write_dataset,
+    write_report,
+)
 
 CORPUS = [
     Document("light", "The lighthouse was built in 1887 by the engineer Ada Quist.", "Greyhook Lighthouse"),
@@ -378,7 +393,7 @@ def test_report_files(dataset, tmp_path):
 
 
 def _niah(tmp_path: Path, tokens: int) -> Path:
-    from msa_core.niah import NIAHSpec, generate_niah
+    from msa_integrations.compare.niah import NIAHSpec, generate_niah
 
     text = " ".join(f"Line {i} is about the {w} field." for i, w in enumerate(["red", "blue", "tall"] * 400))
     generate_niah(NIAHSpec(tokens=tokens, doc_tokens=60, queries=5), tmp_path / f"n{tokens}", haystack_text=text,

@@ -6,9 +6,19 @@ import math
 
 import pytest
 
-from msa_integrations.compare.metrics import (chance_metrics, exact_match, hit_at_k, latency_summary, ndcg_at_k,
-                                              normalize_answer, percentile, recall_at_k, reciprocal_rank,
-                                              retrieval_metrics, token_f1)
+from msa_integrations.compare.metrics import (
+    chance_metrics,
+    exact_match,
+    hit_at_k,
+    latency_summary,
+    ndcg_at_k,
+    normalize_answer,
+    percentile,
+    recall_at_k,
+    reciprocal_rank,
+    retrieval_metrics,
+    token_f1,
+)
 
 RANKING = ["d3", "g1", "d7", "d2", "g2", "d9"]  # gold documents at ranks 2 and 5
 GOLD = {"g1", "g2"}

@@ -9,6 +9,8 @@ import threading
 import time
 
 import pytest
+from heartbeat import ticks_during
+from langchain_chat_flags import ChatMSASuiteFlags
 from langchain_core.documents import Document
 from langchain_core.language_models.fake_chat_models import ParrotFakeChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage
@@ -18,8 +20,6 @@ from langchain_tests.unit_tests import ChatModelUnitTests
 
 from msa_core import MSAConfig, MSAModel
 from msa_core.store import MemoryStore
-from heartbeat import ticks_during
-from langchain_chat_flags import ChatMSASuiteFlags
 from msa_integrations.langchain import ChatMSA, MSARetriever, MSAVectorStore, build_rag_chain, format_docs
 from msa_integrations.langchain.chat_models import to_conversation
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from msa_core import InvalidInputError, MSAConfig, MSAModel
-from msa_core.mmr import document_vectors, mmr_select
+from msa_core.routing.mmr import document_vectors, mmr_select
 
 
 @pytest.fixture(scope="module")

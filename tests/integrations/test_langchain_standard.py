@@ -10,12 +10,15 @@ from collections.abc import Iterator
 from functools import lru_cache
 
 import pytest
-from langchain_tests.integration_tests import (ChatModelIntegrationTests, RetrieversIntegrationTests,
-                                               VectorStoreIntegrationTests)
-
-from msa_core.corpus import DEMO_CORPUS_PATH, read_corpus
-from msa_core.store import MemoryStore
 from langchain_chat_flags import ChatMSASuiteFlags
+from langchain_tests.integration_tests import (
+    ChatModelIntegrationTests,
+    RetrieversIntegrationTests,
+    VectorStoreIntegrationTests,
+)
+
+from msa_core.memory.corpus import DEMO_CORPUS_PATH, read_corpus
+from msa_core.store import MemoryStore
 from msa_integrations.langchain import ChatMSA, MSARetriever, MSAVectorStore
 
 pytestmark = [

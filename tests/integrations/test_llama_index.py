@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from heartbeat import ticks_during
 from llama_index.core import Document, Settings, StorageContext, VectorStoreIndex
 from llama_index.core.base.base_query_engine import BaseQueryEngine
 from llama_index.core.base.base_retriever import BaseRetriever
@@ -21,17 +22,28 @@ from llama_index.core.llms import ChatMessage, CustomLLM, MockLLM
 from llama_index.core.node_parser import SentenceSplitter
 from llama_index.core.query_engine import CustomQueryEngine, RetrieverQueryEngine
 from llama_index.core.schema import NodeWithScore, TextNode
-from llama_index.core.vector_stores.types import (BasePydanticVectorStore, FilterCondition, FilterOperator,
-                                                  MetadataFilter, MetadataFilters, VectorStoreQuery,
-                                                  VectorStoreQueryMode)
+from llama_index.core.vector_stores.types import (
+    BasePydanticVectorStore,
+    FilterCondition,
+    FilterOperator,
+    MetadataFilter,
+    MetadataFilters,
+    VectorStoreQuery,
+    VectorStoreQueryMode,
+)
 from llama_index.core.vector_stores.utils import build_metadata_filter_fn
 
 from msa_core import InvalidInputError, MSAConfig, MSAModel
-from msa_core.filters import compile_filter
+from msa_core.memory.filters import compile_filter
 from msa_core.store import MemoryStore
-from heartbeat import ticks_during
-from msa_integrations.llama_index import (MSALLM, MSAPlaceholderEmbedding, MSAQueryEngine, MSARetriever,
-                                          MSAVectorStore, to_msa_filter)
+from msa_integrations.llama_index import (
+    MSALLM,
+    MSAPlaceholderEmbedding,
+    MSAQueryEngine,
+    MSARetriever,
+    MSAVectorStore,
+    to_msa_filter,
+)
 
 DOCS = [
     Document(id_="light", text="The lighthouse of Velmora was built in 1887 by the engineer Ada Quist.",

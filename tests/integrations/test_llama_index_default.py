@@ -15,7 +15,7 @@ import pytest
 from llama_index.core import Document, Settings, StorageContext, VectorStoreIndex
 from llama_index.core.llms import ChatMessage, MockLLM
 
-from msa_core.corpus import DEMO_CORPUS_PATH, read_corpus
+from msa_core.memory.corpus import DEMO_CORPUS_PATH, read_corpus
 from msa_integrations.llama_index import MSALLM, MSAQueryEngine, MSARetriever, MSAVectorStore
 
 pytestmark = pytest.mark.integration

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import InvalidInputError
-from .memory import MemoryBank
+from ..errors import InvalidInputError
+from ..memory.bank import MemoryBank
 
 
 def document_vectors(bank: MemoryBank, ids: Sequence[str]) -> torch.Tensor:

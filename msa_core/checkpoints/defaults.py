@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import ModelLoadError, MSAError
+from ..errors import ModelLoadError, MSAError
 
 try:  # POSIX only; elsewhere we rely on the atomic rename alone.
     import fcntl

@@ -22,7 +22,7 @@ import operator
 from collections.abc import Callable, Mapping
 from typing import Any, Union
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 
 Predicate = Callable[[dict], bool]
 Filter = Union[None, Predicate, Mapping[str, Any]]

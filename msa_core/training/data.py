@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 
 
 def _stable_hash(text: str) -> int:
@@ -133,7 +133,7 @@ def add_needle_pairs(data: TrainingSet, n: int, *, doc_words: int = 300, seed: i
     words drawn from the documents' own vocabulary (not the NIAH generator's adjective-noun lists), so
     the router learns to find a key phrase inside unrelated text, not the evaluation's keys.
     """
-    from .niah import NEEDLE, QUESTION
+    from msa_integrations.compare.niah import NEEDLE, QUESTION
 
     if n <= 0 or not data.documents:
         return

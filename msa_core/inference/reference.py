@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .backbone import Memory
+from ..decoder.backbone import Memory
+from ..errors import InvalidInputError
+from ..memory.bank import MemoryBank
 from .encode import DocumentPart
-from .errors import InvalidInputError
 from .generate import Generation, MemoryRouter, Prompt, SamplingParams, left_pad, query_positions
-from .memory import MemoryBank
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .model import MSAModel
+    from ..model import MSAModel
 
 TEMPLATE_HEAD = "<|im_start|>user\n"
 INSTRUCTION_HEAD = "\nPlease answer the question based on the above historical document information\n\n"

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .backbone import Backbone
-from .config import EncodeConfig
-from .encoded import EncodedDocuments
-from .errors import InvalidInputError
-from .router import RouterProjectors
+from ..config import EncodeConfig
+from ..decoder.backbone import Backbone
+from ..errors import InvalidInputError
+from ..memory.encoded import EncodedDocuments
+from ..routing.projectors import RouterProjectors
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -27,12 +27,13 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from .config import RoutingConfig
-from .errors import InvalidInputError
-from .router import RouterProjectors, reduce_to_docs, score_chunks
-from .train_cache import RaggedStates
-from .train_data import TrainingSet
-from .train_precondition import condition
+from ..config import RoutingConfig
+from ..errors import InvalidInputError
+from ..routing.projectors import RouterProjectors
+from ..routing.scores import reduce_to_docs, score_chunks
+from .cache import RaggedStates
+from .data import TrainingSet
+from .precondition import condition
 
 _CKPT_POINTER = "LATEST"
 
@@ -465,7 +466,7 @@ def _heldout_needles(c: TrainConfig) -> int:
 def read_training_data(data: Sequence[str | Path], c: TrainConfig, log: Any = print):
     """Read and split the pairs, add synthetic questions, mine BM25 negatives.
     Returns (all pairs, training split, held-out split, {"data": seconds})."""
-    from .train_data import add_needle_pairs, add_pair_questions, add_span_pairs, load_pairs
+    from .data import add_needle_pairs, add_pair_questions, add_span_pairs, load_pairs
 
     torch.manual_seed(c.seed)
     t0 = time.perf_counter()
@@ -492,11 +493,11 @@ def prepare_trainer(model: Any, data: Sequence[str | Path], config: TrainConfig,
                     show_progress_bar: bool | None = None) -> tuple[RouterTrainer, dict[str, Any]]:
     """Read and split the pairs, mine BM25 negatives, cache the frozen backbone's states and start from
     a float32 copy of the model's router. Returns the trainer and {"sources", "timings"}."""
-    from .train_cache import cache_documents, cache_queries
+    from .cache import cache_documents, cache_queries
 
     c = config
     if c.tune_from_layer is not None:
-        from .train_tuned import prepare_tuned_trainer
+        from .tuned import prepare_tuned_trainer
 
         return prepare_tuned_trainer(model, data, c, checkpoint_dir=checkpoint_dir, log=log,
                                      show_progress_bar=show_progress_bar)
@@ -543,7 +544,7 @@ def train_router(model: Any, data: Sequence[str | Path], out: str | Path, config
         return _train_and_save(model, data, out, c, trainer, prep, t0, resume, log)
     finally:
         if c.tune_from_layer is not None:
-            from .lora import remove
+            from ..decoder.lora import remove
 
             remove(model.backbone)
 

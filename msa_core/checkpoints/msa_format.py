@@ -26,14 +26,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .backbone import Backbone, BackboneArgs, load_backbone
-from .config import MSAConfig, Normalization
-from .errors import InvalidInputError, ModelLoadError
-from .rope import apply_rotary
-from .router import RouterProjectors
+from ..config import MSAConfig, Normalization
+from ..decoder.backbone import Backbone, BackboneArgs, load_backbone
+from ..decoder.rope import apply_rotary
+from ..errors import InvalidInputError, ModelLoadError
+from ..routing.projectors import ROUTER_NAME_RE, RouterProjectors
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .model import MSAModel
+    from ..model import MSAModel
 
 MODEL_TYPE = "msa"
 ARCHITECTURES = ["MSAForCausalLM"]
@@ -323,13 +323,12 @@ def read_router_tensors(path: Path) -> dict[str, Tensor]:
     """Only the router projector tensors of a checkpoint folder (safetensors opened lazily)."""
     from safetensors import safe_open
 
-    from .router import _NAME_RE
 
     out: dict[str, Tensor] = {}
     for f in sorted(path.glob("*.safetensors")):
         with safe_open(str(f), framework="pt", device="cpu") as handle:
             for name in handle.keys():
-                if _NAME_RE.match(name):
+                if ROUTER_NAME_RE.match(name):
                     out[name] = handle.get_tensor(name)
     return out
 
@@ -357,7 +356,7 @@ def load_msa_model(path: str | os.PathLike[str], *, router: str | Path | None = 
     """
     from transformers import AutoTokenizer
 
-    from .model import MSAModel, _eos_ids, _make_router
+    from ..model import MSAModel, _eos_ids, _make_router
 
     path = Path(path)
     raw = _raw_config(path)
@@ -403,7 +402,7 @@ def model_from_components(backbone: Backbone, tokenizer: Any, msa_config: Mappin
     """An MSAModel as if loaded from an MSA checkpoint, built from objects in memory (no files):
     e.g. a randomly initialised MSA-4B-shaped backbone for a benchmark. `router` is required when
     msa_config says decouple_router."""
-    from .model import MSAModel
+    from ..model import MSAModel
 
     msa_cfg = read_msa_config(msa_config)
     a = backbone.args
@@ -457,7 +456,7 @@ def _restore_delta(path: Path, backbone: Backbone, projectors: RouterProjectors)
     changed (unmerged from a private copy of them), for hybrid answers. None when the folder has no delta."""
     from safetensors import safe_open
 
-    from .lora import base_view, delta_layers, merge
+    from ..decoder.lora import base_view, delta_layers, merge
 
     file = path / DELTA_FILE
     if not file.is_file():

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import InvalidInputError
+from msa_core.errors import InvalidInputError
 
 __all__ = ["NIAHSpec", "default_haystack_path", "generate_niah", "load_haystack", "parse_tokens",
            "score_answer", "score_answers", "shared_data_dir"]
@@ -125,7 +125,7 @@ def load_haystack(path: str | os.PathLike[str] | None = None) -> str:
         hint = (f" (set {_ENV_DATA} to the shared data folder, or pass --haystack PATH)" if path is None else "")
         raise InvalidInputError(f"haystack {source} does not exist{hint}")
     if source.is_dir() or source.suffix.lower() == ".jsonl":
-        from .corpus import read_corpus
+        from msa_core.memory.corpus import read_corpus
 
         return "\n\n".join(r.text for r in read_corpus(source))
     try:
@@ -181,7 +181,7 @@ def resolve_tokenizer(tokenizer: Any = "default") -> Any:
         return tokenizer
     from transformers import AutoTokenizer
 
-    from .defaults import resolve_model_path
+    from msa_core.checkpoints.defaults import resolve_model_path
 
     return AutoTokenizer.from_pretrained(str(resolve_model_path(tokenizer)))
 

@@ -15,12 +15,13 @@ from typing import Any
 
 import torch
 
-from . import kernels
-from .backbone import Backbone, Memory
-from .config import RoutingConfig
-from .errors import InvalidInputError, check_text
-from .memory import MemoryBank
-from .router import RouterProjectors, reduce_to_docs, score_chunks, select_top_k
+from .. import kernels
+from ..config import RoutingConfig
+from ..decoder.backbone import Backbone, Memory
+from ..errors import InvalidInputError, check_text
+from ..memory.bank import MemoryBank
+from ..routing.projectors import RouterProjectors
+from ..routing.scores import reduce_to_docs, score_chunks, select_top_k
 
 # Tensors derived from a bank state (inverse key norms; K̄_R and the chunk index copied to a GPU for a bank
 # held in CPU memory), keyed by (id of the state's kr_bar, what) and dropped when that kr_bar dies: every

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .backbone import Backbone
-from .encode import plan_batches, pool_chunks
-from .errors import InvalidInputError
-from .generate import build_prompt, left_pad, query_positions
+from ..decoder.backbone import Backbone
+from ..errors import InvalidInputError
+from ..inference.encode import plan_batches, pool_chunks
+from ..inference.generate import build_prompt, left_pad, query_positions
 
 MAX_QUERY_TOKENS = 128  # routing tokens kept per question: a bound on a training batch's size
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 from .rope import RopeSpec, RotaryEmbedding, apply_rotary
 
 SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3")

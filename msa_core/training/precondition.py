@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import InvalidInputError
-from .router import RouterProjectors
-from .train_cache import RaggedStates
+from ..errors import InvalidInputError
+from ..routing.projectors import RouterProjectors
+from .cache import RaggedStates
 
 MODES = ("none", "standardize", "whiten")
 _FIT_ROWS = 200_000  # rows sampled per layer to fit S: the statistics settle long before that

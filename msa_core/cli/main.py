@@ -31,8 +31,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import BankError, InvalidInputError, MSAError
+from .. import __version__
+from ..errors import BankError, InvalidInputError, MSAError
 
 SIDECAR = "msa-cli.json"  # the router a CLI bank was built with (MemoryBank has no field for it)
 _NATIVE = "native"
@@ -90,7 +90,7 @@ def _json_value(text: str) -> Any:
 
 def _parse_filters(specs: list[str] | None) -> dict[str, Any] | None:
     """`key=value`, `key!=v`, `key>=v`, `key<=v`, `key>v`, `key<v`, `key=in:a,b,c` -> a filter dict (ANDed)."""
-    from .filters import compile_filter
+    from ..memory.filters import compile_filter
 
     clauses = [_parse_filter(spec) for spec in specs or []]
     if not clauses:
@@ -136,7 +136,7 @@ def _preview(text: str, width: int = 100) -> str:
 
 
 def _load_bank(bank_dir: str | Path):
-    from .memory import MemoryBank
+    from ..memory.bank import MemoryBank
 
     return MemoryBank.load(bank_dir)
 
@@ -167,7 +167,7 @@ def _write_sidecar(bank_dir: str | Path, router: str | None) -> None:
 
 def _check_target(bank_dir: str | Path, overwrite: bool) -> None:
     """Refuse, before any work, to write a new bank over an existing one or into a foreign folder."""
-    from .memory import CURRENT
+    from ..memory.persist import CURRENT
 
     root = Path(bank_dir)
     if root.exists() and not root.is_dir():
@@ -184,7 +184,7 @@ def _check_target(bank_dir: str | Path, overwrite: bool) -> None:
 
 
 def _load_model(model_name: str, router: str | None, config: Any, profile: str | None = None):
-    from .model import MSAModel
+    from ..model import MSAModel
 
     _say(f"loading model {model_name}" + (f" with router {router}" if router else ""))
     started = time.perf_counter()
@@ -235,8 +235,8 @@ def _describe_used(bank: Any, answer: Any, limit: int = 10) -> list[str]:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from .config import EncodeConfig, MSAConfig
-    from .corpus import read_corpus
+    from ..config import EncodeConfig, MSAConfig
+    from ..memory.corpus import read_corpus
 
     records = read_corpus(args.corpus)
     _check_target(args.bank, args.overwrite)
@@ -256,7 +256,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    from .corpus import read_corpus
+    from ..memory.corpus import read_corpus
 
     records = read_corpus(args.corpus)  # all validated before the bank is touched
     model, bank = _load(args.bank, args.model, args.router)
@@ -343,7 +343,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .corpus import DEMO_CORPUS_PATH, DEMO_QUESTIONS_PATH, read_corpus
+    from ..memory.corpus import DEMO_CORPUS_PATH, DEMO_QUESTIONS_PATH, read_corpus
 
     started = time.perf_counter()
     records = read_corpus(DEMO_CORPUS_PATH)
@@ -445,7 +445,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_train_router(args: argparse.Namespace) -> int:
     import torch
 
-    from .train import TrainConfig, train_router
+    from ..training.trainer import TrainConfig, train_router
 
     fields = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
               "warmup_steps": args.warmup_steps, "tau": args.tau,
@@ -465,7 +465,7 @@ def cmd_train_router(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {}
     if args.layers:
         overrides["routing"] = {"layers": [int(x) for x in args.layers.split(",")]}
-    from .model import MSAModel
+    from ..model import MSAModel
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -663,7 +663,7 @@ def _add_train_command(command: Any) -> None:
 
 
 def _add_compare_commands(command: Any) -> None:
-    from .niah import ITEM_TYPES, TASKS
+    from msa_integrations.compare.niah import ITEM_TYPES, TASKS
 
     p = command("compare", cmd_compare, "Compare retrievers (MSA, MiniLM+FAISS, BM25) on evaluation sets: "
                 "recall@k, hit@k, nDCG@10, MRR, build time, index size, latency; writes report.json, report.md "

@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 from .generate import LayerRouting, SamplingParams, sample_next
 from .reference import Segment, question_segments
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .memory import MemoryBank
-    from .model import MSAModel
+    from ..memory.bank import MemoryBank
+    from ..model import MSAModel
     from .reference import Prefill
 
 OBJECT_REF_END = "<|object_ref_end|>"

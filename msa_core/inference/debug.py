@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 from .generate import MemoryRouter, build_prompt, left_pad, query_positions
 from .reference import question_segments, render_document
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .model import MSAModel
+    from ..model import MSAModel
 
 
 @torch.no_grad()

@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .encode import plan_batches, pool_chunks
-from .errors import InvalidInputError
-from .generate import build_prompt, left_pad, query_positions
-from .lora import adapter_tensors, attach, base_view, combine
-from .train import RouterTrainer, TrainConfig, read_training_data
-from .train_cache import MAX_QUERY_TOKENS, RaggedStates
-from .train_data import TrainingSet
+from ..decoder.lora import adapter_tensors, attach, base_view, combine
+from ..errors import InvalidInputError
+from ..inference.encode import plan_batches, pool_chunks
+from ..inference.generate import build_prompt, left_pad, query_positions
+from .cache import MAX_QUERY_TOKENS, RaggedStates
+from .data import TrainingSet
+from .trainer import RouterTrainer, TrainConfig, read_training_data
 
 TRAIN_DOC_TOKENS = 512  # documents are cut here in training steps (most are shorter); evaluation uses the model's cap
 LM_DOCS = 16  # documents per step that carry the next-token loss

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 
 __all__ = ["DEMO_CORPUS_PATH", "DEMO_QUESTIONS_PATH", "CorpusRecord", "read_corpus"]
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
