@@ -235,7 +235,7 @@ def measure(model: MSAModel, bank: MemoryBank, questions: list[str], k: int, ttf
         def memory(mask):
             return MemoryRouter(tiered, model.router, routing, mask, allowed=allowed, top_k=kk)
 
-        return generate_ms(model, build_prompt(model.tokenizer, q), n, memory, model._position_offset(kk))
+        return generate_ms(model, build_prompt(model.tokenizer, q), n, memory, model.position_offset(kk))
 
     rag_prompts = {}  # text RAG: the same k documents' text in the prompt; retrieval is not timed
     for q in questions:
@@ -301,7 +301,7 @@ def msa4b_part(args, device: torch.device, result: dict, save) -> None:
     from msa_tiny import save_msa_tokenizer
     from transformers import AutoTokenizer
 
-    from msa_core.checkpoints.msa_format import model_from_components
+    from msa_core import MSAModel
     tok_dir = Path(tempfile.mkdtemp(prefix="gpu-scale-tok-"))
     save_msa_tokenizer(tok_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
@@ -315,10 +315,10 @@ def msa4b_part(args, device: torch.device, result: dict, save) -> None:
                   "chunk_reduce_method": "max", "aux_loss_method": "INFONCE_DECOUPLE"}
     t = time.perf_counter()
     vocab = shape["vocab_size"] or len(tokenizer)
-    model = model_from_components(random_backbone(shape, vocab, dtype, device), tokenizer, msa_config,
-                                  router=random_router(layers, shape, dtype, device), profile="default",
-                                  config={"encode": {"batch_size": 64, "max_tokens_per_batch": 32768}},
-                                  name="msa-4b-shaped-random")
+    model = MSAModel.from_msa_components(random_backbone(shape, vocab, dtype, device), tokenizer, msa_config,
+                                               router=random_router(layers, shape, dtype, device), profile="default",
+                                               config={"encode": {"batch_size": 64, "max_tokens_per_batch": 32768}},
+                                               name="msa-4b-shaped-random")
     result["model_load_s"] = time.perf_counter() - t
     result["model"] = "tiny Qwen3, random weights" if args.tiny else "MSA-4B-shaped Qwen3, random weights"
     doc_tokens = 40 if args.tiny else 512

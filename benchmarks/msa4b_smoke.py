@@ -33,7 +33,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from msa_tiny import save_msa_tokenizer  # noqa: E402
 
 from msa_core import __version__  # noqa: E402
-from msa_core.checkpoints.msa_format import model_from_components
+from msa_core import MSAModel  # noqa: E402
 from msa_core.decoder.backbone import Backbone, BackboneArgs
 from msa_core.decoder.rope import RopeSpec, RotaryEmbedding
 from msa_core.inference.generate import SamplingParams
@@ -160,9 +160,9 @@ def main() -> None:
     def build():
         backbone = random_backbone(shape, vocab, dtype, device)
         router = random_router(layers, shape, dtype, device)
-        return model_from_components(backbone, tokenizer, msa_config, router=router, eos_ids=(),
-                                     config={"encode": {"batch_size": 32, "max_tokens_per_batch": 32 * 640}},
-                                     name="msa-4b-shaped-random" if not args.tiny else "tiny-random")
+        return MSAModel.from_msa_components(backbone, tokenizer, msa_config, router=router, eos_ids=(),
+                                            config={"encode": {"batch_size": 32, "max_tokens_per_batch": 32 * 640}},
+                                            name="msa-4b-shaped-random" if not args.tiny else "tiny-random")
 
     model = phases.run("build", build)
     params = sum(p.numel() for p in model.backbone.parameters()) + sum(

@@ -38,7 +38,7 @@ def build_cache(path: Path) -> dict:
     files = sorted(glob.glob(str(ROOT.parents[1] / "shared/data/train/*.jsonl")))
     train, held = load_pairs(files, max_per_source=120).split(0.0, ["nq_qed_dev", "selqa"])
     train.mine_bm25_negatives(30)
-    offset = m._position_offset(m.config.routing.top_k)
+    offset = m.position_offset(m.config.routing.top_k)
     out = {"layers": CACHED_LAYERS, "train": train, "held": held}
     for name, ts in (("held", held), ("train", train)):
         out[name + "_docs"] = cache_documents(m.backbone, m.tokenizer, ts.documents, CACHED_LAYERS, batch_size=16,

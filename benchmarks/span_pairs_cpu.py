@@ -35,7 +35,7 @@ def with_spans(c: dict, n: int, cache_dir: Path) -> dict:
     add_span_pairs(train, n, seed=1)
     train.mine_bm25_negatives(30)
     new = cache_queries(m.backbone, m.tokenizer, train.queries[n0:], c["layers"],
-                        position_offset=m._position_offset(m.config.routing.top_k), dtype=torch.float32)
+                        position_offset=m.position_offset(m.config.routing.top_k), dtype=torch.float32)
     old = c["train_qs"]
     added = {"train": train, "train_qs": RaggedStates(torch.cat([old.x, new.x]),
                                                       torch.cat([old.offsets, new.offsets[1:] + old.offsets[-1]]))}

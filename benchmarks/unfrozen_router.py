@@ -115,7 +115,7 @@ def main() -> None:
     model = MSAModel.from_pretrained("default", device=args.device, dtype=torch.float32)
     bb, tok, routing = model.backbone, model.tokenizer, model.config.routing
     layers, first, chunk = list(model.layers), args.first_trainable, model.config.encode.chunk_size
-    offset = model._position_offset(routing.top_k)
+    offset = model.position_offset(routing.top_k)
     if not 0 < first <= min(layers):
         raise SystemExit(f"--first-trainable must be in 1..{min(layers)} (the lowest routing layer)")
     if args.save_router and not args.lora_rank:

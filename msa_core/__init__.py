@@ -1,7 +1,7 @@
 """msa: Memory Sparse Attention retrieval and generation over Hugging Face decoders."""
 
-from .config import EncodeConfig, MSAConfig, RoutingConfig
 from . import legacy
+from .config import EncodeConfig, MSAConfig, RoutingConfig
 from .errors import BankError, BankMismatchError, CorruptBankError, InvalidInputError, ModelLoadError, MSAError
 from .memory.bank import MemoryBank
 from .model import Answer, AnswerStream, MSAModel, RetrievedDocument

@@ -45,8 +45,7 @@ from .inference.generate import (
     Message,
     SamplingParams,
     build_prompt,
-    left_pad,
-    query_positions,
+    routed_prefill,
 )
 from .memory.bank import MemoryBank
 from .memory.filters import Filter
@@ -333,14 +332,16 @@ def distributed_retrieve(model: MSAModel, question: str | Sequence[str], shard: 
 
 def _route_scores(model: MSAModel, questions: list[str], shard: ShardedBank, allowed: torch.Tensor) -> torch.Tensor:
     """MSAModel._route_scores with a DistributedMemoryRouter: local doc scores per layer [L, B, n_local]."""
-    prompts = [build_prompt(model.tokenizer, q) for q in questions]
-    dev = model.backbone.device
-    ids, valid, routing = left_pad(prompts, model.tokenizer.pad_token_id or 0, dev)
-    pos = query_positions(valid, model._position_offset(model.config.routing.top_k))
-    router = DistributedMemoryRouter(shard, model.router, model.config.routing, routing, allowed=allowed,
-                                     positions=pos, attend=model.config.routing.retrieve_with_memory)
-    model.backbone(ids, pos, valid=valid, memory_hook=router, last_layer=max(model.layers))
-    return torch.stack([router.routings[layer].doc_scores for layer in model.layers]).cpu()
+    cfg = model.config.routing
+
+    def hook(routing: torch.Tensor, positions: torch.Tensor) -> DistributedMemoryRouter:
+        return DistributedMemoryRouter(shard, model.router, cfg, routing, allowed=allowed, positions=positions,
+                                       attend=cfg.retrieve_with_memory)
+
+    state = routed_prefill(model.backbone, [build_prompt(model.tokenizer, q) for q in questions],
+                           offset=model.position_offset(cfg.top_k), hook=hook, pad_id=model.tokenizer.pad_token_id or 0,
+                           score_only=True, last_layer=max(model.layers))
+    return torch.stack([state.hook.routings[layer].doc_scores for layer in model.layers]).cpu()
 
 
 def _local_hits(model: MSAModel, shard: ShardedBank, total: torch.Tensor, per_layer: torch.Tensor,
@@ -370,12 +371,12 @@ def distributed_answer(model: MSAModel, question: str | Sequence[Message], shard
     if shard.num_parts:
         allowed = shard.local.row_mask(filter)
 
-        def memory(routing: torch.Tensor) -> DistributedMemoryRouter:
+        def memory(routing: torch.Tensor, positions: torch.Tensor) -> DistributedMemoryRouter:
             return DistributedMemoryRouter(shard, model.router, model.config.routing, routing, allowed=allowed,
-                                           top_k=k)
+                                           top_k=k, positions=positions)
 
     gen = Generation(model.backbone, model.tokenizer, prompt, params, memory=memory,
-                     position_offset=model._position_offset(k) if memory else 0, eos_ids=model.eos_ids)
+                     position_offset=model.position_offset(k) if memory else 0, eos_ids=model.eos_ids)
     text = "".join(gen)
     ids, scores, per_layer = _used_documents(model, shard, gen.router)
     return Answer(text, "latent", ids, scores, gen.finish_reason, per_layer)

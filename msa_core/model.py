@@ -21,8 +21,9 @@ from typing import Any, Literal
 
 import torch
 
+from .checkpoints.loading import ModelParts
 from .config import MSAConfig
-from .decoder.backbone import Backbone, load_backbone
+from .decoder.backbone import Backbone
 from .errors import InvalidInputError, ModelLoadError, check_text
 from .inference.encode import encode_parts, split_documents
 from .inference.generate import (
@@ -32,8 +33,7 @@ from .inference.generate import (
     SamplingParams,
     build_prompt,
     last_user_text,
-    left_pad,
-    query_positions,
+    routed_prefill,
 )
 from .memory.bank import MemoryBank
 from .memory.filters import Filter
@@ -153,40 +153,41 @@ class MSAModel:
         profile: "default" or "reference"; None takes the config's, else "reference" for MSA-format
         checkpoints and "default" for the others.
         """
-        from transformers import AutoTokenizer
-
-        from .checkpoints.defaults import default_router_path, resolve_model_path
-        from .checkpoints.msa_format import is_msa_checkpoint, load_msa_model
+        from .checkpoints.defaults import resolve_model_path
+        from .checkpoints.loading import load_parts
+        from .checkpoints.msa_format import is_msa_checkpoint, load_msa_parts
 
         if profile not in (None, "default", "reference"):
             raise InvalidInputError(f"profile must be 'default' or 'reference', got {profile!r}")
         path = resolve_model_path(str(name_or_path))
-        if is_msa_checkpoint(path):
-            return load_msa_model(path, router=router, config=config, profile=profile, device=device, dtype=dtype,
-                                  name=str(name_or_path))
-        cfg = config if isinstance(config, MSAConfig) else MSAConfig.model_validate(config or {})
-        if profile is not None:
-            cfg = cfg.model_copy(update={"profile": profile})
-        if router is None and str(name_or_path) == "default":
-            router = default_router_path()
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        backbone, hf_cfg = load_backbone(path, dtype=dtype, device=device)
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-        projectors, cfg, generator = _make_router(backbone, cfg, router)
-        projectors = projectors.to(device=device, dtype=dtype)
-        name = "default" if str(name_or_path) == "default" else str(name_or_path)
-        model = cls(backbone, tokenizer, projectors, cfg, name=name, eos_ids=_eos_ids(tokenizer, hf_cfg, path),
-                    generator=generator)
-        model.hf_config = hf_cfg
-        model.router_source = str(router) if router is not None else "native"
+        load = load_msa_parts if is_msa_checkpoint(path) else load_parts
+        return cls.from_parts(load(path, router=router, config=config, profile=profile, device=device, dtype=dtype,
+                                   name=str(name_or_path)))
+
+    @classmethod
+    def from_parts(cls, parts: ModelParts) -> "MSAModel":
+        """The model made of loaded (or built in memory) parts: `checkpoints.loading.ModelParts`."""
+        model = cls(parts.backbone, parts.tokenizer, parts.router, parts.config, name=parts.name,
+                    eos_ids=parts.eos_ids, generator=parts.generator)
+        model.hf_config, model.msa_config = parts.hf_config, parts.msa_config
+        if parts.router_source is not None:
+            model.router_source = parts.router_source
         return model
+
+    @classmethod
+    def from_msa_components(cls, backbone: Backbone, tokenizer: Any, msa_config: dict[str, Any] | None,
+                            **kw: Any) -> "MSAModel":
+        """A model as if loaded from an MSA checkpoint, from objects in memory (no files): e.g. a random
+        MSA-4B-shaped backbone for a benchmark. Keywords: router, config, profile, eos_ids, name."""
+        from .checkpoints.msa_format import msa_parts_from_components
+
+        return cls.from_parts(msa_parts_from_components(backbone, tokenizer, msa_config, **kw))
 
     def save_pretrained(self, path: str | Path, *, format: str = "msa", dtype: torch.dtype | None = None) -> Path:
         """Save backbone, router, settings and tokenizer as an MSA-format checkpoint folder (the
         released model's format: config.json with msa_config, router tensors under the reference's
         names). Loading it back gives the same weights, router fingerprint and settings."""
-        from .checkpoints.msa_format import save_msa
+        from .checkpoints.msa_save import save_msa
 
         if format != "msa":
             raise InvalidInputError(f"format must be 'msa', got {format!r}")
@@ -290,15 +291,16 @@ class MSAModel:
     def _route_scores(self, questions: list[str], bank: MemoryBank, allowed: torch.Tensor) -> torch.Tensor:
         if self.reference is not None:
             return self.reference.route_scores(questions, bank, allowed)
-        prompts = [build_prompt(self.tokenizer, q) for q in questions]
-        dev = self.backbone.device
-        ids, valid, routing = left_pad(prompts, self.tokenizer.pad_token_id or 0, dev)
-        pos = query_positions(valid, self._position_offset(self.config.routing.top_k))
-        router = MemoryRouter(bank, self.router, self.config.routing, routing, allowed=allowed, positions=pos,
-                              attend=self.config.routing.retrieve_with_memory)
-        self.backbone(ids, pos, valid=valid, memory_hook=router, last_layer=max(self.layers))
-        router.finish()
-        return torch.stack([router.routings[layer].doc_scores for layer in self.layers]).cpu()
+        routing_cfg = self.config.routing
+
+        def hook(routing: torch.Tensor, positions: torch.Tensor) -> MemoryRouter:
+            return MemoryRouter(bank, self.router, routing_cfg, routing, allowed=allowed, positions=positions,
+                                attend=routing_cfg.retrieve_with_memory)
+
+        state = routed_prefill(self.backbone, [build_prompt(self.tokenizer, q) for q in questions],
+                               offset=self.position_offset(routing_cfg.top_k), hook=hook,
+                               pad_id=self.tokenizer.pad_token_id or 0, score_only=True, last_layer=max(self.layers))
+        return torch.stack([state.hook.routings[layer].doc_scores for layer in self.layers]).cpu()
 
     def _rank(self, bank: MemoryBank, total: torch.Tensor, per_layer: torch.Tensor, allowed: torch.Tensor,
               k: int, include_parts: bool, with_layers: bool) -> list[RetrievedDocument]:
@@ -348,7 +350,8 @@ class MSAModel:
 
     # ---- generation ---------------------------------------------------------------------
 
-    def _position_offset(self, k: int) -> int:
+    def position_offset(self, k: int) -> int:
+        """First RoPE position of a prompt that attends to k documents' memory (routing.position_offset)."""
         offset = self.config.routing.position_offset
         return k if offset == "top_k" else int(offset)
 
@@ -403,11 +406,12 @@ class MSAModel:
             self.check_bank(bank)
             allowed = bank.row_mask(filter)
 
-            def memory(routing: torch.Tensor) -> MemoryRouter:
-                return MemoryRouter(bank, self.router, self.config.routing, routing, allowed=allowed, top_k=k)
+            def memory(routing: torch.Tensor, positions: torch.Tensor) -> MemoryRouter:
+                return MemoryRouter(bank, self.router, self.config.routing, routing, allowed=allowed, top_k=k,
+                                    positions=positions)
 
         gen = Generation(self.backbone, self.tokenizer, prompt, params, memory=memory,
-                         position_offset=self._position_offset(k) if memory else 0, eos_ids=self.eos_ids)
+                         position_offset=self.position_offset(k) if memory else 0, eos_ids=self.eos_ids)
 
         def finish(text: str) -> Answer:
             ids, scores, per_layer = self._used_documents(bank, gen.router)
@@ -524,59 +528,8 @@ def _replace_last_user(messages: Sequence[Message], content: str) -> list[Messag
     return out
 
 
-def _make_router(backbone: Backbone, cfg: MSAConfig,
-                 router: str | Path | None) -> tuple[RouterProjectors, MSAConfig, Backbone | None]:
-    """Router projectors, the config with the routing layers they cover, and, when the router file carries a
-    backbone delta (merged into `backbone` here), a backbone with the base weights for hybrid answers."""
-    a = backbone.args
-    if router is None or router == "native" or router == "random":
-        layers = cfg.resolve_routing_layers(a.num_layers)
-        if router == "random":
-            return RouterProjectors.random(layers, a.hidden_size, a.num_heads, a.kv_heads, a.head_dim), cfg, None
-        weights = {i: backbone.attention_weights(i) for i in layers}
-        native = RouterProjectors.native({i: (q.float(), k.float()) for i, (q, k) in weights.items()},
-                                         a.num_heads, a.kv_heads, a.head_dim)
-        return native, cfg, None
-    loaded = RouterProjectors.load(router, expected_backbone_fingerprint=backbone.fingerprint())
-    layout = (loaded.hidden, loaded.num_heads, loaded.kv_heads, loaded.head_dim)
-    if layout != (a.hidden_size, a.num_heads, a.kv_heads, a.head_dim):
-        # The bank stores K̄_R in the attention's [kv_heads, head_dim] layout (as the MSA format does).
-        raise ModelLoadError(f"router {router} projects hidden {loaded.hidden} onto {loaded.num_heads} query and "
-                             f"{loaded.kv_heads} key heads of {loaded.head_dim}; this backbone's attention has "
-                             f"hidden {a.hidden_size}, {a.num_heads} and {a.kv_heads} heads of {a.head_dim}, "
-                             "and memory banks store routing keys in that layout")
-    generator = None
-    if loaded.backbone_delta:  # the router was trained with the backbone's upper layers: they change too
-        from .decoder.lora import base_view, delta_layers, merge
-
-        # The delta is trained for routing, not for answering (it costs the instruction-tuned model its
-        # answers: README, Training routers), so hybrid answers keep the base weights of the layers it changes.
-        generator = base_view(backbone, delta_layers(loaded.backbone_delta))
-        merge(backbone, loaded.backbone_delta, loaded.delta_scale)
-    if cfg.routing.layers is None:  # a trained router decides which layers route
-        cfg = cfg.model_copy(update={"routing": cfg.routing.model_copy(update={"layers": loaded.layers})})
-    elif loaded.layers != cfg.resolve_routing_layers(a.num_layers):
-        raise ModelLoadError(f"router {router} covers layers {loaded.layers}, the config asks for "
-                             f"{cfg.routing.layers}; leave routing.layers unset to use the router's")
-    return loaded, cfg, generator
 
 
-def _eos_ids(tokenizer: Any, hf_cfg: Any, path: Path) -> list[int]:
-    ids = set()
-    for src in (tokenizer.eos_token_id, getattr(hf_cfg, "eos_token_id", None)):
-        if isinstance(src, int):
-            ids.add(src)
-        elif isinstance(src, (list, tuple)):
-            ids.update(int(x) for x in src)
-    try:
-        from transformers import GenerationConfig
-
-        gc = GenerationConfig.from_pretrained(str(path))
-        e = gc.eos_token_id
-        ids.update([e] if isinstance(e, int) else list(e or []))
-    except (OSError, ValueError):
-        pass  # no generation_config.json: the tokenizer's eos is enough
-    return sorted(ids)
 
 
 def _check_documents(texts: Sequence[str], ids: Sequence[str] | None,

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from msa_core.cli.main import _parse_filters, main
+from msa_core.cli.common import parse_filters
+from msa_core.cli.main import main
 from msa_core.errors import InvalidInputError
 from msa_core.memory.persist import CURRENT, TENSORS
 
@@ -166,16 +167,16 @@ def test_filters(capsys, bank):
 
 
 def test_parse_filters():
-    assert _parse_filters(None) is None
-    assert _parse_filters(["a=1"]) == {"a": {"$eq": 1}}
-    assert _parse_filters(["a=true"]) == {"a": {"$eq": True}}
-    assert _parse_filters(["a=x=y"]) == {"a": {"$eq": "x=y"}}
-    assert _parse_filters(["a=NaN"]) == {"a": {"$eq": "NaN"}}
-    assert _parse_filters(["a!=in:1,b"]) == {"a": {"$nin": [1, "b"]}}
-    assert _parse_filters(["a>=1", "a<2"]) == {"$and": [{"a": {"$gte": 1}}, {"a": {"$lt": 2}}]}
+    assert parse_filters(None) is None
+    assert parse_filters(["a=1"]) == {"a": {"$eq": 1}}
+    assert parse_filters(["a=true"]) == {"a": {"$eq": True}}
+    assert parse_filters(["a=x=y"]) == {"a": {"$eq": "x=y"}}
+    assert parse_filters(["a=NaN"]) == {"a": {"$eq": "NaN"}}
+    assert parse_filters(["a!=in:1,b"]) == {"a": {"$nin": [1, "b"]}}
+    assert parse_filters(["a>=1", "a<2"]) == {"$and": [{"a": {"$gte": 1}}, {"a": {"$lt": 2}}]}
     for bad in ("=1", "novalue", ">3"):
         with pytest.raises(InvalidInputError, match="bad --filter"):
-            _parse_filters([bad])
+            parse_filters([bad])
 
 
 def test_query_text_and_bad_filter(capsys, bank):

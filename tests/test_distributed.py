@@ -59,7 +59,7 @@ def _prefill(model: MSAModel, question: str, make_router) -> dict:
     """One routed prefill: per-layer selected rows/scores and the last position's logits."""
     prompt = build_prompt(model.tokenizer, question)
     ids, valid, routing = left_pad([prompt], 0, model.backbone.device)
-    pos = query_positions(valid, model._position_offset(model.config.routing.top_k))
+    pos = query_positions(valid, model.position_offset(model.config.routing.top_k))
     router = make_router(routing, pos)
     with torch.no_grad():
         hidden = model.backbone(ids, pos, valid=valid, memory_hook=router)

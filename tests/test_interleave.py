@@ -199,7 +199,7 @@ def test_forced_outputs_run_two_rounds_on_the_model(model, bank):
                                      2: "Paris is in France."})
     assert "".join(run_interleave(m, backend, 30)) == "Ada"
     assert m.rounds == [[1], [0, 2]] and len(backend.prefills) == 3
-    second = backend.prefills[1].prompt
+    second = backend.prompts[1]
     routed = [t for t, r in zip(second.ids, second.routing) if r]
     instruction = backend.profile.question_prompt(QUESTION)
     n = sum(instruction.routing)

@@ -244,7 +244,7 @@ def test_our_llama_model_with_a_router_saves_in_msa_format(tiny_model_dir, tmp_p
 
 
 def test_sharded_save_loads_back(tiny_msa_dir, tmp_path):
-    from msa_core.checkpoints.msa_format import save_msa
+    from msa_core.checkpoints.msa_save import save_msa
 
     model = _load(tiny_msa_dir())
     folder = save_msa(model, tmp_path / "sharded", max_shard_bytes=100_000)

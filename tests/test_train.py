@@ -18,16 +18,8 @@ from msa_core.model import MSAModel
 from msa_core.routing.projectors import RouterProjectors
 from msa_core.training.cache import cache_documents, cache_queries
 from msa_core.training.data import load_pairs
-from msa_core.training.trainer import (
-    RouterTrainer,
-    TrainConfig,
-    choose_layers,
-    decoupled_infonce,
-    evaluate,
-    layer_doc_scores,
-    prepare_trainer,
-    train_router,
-)
+from msa_core.training.run import prepare_trainer, train_router
+from msa_core.training.trainer import RouterTrainer, TrainConfig, choose_layers, decoupled_infonce, evaluate, layer_doc_scores
 
 _SYLLABLES = ["ka", "lo", "mi", "ru", "te", "zu", "po", "na", "vi", "shi", "bo", "de", "fa", "gu", "ye"]
 _FILLER = ["of", "and", "in", "to", "a", "is", "the", "on", "at", "by"]
@@ -147,7 +139,7 @@ def _states(model: MSAModel):
     docs = cache_documents(model.backbone, model.tokenizer, _DOCS, model.layers, chunk_size=16,
                            dtype=torch.float32)
     qs = cache_queries(model.backbone, model.tokenizer, _QUESTIONS, model.layers,
-                       position_offset=model._position_offset(model.config.routing.top_k), dtype=torch.float32)
+                       position_offset=model.position_offset(model.config.routing.top_k), dtype=torch.float32)
     return docs, qs
 
 
@@ -324,7 +316,8 @@ def test_cli_trains_a_router_the_engine_loads(keyword_model_dir, keyword_data, t
 
 
 def test_model_card_discloses_synthetic_questions():
-    from msa_core.training.trainer import TrainReport, model_card
+    from msa_core.training.run import model_card
+    from msa_core.training.trainer import TrainReport
 
     report = TrainReport(3, 1.0, "cpu", [1], 10, 10, 0, 0, {})
     config = TrainConfig(needles=500, span_pairs=7, pair_questions=9, heldout_fraction=0.01)
@@ -426,7 +419,7 @@ def test_split_forward_gives_the_cached_states(fp32_model, first):
 
     m = fp32_model
     docs, qs = _states(m)
-    offset = m._position_offset(m.config.routing.top_k)
+    offset = m.position_offset(m.config.routing.top_k)
     lower_d = lower_documents(m.backbone, m.tokenizer, _DOCS, first, 2048, torch.float32)
     lower_q = lower_queries(m.backbone, m.tokenizer, _QUESTIONS, first, offset, torch.float32)
     got_q, got_d = ragged_states(m.backbone, lower_q, lower_d, first, m.layers, 16, 2048)
@@ -501,7 +494,8 @@ def test_training_from_a_tuned_router_keeps_its_backbone_delta(keyword_model_dir
     again = first.model_copy(update={"tune_from_layer": again_from, "precondition": "none"})
     trainer = _trainer(start, keyword_data, again)
     trainer.run()
-    from msa_core.training.trainer import TrainReport, save_trained_router
+    from msa_core.training.run import save_trained_router
+    from msa_core.training.trainer import TrainReport
 
     saved = trainer.router.copy(dtype=torch.float32, device="cpu")
     saved.backbone_delta, saved.delta_scale = trainer.backbone_delta()

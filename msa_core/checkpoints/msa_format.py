@@ -6,7 +6,7 @@ config plus an object `msa_config`, and (with `decouple_router`) router projecto
 
     cfg = read_msa_config(raw["msa_config"])          # reference defaults for missing keys
     settings = engine_config(cfg, num_layers=36)      # our MSAConfig (layers, P, k, reductions, ...)
-    model = load_msa_model(path)                      # what MSAModel.from_pretrained calls
+    parts = load_msa_parts(path)                      # what MSAModel.from_pretrained builds on
     save_msa(model, "out/")                           # any of our models, same names, exact round trip
 
 Our own settings that `msa_config` cannot express (layer aggregation, batch sizes, storage dtype,
@@ -21,19 +21,17 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..config import MSAConfig, Normalization
-from ..decoder.backbone import Backbone, BackboneArgs, load_backbone
+from ..decoder.backbone import Backbone, load_backbone
 from ..decoder.rope import apply_rotary
 from ..errors import InvalidInputError, ModelLoadError
 from ..routing.projectors import ROUTER_NAME_RE, RouterProjectors
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..model import MSAModel
+from .loading import ModelParts, declared_eos_ids, make_router
 
 MODEL_TYPE = "msa"
 ARCHITECTURES = ["MSAForCausalLM"]
@@ -181,7 +179,7 @@ def _aux_loss_method_for(normalization: str, decouple_router: bool, previous: st
     return previous or "INFONCE"
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(dtype, "float32")
 
 
@@ -343,11 +341,11 @@ def _raw_config(path: Path) -> dict[str, Any]:
     return raw
 
 
-def load_msa_model(path: str | os.PathLike[str], *, router: str | Path | None = None,
+def load_msa_parts(path: str | os.PathLike[str], *, router: str | Path | None = None,
                    config: MSAConfig | Mapping[str, Any] | None = None, profile: str | None = None,
                    device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                   name: str = "") -> "MSAModel":
-    """An MSAModel from a local MSA-format folder (MSAModel.from_pretrained calls this).
+                   name: str = "") -> ModelParts:
+    """The model parts of a local MSA-format folder (MSAModel.from_pretrained builds the model from them).
 
     Settings: `msa_engine` when the folder has it (saved by us), else derived from msa_config with the
     reference defaults; `config` overrides what it sets. Profile: `profile`, else the config's, else
@@ -355,8 +353,6 @@ def load_msa_model(path: str | os.PathLike[str], *, router: str | Path | None = 
     projections (false); `router` ("native", "random" or a router file) replaces them.
     """
     from transformers import AutoTokenizer
-
-    from ..model import MSAModel, _eos_ids, _make_router
 
     path = Path(path)
     raw = _raw_config(path)
@@ -370,11 +366,11 @@ def load_msa_model(path: str | os.PathLike[str], *, router: str | Path | None = 
         base = MSAConfig.model_validate(engine["config"])
     else:
         base = engine_config(msa_cfg, a.num_layers, max_doc_tokens=a.rope.max_position_embeddings,
-                             storage_dtype=_dtype_name(dtype))
+                             storage_dtype=dtype_name(dtype))
     cfg = _with_profile(merge_config(base, config), profile)
     generator = None  # hybrid answers use the backbone, unless a router file's delta changes it
     if router is not None:
-        projectors, cfg, generator = _make_router(backbone, cfg, router)
+        projectors, cfg, generator = make_router(backbone, cfg, router)
         projectors = projectors.to(device=device, dtype=dtype)
     elif msa_cfg["decouple_router"]:
         projectors, cfg = _checkpoint_router(path, backbone, cfg, device, dtype)
@@ -382,11 +378,9 @@ def load_msa_model(path: str | os.PathLike[str], *, router: str | Path | None = 
     else:
         projectors = AttentionRouter(backbone, cfg.resolve_routing_layers(a.num_layers))
     tokenizer = _quietly(AutoTokenizer.from_pretrained, str(path))
-    model = MSAModel(backbone, tokenizer, projectors, cfg, name=name or str(path),
-                     eos_ids=_eos_ids(tokenizer, hf_cfg, path), generator=generator)
-    model.hf_config = hf_cfg
-    model.msa_config = msa_cfg
-    return model
+    return ModelParts(backbone, tokenizer, projectors, cfg, name=name or str(path),
+                      eos_ids=declared_eos_ids(tokenizer, hf_cfg, path), generator=generator, hf_config=hf_cfg,
+                      msa_config=msa_cfg)
 
 
 def _with_profile(cfg: MSAConfig, profile: str | None) -> MSAConfig:
@@ -396,27 +390,24 @@ def _with_profile(cfg: MSAConfig, profile: str | None) -> MSAConfig:
     return cfg.model_copy(update={"profile": chosen})
 
 
-def model_from_components(backbone: Backbone, tokenizer: Any, msa_config: Mapping[str, Any] | None, *,
-                          router: RouterProjectors | None = None, config: MSAConfig | Mapping[str, Any] | None = None,
-                          profile: str | None = None, eos_ids: Sequence[int] = (), name: str = "") -> "MSAModel":
-    """An MSAModel as if loaded from an MSA checkpoint, built from objects in memory (no files):
+def msa_parts_from_components(backbone: Backbone, tokenizer: Any, msa_config: Mapping[str, Any] | None, *,
+                              router: RouterProjectors | None = None,
+                              config: MSAConfig | Mapping[str, Any] | None = None, profile: str | None = None,
+                              eos_ids: Sequence[int] = (), name: str = "") -> ModelParts:
+    """Model parts as if loaded from an MSA checkpoint, built from objects in memory (no files):
     e.g. a randomly initialised MSA-4B-shaped backbone for a benchmark. `router` is required when
     msa_config says decouple_router."""
-    from ..model import MSAModel
-
     msa_cfg = read_msa_config(msa_config)
     a = backbone.args
     cfg = _with_profile(merge_config(engine_config(msa_cfg, a.num_layers, max_doc_tokens=a.rope.max_position_embeddings,
-                                                   storage_dtype=_dtype_name(backbone.dtype)), config), profile)
+                                                   storage_dtype=dtype_name(backbone.dtype)), config), profile)
     if msa_cfg["decouple_router"]:
         if router is None:
             raise InvalidInputError("msa_config says decouple_router: pass the router projectors")
         projectors: Any = router
     else:
         projectors = AttentionRouter(backbone, cfg.resolve_routing_layers(a.num_layers))
-    model = MSAModel(backbone, tokenizer, projectors, cfg, name=name, eos_ids=eos_ids)
-    model.msa_config = msa_cfg
-    return model
+    return ModelParts(backbone, tokenizer, projectors, cfg, name=name, eos_ids=eos_ids, msa_config=msa_cfg)
 
 
 def _quietly(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -476,138 +467,3 @@ def _restore_delta(path: Path, backbone: Backbone, projectors: RouterProjectors)
 # --------------------------------------------------------------------------------------------
 # Saving
 # --------------------------------------------------------------------------------------------
-
-
-def _backbone_tensors(backbone: Backbone, dtype: torch.dtype | None) -> dict[str, Tensor]:
-    """The backbone under Hugging Face names (`model.` prefix, lm_head omitted when tied)."""
-    out: dict[str, Tensor] = {}
-    for name, t in backbone.state_dict().items():
-        if name.startswith("rotary."):
-            continue
-        if name.startswith("lm_head."):
-            if backbone.args.tie_word_embeddings:
-                continue
-            key = name
-        else:
-            key = "model." + name
-        t = t.detach()
-        out[key] = (t.to(dtype) if dtype is not None else t).cpu().contiguous()
-    return out
-
-
-def _hf_config_dict(model: "MSAModel") -> dict[str, Any]:
-    hf = getattr(model, "hf_config", None)
-    if hf is not None:
-        d = hf.to_dict()
-    else:
-        d = _config_from_args(model.backbone.args, model.eos_ids)
-    for key in (ENGINE_KEY, "msa_config", BASE_KEY, "_name_or_path", "transformers_version"):
-        d.pop(key, None)
-    return d
-
-
-def _config_from_args(a: BackboneArgs, eos_ids: Sequence[int]) -> dict[str, Any]:
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
-
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[a.family]
-    rope = {**a.rope.params, "rope_type": a.rope.rope_type, "rope_theta": a.rope.theta}
-    kw: dict[str, Any] = dict(
-        vocab_size=a.vocab_size, hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
-        num_hidden_layers=a.num_layers, num_attention_heads=a.num_heads, num_key_value_heads=a.kv_heads,
-        head_dim=a.head_dim, rms_norm_eps=a.rms_norm_eps, max_position_embeddings=a.rope.max_position_embeddings,
-        tie_word_embeddings=a.tie_word_embeddings, hidden_act="silu", rope_parameters=rope,
-        eos_token_id=list(eos_ids) if len(eos_ids) > 1 else (eos_ids[0] if eos_ids else None),
-    )
-    if a.family != "qwen2":
-        kw["attention_bias"] = a.qkv_bias
-    if a.family == "llama":
-        kw["mlp_bias"] = a.mlp_bias
-    return cls(**kw).to_dict()
-
-
-def msa_config_json(model: "MSAModel", dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """The config.json that `save_msa` writes for `model`."""
-    a = model.backbone.args
-    d = _hf_config_dict(model)
-    decouple = not getattr(model.router, "keys_from_attention", False)
-    d.update({
-        "model_type": MODEL_TYPE,
-        "architectures": list(ARCHITECTURES),
-        "msa_config": msa_config_for(model.config, model.layers, a.num_layers, decouple,
-                                     getattr(model, "msa_config", None)),
-        ENGINE_KEY: {"format_version": ENGINE_FORMAT_VERSION, "profile": model.config.profile,
-                     "config": model.config.model_dump(mode="json"), "router_init_mode": model.router.init_mode},
-    })
-    if a.family != "qwen3":
-        d[BASE_KEY] = a.family
-    # Legacy fields for transformers 4.x (the reference pins 4.51.3): it reads rope_theta/rope_scaling
-    # and torch_dtype, not rope_parameters/dtype.
-    d["rope_theta"] = a.rope.theta
-    scaling = {k: v for k, v in a.rope.params.items() if k != "rope_theta"}
-    d["rope_scaling"] = scaling if a.rope.rope_type != "default" else None
-    name = _dtype_name(dtype or model.backbone.dtype)
-    d["dtype"] = d["torch_dtype"] = name
-    return d
-
-
-def save_msa(model: "MSAModel", path: str | os.PathLike[str], *, dtype: torch.dtype | None = None,
-             max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write `model` as an MSA-format folder: config.json, safetensors (sharded above max_shard_bytes,
-    with an index), generation_config.json and the tokenizer. Loading it back gives the same weights,
-    router fingerprint and settings. Earlier weight files in the folder are removed first.
-    """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise InvalidInputError(f"{path} exists and is not a folder; pick a folder to save the model to")
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = _backbone_tensors(model.backbone, dtype)
-    for name, t in model.router.state_dict_msa().items():
-        tensors[name] = (t.to(dtype) if dtype is not None else t).cpu().contiguous()
-    for old in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")) \
-            + list(path.glob(DELTA_FILE)):
-        old.unlink()
-    delta = getattr(model.router, "backbone_delta", None)
-    if delta:  # the weights below include it; kept for the router's fingerprint and the hybrid generator
-        save_file({n: t.detach().cpu().contiguous() for n, t in delta.items()}, str(path / DELTA_FILE),
-                  metadata={"scale": repr(model.router.delta_scale)})
-    shards = _shard(tensors, max_shard_bytes)
-    if len(shards) == 1:
-        save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map: dict[str, str] = {}
-        for n, shard in enumerate(shards, 1):
-            fname = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(path / fname), metadata={"format": "pt"})
-            weight_map.update({k: fname for k in shard})
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    config = msa_config_json(model, dtype)
-    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    _save_generation_config(model, path)
-    model.tokenizer.save_pretrained(str(path))
-    return path
-
-
-def _shard(tensors: Mapping[str, Tensor], max_bytes: int) -> list[dict[str, Tensor]]:
-    shards: list[dict[str, Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        n = t.numel() * t.element_size()
-        if shards[-1] and size + n > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += n
-    return shards
-
-
-def _save_generation_config(model: "MSAModel", path: Path) -> None:
-    eos = list(model.eos_ids)
-    gen = {"eos_token_id": eos if len(eos) != 1 else eos[0]}
-    pad = getattr(model.tokenizer, "pad_token_id", None)
-    if pad is not None:
-        gen["pad_token_id"] = pad
-    (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")

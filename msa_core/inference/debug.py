@@ -22,21 +22,19 @@ Keys (tensors on CPU, float32 unless noted):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidInputError
-from .generate import MemoryRouter, build_prompt, left_pad, query_positions
+from .generate import MemoryRouter, build_prompt, extend, routed_prefill
+from .protocols import ModelLike
 from .reference import question_segments, render_document
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..model import MSAModel
 
 
 @torch.no_grad()
-def trace(model: "MSAModel", documents: Sequence[str], question: str, max_new_tokens: int = 8) -> dict[str, Any]:
+def trace(model: ModelLike, documents: Sequence[str], question: str, max_new_tokens: int = 8) -> dict[str, Any]:
     """Encode `documents` into a fresh bank (document i = file index i), route `question`, prefill and
     decode greedily; return every intermediate a parity check needs (see the module docstring)."""
     if isinstance(documents, str) or not documents:
@@ -65,7 +63,7 @@ def trace(model: "MSAModel", documents: Sequence[str], question: str, max_new_to
     return out
 
 
-def _reference_prefill(model: "MSAModel", bank: Any, question: str, k: int, extra: int, out: dict[str, Any]):
+def _reference_prefill(model: ModelLike, bank: Any, question: str, k: int, extra: int, out: dict[str, Any]):
     prof = model.reference
     assert prof is not None
     segments = question_segments(question)
@@ -88,15 +86,13 @@ def _reference_prefill(model: "MSAModel", bank: Any, question: str, k: int, extr
     return (state.logits, state.caches, state.hook, state.positions), prof.position_offset(k)
 
 
-def _default_prefill(model: "MSAModel", bank: Any, question: str, k: int, extra: int, out: dict[str, Any]):
-    bb = model.backbone
+def _default_prefill(model: ModelLike, bank: Any, question: str, k: int, extra: int, out: dict[str, Any]):
     prompt = build_prompt(model.tokenizer, question)
-    ids, valid, routing = left_pad([prompt], model.tokenizer.pad_token_id or 0, bb.device)
-    offset = model._position_offset(k)
-    pos = query_positions(valid, offset)
-    hook = MemoryRouter(bank, model.router, model.config.routing, routing, top_k=k, positions=pos)
-    caches = bb.new_caches(1, capacity=ids.shape[1] + extra + 8)
-    hidden = bb(ids, pos, valid=valid, caches=caches, memory_hook=hook)
+    offset = model.position_offset(k)
+    state = routed_prefill(model.backbone, [prompt], offset=offset, pad_id=model.tokenizer.pad_token_id or 0,
+                           extra_capacity=extra + 8,
+                           hook=lambda routing, pos: MemoryRouter(bank, model.router, model.config.routing, routing,
+                                                                  top_k=k, positions=pos))
     tok = model.tokenizer
     out.update({
         "prompt": tok.decode(prompt.ids, skip_special_tokens=False),
@@ -107,10 +103,10 @@ def _default_prefill(model: "MSAModel", bank: Any, question: str, k: int, extra:
         "documents_rendered": [rec.text for rec in bank.docstore],
         "document_token_ids": [tok(rec.text, add_special_tokens=False)["input_ids"] for rec in bank.docstore],
     })
-    return (bb.logits(hidden[:, -1]), caches, hook, pos), offset
+    return (state.logits, state.caches, state.hook, state.positions), offset
 
 
-def _pooled(model: "MSAModel", bank: Any, hook: MemoryRouter, out: dict[str, Any]) -> None:
+def _pooled(model: ModelLike, bank: Any, hook: MemoryRouter, out: dict[str, Any]) -> None:
     order = torch.tensor([int(rec.metadata.get("msa_doc_index", row)) for row, rec in enumerate(bank.docstore)])
     chunk_doc = order[bank.chunk_doc.cpu()]
     normalize = (model.config.routing.normalization == "cosine"
@@ -132,7 +128,7 @@ def _pooled(model: "MSAModel", bank: Any, hook: MemoryRouter, out: dict[str, Any
         out[f"layers.{layer}.selected"] = order[routing.selected[0].cpu()]
 
 
-def _greedy(model: "MSAModel", logits: torch.Tensor, caches: list, position: int, steps: int) -> list[int]:
+def _greedy(model: ModelLike, logits: torch.Tensor, caches: list, position: int, steps: int) -> list[int]:
     bb = model.backbone
     eos = set(model.eos_ids)
     tokens: list[int] = []
@@ -143,8 +139,6 @@ def _greedy(model: "MSAModel", logits: torch.Tensor, caches: list, position: int
         tokens.append(token)
         if step == steps - 1:
             break
-        hidden = bb(torch.tensor([[token]], device=bb.device), torch.tensor([[position]], device=bb.device),
-                    caches=caches)
-        logits = bb.logits(hidden[:, -1])
+        logits = extend(bb, [token], position, caches)
         position += 1
     return tokens

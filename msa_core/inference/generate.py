@@ -271,6 +271,62 @@ def query_positions(valid: torch.Tensor, offset: int) -> torch.Tensor:
     return offset + (valid.long().cumsum(1) - 1).clamp(min=0)
 
 
+# (routing mask [B, T], positions [B, T]) -> the memory hook of one prefill, or None for local context only
+HookFactory = Callable[[torch.Tensor, torch.Tensor], "MemoryRouter | None"]
+
+
+@dataclass
+class Prefilled:
+    """What a routed prefill leaves: last-position logits and caches (None when it only scored), the memory
+    hook with every routing layer's decision, and the prompt's positions."""
+
+    logits: torch.Tensor | None  # [B, V]
+    caches: list | None
+    hook: MemoryRouter | None
+    positions: torch.Tensor  # [B, T]
+
+    @property
+    def next_position(self) -> int:
+        """The position of the first token after the prompt (batch of one)."""
+        return int(self.positions[0, -1]) + 1
+
+
+@torch.no_grad()
+def routed_prefill(backbone: Backbone, prompts: Sequence[Prompt], *, offset: int, hook: HookFactory | None = None,
+                   pad_id: int = 0, extra_capacity: int = 0, score_only: bool = False,
+                   last_layer: int | None = None) -> Prefilled:
+    """The one routed prefill every path runs (generation, retrieval, the reference profile, interleave, the
+    debug trace, Memory Parallel): left-pad the prompts, number them from `offset`, build the memory hook
+    and run the backbone; the hook routes each routing layer and splices in the chosen documents' K/V.
+
+    score_only: no caches and no logits, stop after `last_layer`, then let the hook score any layers it
+    deferred (`MemoryRouter.finish`); for retrieval. Otherwise caches hold the prompt plus `extra_capacity`.
+    """
+    ids, valid, routing = left_pad(prompts, pad_id, backbone.device)
+    positions = query_positions(valid, offset)
+    memory = hook(routing, positions) if hook is not None else None
+    if score_only:
+        backbone(ids, positions, valid=valid, memory_hook=memory, last_layer=last_layer)
+        if memory is not None:
+            memory.finish()
+        return Prefilled(None, None, memory, positions)
+    caches = backbone.new_caches(len(prompts), capacity=ids.shape[1] + extra_capacity)
+    hidden = backbone(ids, positions, valid=valid, caches=caches, memory_hook=memory)
+    return Prefilled(backbone.logits(hidden[:, -1]), caches, memory, positions)
+
+
+@torch.no_grad()
+def extend(backbone: Backbone, token_ids: Sequence[int], position: int, caches: list,
+           causal: bool = True) -> torch.Tensor:
+    """Feed tokens after a prefill (one decoded token, or an injected segment) at positions position..;
+    returns the last position's logits [1, V]. Routing layers keep attending to the memory in the caches."""
+    dev = backbone.device
+    ids = torch.tensor([list(token_ids)], device=dev)
+    pos = torch.arange(position, position + len(token_ids), device=dev)[None]
+    hidden = backbone(ids, pos, caches=caches, causal=causal)
+    return backbone.logits(hidden[:, -1])
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
                 generator: torch.Generator | None) -> torch.Tensor:
     """Greedy for temperature 0, else nucleus sampling. logits [B, V] -> token ids [B]."""
@@ -355,12 +411,12 @@ class TextStream:
 class Generation:
     """One streaming generation: iterate for text pieces; afterwards read text and routing.
 
-    prefill: the prompt at positions offset.., routed to memory in routing layers when a
-    MemoryRouter is given; then one token per step with the caches.
+    `routed_prefill` of the prompt at positions offset.. (routed to memory in routing layers when a hook
+    factory is given), then one token per step with the caches (`extend`).
     """
 
     def __init__(self, backbone: Backbone, tokenizer: Any, prompt: Prompt, params: SamplingParams, *,
-                 memory: Callable[[torch.Tensor], MemoryRouter] | None = None, position_offset: int = 0,
+                 memory: HookFactory | None = None, position_offset: int = 0,
                  eos_ids: Sequence[int] = ()) -> None:
         self.backbone, self.tokenizer, self.prompt, self.params = backbone, tokenizer, prompt, params
         self.memory_factory, self.offset = memory, position_offset
@@ -382,17 +438,11 @@ class Generation:
             yield from self._run()
 
     def _run(self) -> Iterator[str]:
-        dev = self.backbone.device
-        ids, valid, routing = left_pad([self.prompt], 0, dev)
-        pos = query_positions(valid, self.offset)
-        self.router = self.memory_factory(routing) if self.memory_factory else None
-        if isinstance(self.router, MemoryRouter) and self.router.positions is None:
-            self.router.positions = pos
-        caches = self.backbone.new_caches(1, capacity=ids.shape[1] + self.params.max_new_tokens + 64)
-        hidden = self.backbone(ids, pos, valid=valid, caches=caches, memory_hook=self.router)
-        logits = self.backbone.logits(hidden[:, -1])
+        state = routed_prefill(self.backbone, [self.prompt], offset=self.offset, hook=self.memory_factory,
+                               extra_capacity=self.params.max_new_tokens + 64)
+        self.router, logits, caches = state.hook, state.logits, state.caches
         gen = torch.Generator(device="cpu").manual_seed(self.params.seed) if self.params.seed is not None else None
-        next_pos = int(pos[0, -1]) + 1
+        next_pos = state.next_position
         for step in range(self.params.max_new_tokens):
             token = int(sample_next(logits.cpu(), self.params.temperature, self.params.top_p, gen)[0])
             if token in self.eos_ids:
@@ -406,9 +456,7 @@ class Generation:
                 return
             if step == self.params.max_new_tokens - 1:
                 break
-            hidden = self.backbone(torch.tensor([[token]], device=dev), torch.tensor([[next_pos]], device=dev),
-                                   caches=caches)
-            logits = self.backbone.logits(hidden[:, -1])
+            logits = extend(self.backbone, [token], next_pos, caches)
             next_pos += 1
         self.finish_reason = self.finish_reason or "length"
         tail = self.stream.flush()

@@ -19,18 +19,15 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 
 from ..errors import InvalidInputError
-from .generate import LayerRouting, SamplingParams, sample_next
+from ..memory.bank import MemoryBank
+from .generate import LayerRouting, Prefilled, Prompt, SamplingParams, extend, sample_next
+from .protocols import ModelLike
 from .reference import Segment, question_segments
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..memory.bank import MemoryBank
-    from ..model import MSAModel
-    from .reference import Prefill
 
 OBJECT_REF_END = "<|object_ref_end|>"
 END_OF_RETRIEVE = "<End-of-Retrieve>"
@@ -256,13 +253,14 @@ class ModelBackend:
     smoke benchmark use it to script the model's first outputs).
     """
 
-    model: "MSAModel"
+    model: ModelLike
     bank: "MemoryBank"
     k: int
     params: SamplingParams
     allowed: torch.Tensor | None = None
     forced: list[int] = field(default_factory=list)
-    prefills: list["Prefill"] = field(default_factory=list)
+    prefills: list[Prefilled] = field(default_factory=list)
+    prompts: list[Prompt] = field(default_factory=list)  # the prompt of each prefill
 
     def __post_init__(self) -> None:
         if self.model.reference is None:
@@ -283,6 +281,7 @@ class ModelBackend:
         state = self.profile.prefill(prompt, self.bank, self.k, self.allowed,
                                      extra_capacity=self.params.max_new_tokens + 64)
         self.prefills.append(state)
+        self.prompts.append(prompt)
         self.caches, self.logits, self.next_pos = state.caches, state.logits, state.next_position
         self._pending = None
         self._reset_segment()
@@ -293,12 +292,8 @@ class ModelBackend:
 
     @torch.no_grad()
     def _forward(self, ids: Sequence[int], causal: bool = True) -> None:
-        bb = self.model.backbone
-        t = len(ids)
-        pos = torch.arange(self.next_pos, self.next_pos + t, device=bb.device)[None]
-        hidden = bb(torch.tensor([list(ids)], device=bb.device), pos, caches=self.caches, causal=causal)
-        self.logits = bb.logits(hidden[:, -1])
-        self.next_pos += t
+        self.logits = extend(self.model.backbone, ids, self.next_pos, self.caches, causal=causal)
+        self.next_pos += len(ids)
 
     def _flush(self) -> None:
         if self._pending is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -24,10 +24,8 @@ from ..decoder.backbone import Memory
 from ..errors import InvalidInputError
 from ..memory.bank import MemoryBank
 from .encode import DocumentPart
-from .generate import Generation, MemoryRouter, Prompt, SamplingParams, left_pad, query_positions
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..model import MSAModel
+from .generate import Generation, MemoryRouter, Prefilled, Prompt, SamplingParams, routed_prefill
+from .protocols import ModelLike
 
 TEMPLATE_HEAD = "<|im_start|>user\n"
 INSTRUCTION_HEAD = "\nPlease answer the question based on the above historical document information\n\n"
@@ -69,18 +67,6 @@ class TemplateKV:
     v: list[torch.Tensor]
 
 
-@dataclass
-class Prefill:
-    """State after a reference prefill: last-position logits, caches, the next position, the hook."""
-
-    logits: torch.Tensor  # [1, V] float32
-    caches: list
-    next_position: int
-    hook: "ReferenceMemoryRouter"
-    positions: torch.Tensor  # [1, T]
-    prompt: Prompt
-
-
 class ReferenceMemoryRouter(MemoryRouter):
     """Memory hook of the reference profile: the template head in every layer, plus, in routing
     layers, every chunk of the per-layer top-k documents (ascending document index, spec §2.4)."""
@@ -116,9 +102,9 @@ class ReferenceMemoryRouter(MemoryRouter):
 
 
 class ReferenceProfile:
-    """The reference's prompts, rendering and memory layout for one MSAModel."""
+    """The reference's prompts, rendering and memory layout for one model (an MSAModel)."""
 
-    def __init__(self, model: "MSAModel") -> None:
+    def __init__(self, model: ModelLike) -> None:
         self.model = model
         self.head_ids: list[int] = list(model.tokenizer(TEMPLATE_HEAD, add_special_tokens=False)["input_ids"])
         if not self.head_ids:
@@ -266,31 +252,24 @@ class ReferenceProfile:
                                      template=self.template(), doc_order=self.doc_order(bank) if use else None,
                                      allowed=allowed, top_k=k, positions=positions)
 
-    @torch.no_grad()
     def route_scores(self, questions: Sequence[str], bank: MemoryBank, allowed: torch.Tensor) -> torch.Tensor:
         """[L, B, N] document scores per routing layer (the routing of a full reference prefill)."""
         m = self.model
         k = m.config.routing.top_k
-        prompts = [self.question_prompt(q) for q in questions]
-        ids, valid, routing = left_pad(prompts, m.tokenizer.pad_token_id or 0, m.backbone.device)
-        pos = query_positions(valid, self.position_offset(k))
-        hook = self.hook(bank, routing, pos, allowed, k)
-        m.backbone(ids, pos, valid=valid, memory_hook=hook, last_layer=max(m.layers))
-        return torch.stack([hook.routings[layer].doc_scores for layer in m.layers]).cpu()
+        state = routed_prefill(m.backbone, [self.question_prompt(q) for q in questions],
+                               offset=self.position_offset(k), pad_id=m.tokenizer.pad_token_id or 0,
+                               hook=lambda routing, pos: self.hook(bank, routing, pos, allowed, k),
+                               score_only=True, last_layer=max(m.layers))
+        return torch.stack([state.hook.routings[layer].doc_scores for layer in m.layers]).cpu()
 
-    @torch.no_grad()
     def prefill(self, prompt: Prompt, bank: MemoryBank | None, k: int, allowed: torch.Tensor | None = None,
-                extra_capacity: int = 256) -> Prefill:
+                extra_capacity: int = 256) -> Prefilled:
         """One reference prefill (routing included) of a single prompt."""
         m = self.model
-        bb = m.backbone
-        ids, valid, routing = left_pad([prompt], m.tokenizer.pad_token_id or 0, bb.device)
         use = bank is not None and len(bank) > 0
-        pos = query_positions(valid, self.position_offset(k, use))
-        hook = self.hook(bank, routing, pos, allowed, k)
-        caches = bb.new_caches(1, capacity=ids.shape[1] + extra_capacity)
-        hidden = bb(ids, pos, valid=valid, caches=caches, memory_hook=hook)
-        return Prefill(bb.logits(hidden[:, -1]), caches, int(pos[0, -1]) + 1, hook, pos, prompt)
+        return routed_prefill(m.backbone, [prompt], offset=self.position_offset(k, use),
+                              pad_id=m.tokenizer.pad_token_id or 0, extra_capacity=extra_capacity,
+                              hook=lambda routing, pos: self.hook(bank, routing, pos, allowed, k))
 
     # ---- latent answer ------------------------------------------------------------------------
 
@@ -301,8 +280,8 @@ class ReferenceProfile:
         prompt = self.question_prompt(question)
         use = bank is not None and len(bank) > 0
 
-        def memory(routing: torch.Tensor) -> ReferenceMemoryRouter:
-            return self.hook(bank if use else None, routing, None, allowed, k)
+        def memory(routing: torch.Tensor, positions: torch.Tensor) -> ReferenceMemoryRouter:
+            return self.hook(bank if use else None, routing, positions, allowed, k)
 
         gen = Generation(m.backbone, m.tokenizer, prompt, params, memory=memory,
                          position_offset=self.position_offset(k, use), eos_ids=m.eos_ids)

@@ -33,8 +33,20 @@ from . import persist
 from .encoded import EncodedDocuments
 from .filters import Filter, compile_filter
 from .persist import FORMAT, FORMAT_VERSION, MANIFEST, TENSORS
-from .records import (KV_NAMES, KV_TIERS, STORAGE_DTYPES, TENSOR_NAMES, BankState, PartRecord, build_state,
-                      check_parts, check_shape_args, id_list, is_int, records_from_encoded)
+from .records import (
+    KV_NAMES,
+    STORAGE_DTYPES,
+    TENSOR_NAMES,
+    BankState,
+    PartRecord,
+    build_state,
+    check_parts,
+    check_shape_args,
+    id_list,
+    is_int,
+    records_from_encoded,
+)
+from .tiers import check_kv, device_arg, stage_to
 
 
 class MemoryBank:
@@ -266,14 +278,14 @@ class MemoryBank:
         respect to the host (stream-ordered on the GPU).
         """
         li = self._layer_position(layer_index)
-        device = _device_arg(device, "device")
+        device = device_arg(device, "device")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise InvalidInputError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         state = self._state
         idx = self._chunk_index(chunks, state.k_bar.device, int(state.k_bar.shape[1]))
         sources = (state.k_bar[li], state.v_bar[li])
         if state.k_bar.device.type == "cpu" and device.type == "cuda":
-            return tuple(_stage_to(src, idx, device).to(dtype) for src in sources)  # type: ignore[return-value]
+            return tuple(stage_to(src, idx, device).to(dtype) for src in sources)  # type: ignore[return-value]
         return tuple(src.index_select(0, idx).to(device, dtype) for src in sources)  # type: ignore[return-value]
 
     def _layer_position(self, layer_index: Any) -> int:
@@ -310,8 +322,8 @@ class MemoryBank:
                 "to() cannot make a disk tier: it maps a saved bank's file. Save the bank, then "
                 "MemoryBank.load(path, kv='disk'); to() takes kv='same' or kv='host'"
             )
-        _check_kv(kv)
-        bank = self._empty_like(_device_arg(device, "device"), kv)
+        check_kv(kv)
+        bank = self._empty_like(device_arg(device, "device"), kv)
         state = self._state
         tensors = {n: bank._copy_home(n, getattr(state, n)) for n in TENSOR_NAMES}
         bank._state = build_state(state.parts, tensors, bank._device)
@@ -530,8 +542,8 @@ class MemoryBank:
         `map_location` is the routing device; `kv` the tier of k_bar/v_bar ("same", "host" or "disk",
         see the module docstring). kv="disk" maps the tensors file instead of reading it.
         """
-        _check_kv(kv)
-        device = _device_arg(map_location, "map_location")
+        check_kv(kv)
+        device = device_arg(map_location, "map_location")
         vdir, manifest, parts = persist.read_version(Path(path))
         bank = cls.from_manifest(manifest, vdir / MANIFEST)
         bank._set_tiers(device, kv)
@@ -561,34 +573,6 @@ def _bank_from_manifest(cls: type[MemoryBank], manifest: dict[str, Any], path: P
         raise CorruptBankError(f"corrupt msa bank: {path} lacks {exc}") from exc
     except (ValidationError, InvalidInputError) as exc:
         raise CorruptBankError(f"corrupt msa bank: {path} holds bad settings: {exc}") from exc
-
-
-def _check_kv(kv: Any) -> None:
-    if not isinstance(kv, str) or kv not in KV_TIERS:
-        raise InvalidInputError(f"kv must be one of {list(KV_TIERS)}, got {kv!r}")
-
-
-def _device_arg(value: Any, what: str) -> torch.device:
-    try:
-        device = torch.device(value)
-    except (RuntimeError, TypeError) as exc:
-        raise InvalidInputError(f"{what} {value!r} is not a device: {exc}") from exc
-    if device.type == "cuda" and not (torch.cuda.is_available()
-                                      and (device.index or 0) < torch.cuda.device_count()):
-        raise InvalidInputError(f"{what} {value!r} names a CUDA device this machine does not have; use 'cpu'")
-    return device
-
-
-def _stage_to(src: torch.Tensor, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Rows `idx` of the host tensor `src`, copied to `device` asynchronously through a pinned buffer.
-
-    A fresh buffer per call is safe without any event of ours: PyTorch's caching host allocator records
-    the copy's stream and does not hand the block out again until the copy has finished; and it caches
-    the block, so the allocation is cheap.
-    """
-    stage = torch.empty((idx.numel(), *src.shape[1:]), dtype=src.dtype, pin_memory=True)
-    torch.index_select(src, 0, idx, out=stage)
-    return stage.to(device, non_blocking=True)
 
 
 def _short(fp: str, n: int = 12) -> str:

@@ -19,6 +19,10 @@ from pathlib import Path
 
 from ..errors import InvalidInputError
 
+# RULER's needle sentence and question (the NIAH generator in msa_integrations.compare writes its sets with them)
+NEEDLE = "One of the special magic {type} for {key} is: {value}."
+QUESTION = "What is the special magic {type} for {key} mentioned in the provided text?"
+
 
 def _stable_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
@@ -133,8 +137,6 @@ def add_needle_pairs(data: TrainingSet, n: int, *, doc_words: int = 300, seed: i
     words drawn from the documents' own vocabulary (not the NIAH generator's adjective-noun lists), so
     the router learns to find a key phrase inside unrelated text, not the evaluation's keys.
     """
-    from msa_integrations.compare.niah import NEEDLE, QUESTION
-
     if n <= 0 or not data.documents:
         return
     rng = random.Random(seed)

@@ -251,7 +251,7 @@ def prepare_tuned_trainer(model: Any, data: Sequence[str | Path], config: TrainC
     full, train, heldout, timings = read_training_data(data, c, log)
     t = time.perf_counter()
     dtype = torch.bfloat16 if bb.device.type == "cuda" else torch.float32
-    offset = model._position_offset(model.config.routing.top_k)
+    offset = model.position_offset(model.config.routing.top_k)
     max_doc = model.config.encode.max_doc_tokens
     train_d = lower_documents(bb, model.tokenizer, train.documents, first, TRAIN_DOC_TOKENS, dtype)
     train_q = lower_queries(bb, model.tokenizer, train.queries, first, offset, dtype)

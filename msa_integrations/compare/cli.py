@@ -1,4 +1,5 @@
-"""`msa compare`: the harness from the command line (msa_core/cli.py parses, this runs).
+"""`msa compare` and `msa niah`: the harness from the command line. `register` adds both commands to the
+`msa` parser (entry point group `msa_core.commands` in pyproject.toml: the engine never imports the harness).
 
     msa compare --data ../shared/data/eval/hotpotqa100 --retrievers msa,minilm,bm25 --k 1,2,5,10 --out report
     msa compare --niah-sizes 16K,64K,256K --retrievers msa,minilm,bm25 --out niah-report
@@ -13,8 +14,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from msa_core.cli.common import positive_int
 from msa_core.errors import InvalidInputError
 
+from .niah import ITEM_TYPES, TASKS
 from .retrievers import BUILTIN
 
 
@@ -182,3 +185,62 @@ def run_niah(args: argparse.Namespace) -> int:
     print(f"wrote {info['documents']} documents ({info['tokens']:,} tokens, {info['tokenizer']}) and "
           f"{info['questions']} {spec.task} questions to {args.out}", flush=True)
     return 0
+
+
+def register(command: Any) -> None:
+    """The `msa compare` and `msa niah` commands (entry point group msa_core.commands)."""
+    p = command("compare", run_compare, "Compare retrievers (MSA, MiniLM+FAISS, BM25) on evaluation sets: "
+                "recall@k, hit@k, nDCG@10, MRR, build time, index size, latency; writes report.json, report.md "
+                "and PNG plots.")
+    p.add_argument("--data", action="append", metavar="DIR", help="a folder with corpus.jsonl and queries.jsonl "
+                   "(the format of ../shared/data/eval/); repeat it for several memory sizes")
+    p.add_argument("--retrievers", default="msa,minilm,bm25", help="comma-separated: msa, minilm, bm25, random "
+                   "(default: msa,minilm,bm25)")
+    p.add_argument("--k", default="1,2,5,10", help="cut-offs for recall@k and hit@k (default: 1,2,5,10)")
+    p.add_argument("--out", default="compare-report", metavar="DIR", help="report folder (default: compare-report)")
+    p.add_argument("--limit", type=positive_int, help="only the first N questions, and the corpus cut to the "
+                   "shortest prefix holding their gold documents (or --corpus-limit)")
+    p.add_argument("--corpus-limit", type=positive_int, help="keep the first N corpus documents")
+    p.add_argument("--niah-sizes", metavar="SIZES", help="also generate NIAH sets of these memory sizes in tokens "
+                   "(e.g. 16K,64K,256K) and compare on each")
+    p.add_argument("--niah-task", choices=TASKS, default="multikey", help="NIAH task (default: multikey)")
+    p.add_argument("--niah-queries", type=positive_int, default=50, help="NIAH questions per set (default: 50)")
+    p.add_argument("--niah-doc-tokens", type=positive_int, default=512, help="NIAH document size (default: 512)")
+    p.add_argument("--niah-seed", type=int, default=0, help="NIAH seed (default: 0)")
+    p.add_argument("--niah-dir", metavar="DIR", help="where NIAH sets go (default: OUT/niah); existing sets "
+                   "are reused")
+    p.add_argument("--haystack", metavar="PATH", help="NIAH haystack (default: "
+                   "$MSA_SHARED_DATA/haystack/paul_graham_essays.json)")
+    p.add_argument("--latency-queries", type=int, default=50, help="single-question searches timed (default: 50)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="questions per search call (default: 16)")
+    p.add_argument("--answers", type=int, default=0, metavar="N", help="also answer the first N questions: hybrid "
+                   "for every retriever, latent for msa; EM and F1 (default: 0)")
+    p.add_argument("--answer-k", type=positive_int, default=5, help="passages in the hybrid prompt (default: 5)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32, help="answer length (default: 32)")
+    p.add_argument("--model", default="default", help="msa: 'default' or a Llama/Qwen2/Qwen3 folder")
+    p.add_argument("--router", default=None, help="msa: the model's own router (default; the default model ships "
+                   "a trained one), native, random, or a router .safetensors file")
+    p.add_argument("--cache", metavar="DIR", help="keep MSA banks and MiniLM embeddings here and reuse them "
+                   "(the report then gives the first build's time)")
+    p.add_argument("--note", help="free text put in the report (e.g. what else ran on the machine)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = command("niah", run_niah, "Generate a needle-in-a-haystack retrieval set (RULER-style) in the eval format: "
+                "corpus.jsonl, queries.jsonl, dataset.json.")
+    p.add_argument("--tokens", required=True, help="memory size in tokens: 16000, 16K, 1M, ...")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write the set to")
+    p.add_argument("--task", choices=TASKS, default="multikey", help="single: needles only in the asked documents; "
+                   "multikey: every document holds a needle with its own key; multivalue: several documents per "
+                   "key (default: multikey)")
+    p.add_argument("--key-type", choices=ITEM_TYPES, default="words", help="default: words")
+    p.add_argument("--value-type", choices=ITEM_TYPES, default="numbers", help="default: numbers")
+    p.add_argument("--doc-tokens", type=positive_int, default=512, help="tokens per document (default: 512)")
+    p.add_argument("--queries", type=positive_int, default=50, help="questions (default: 50)")
+    p.add_argument("--values", type=positive_int, default=4, help="multivalue: values per key (default: 4)")
+    p.add_argument("--seed", type=int, default=0, help="default: 0")
+    p.add_argument("--haystack", metavar="PATH", help="a .json/.txt/.md file, a .jsonl corpus or a folder (default: "
+                   "$MSA_SHARED_DATA/haystack/paul_graham_essays.json, else ../shared/data beside the repository)")
+    p.add_argument("--tokenizer", default="default", help="'default' (the embedded model's), 'whitespace', or a "
+                   "tokenizer folder")
+    p.add_argument("--overwrite", action="store_true", help="replace a set already in DIR")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")

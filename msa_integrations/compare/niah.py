@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from msa_core.training.data import NEEDLE, QUESTION
 from msa_core.errors import InvalidInputError
 
 __all__ = ["NIAHSpec", "default_haystack_path", "generate_niah", "load_haystack", "parse_tokens",
@@ -50,8 +51,6 @@ ItemType = Literal["words", "numbers", "uuids"]
 TASKS: tuple[str, ...] = ("single", "multikey", "multivalue")
 ITEM_TYPES: tuple[str, ...] = ("words", "numbers", "uuids")
 
-NEEDLE = "One of the special magic {type} for {key} is: {value}."
-QUESTION = "What is the special magic {type} for {key} mentioned in the provided text?"
 QUESTION_ALL = "What are all the special magic {type} for {key} mentioned in the provided text?"
 
 _ADJECTIVES = (
