@@ -232,8 +232,8 @@ def measure(model: MSAModel, bank: MemoryBank, questions: list[str], k: int, ttf
     def latent(q: str, n: int, kk: int) -> float:
         allowed = tiered.row_mask(None)
 
-        def memory(mask):
-            return MemoryRouter(tiered, model.router, routing, mask, allowed=allowed, top_k=kk)
+        def memory(mask, positions):
+            return MemoryRouter(tiered, model.router, routing, mask, allowed=allowed, top_k=kk, positions=positions)
 
         return generate_ms(model, build_prompt(model.tokenizer, q), n, memory, model.position_offset(kk))
 

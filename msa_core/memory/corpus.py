@@ -29,8 +29,8 @@ __all__ = ["DEMO_CORPUS_PATH", "DEMO_QUESTIONS_PATH", "CorpusRecord", "read_corp
 
 # A small invented corpus (the island town of Velmora) whose facts no model knows, and questions
 # with one gold document each: for examples, the CLI's demo and integration tests.
-DEMO_CORPUS_PATH = Path(__file__).parent / "data" / "demo_corpus.jsonl"
-DEMO_QUESTIONS_PATH = Path(__file__).parent / "data" / "demo_questions.json"
+DEMO_CORPUS_PATH = Path(__file__).parents[1] / "data" / "demo_corpus.jsonl"
+DEMO_QUESTIONS_PATH = Path(__file__).parents[1] / "data" / "demo_questions.json"
 
 _TEXT_SUFFIXES = (".txt", ".md")
 _KNOWN_KEYS = {"id", "text", "title", "metadata"}

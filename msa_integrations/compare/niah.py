@@ -109,7 +109,7 @@ def parse_tokens(text: str | int) -> int:
 def shared_data_dir() -> Path:
     """`$MSA_SHARED_DATA`, else the `shared/data` folder beside the repository (../shared/data)."""
     env = os.environ.get(_ENV_DATA)
-    return Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return Path(env).expanduser() if env else Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def default_haystack_path() -> Path:

@@ -1,0 +1,32 @@
+"""The default model's behaviour on the demo corpus is pinned: retrieval (ids and scores) and greedy answers
+in latent, hybrid and (reference profile) interleave mode, as recorded by `python tests/pins.py` on msa 0.3.0
+before the layout change (tests/data/demo_pins.json). A refactor must not move them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+PINNED = json.loads((Path(__file__).parent / "data" / "demo_pins.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def now() -> dict:
+    from pins import all_pins
+
+    return all_pins()
+
+
+@pytest.mark.parametrize("profile", ["default", "reference"])
+def test_retrieval_is_pinned(now, profile):
+    for got, want in zip(now[profile]["retrieve"], PINNED[profile]["retrieve"], strict=True):
+        assert [d for d, _ in got] == [d for d, _ in want]
+        assert [s for _, s in got] == pytest.approx([s for _, s in want], abs=1e-4)
+
+
+@pytest.mark.parametrize("profile", ["default", "reference"])
+def test_answers_are_pinned(now, profile):
+    assert now[profile]["answers"] == PINNED[profile]["answers"]
