@@ -390,7 +390,7 @@ def test_fingerprint_is_stable_across_processes():
         "from msa_core.routing.projectors import RouterProjectors as R;"
         f"print(R.random([3, 2], {HIDDEN}, {H}, {HKV}, {D}, std=0.2, seed=0).fingerprint())"
     )
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == _router().fingerprint()
 

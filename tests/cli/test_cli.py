@@ -15,7 +15,7 @@ from msa_core.cli.main import main
 from msa_core.errors import InvalidInputError
 from msa_core.memory.persist import CURRENT, TENSORS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 DOCS = [
     {"id": "lighthouse", "title": "Greyhook Lighthouse", "text": "The lighthouse was built in 1887 by Ada Quist.",
