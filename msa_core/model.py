@@ -33,6 +33,7 @@ from .inference.generate import (
     SamplingParams,
     build_prompt,
     last_user_text,
+    route_questions,
     routed_prefill,
 )
 from .memory.bank import MemoryBank
@@ -291,16 +292,20 @@ class MSAModel:
     def _route_scores(self, questions: list[str], bank: MemoryBank, allowed: torch.Tensor) -> torch.Tensor:
         if self.reference is not None:
             return self.reference.route_scores(questions, bank, allowed)
-        routing_cfg = self.config.routing
+        cfg = self.config.routing
+        prompts = [build_prompt(self.tokenizer, q) for q in questions]
+        offset, pad_id = self.position_offset(cfg.top_k), self.tokenizer.pad_token_id or 0
 
         def hook(routing: torch.Tensor, positions: torch.Tensor) -> MemoryRouter:
-            return MemoryRouter(bank, self.router, routing_cfg, routing, allowed=allowed, positions=positions,
-                                attend=routing_cfg.retrieve_with_memory)
+            return MemoryRouter(bank, self.router, cfg, routing, allowed=allowed, positions=positions,
+                                attend=cfg.retrieve_with_memory)
 
-        state = routed_prefill(self.backbone, [build_prompt(self.tokenizer, q) for q in questions],
-                               offset=self.position_offset(routing_cfg.top_k), hook=hook,
-                               pad_id=self.tokenizer.pad_token_id or 0, score_only=True, last_layer=max(self.layers))
-        return torch.stack([state.hook.routings[layer].doc_scores for layer in self.layers]).cpu()
+        if cfg.retrieve_with_memory:  # routing layers attend to their top-k on the way: the full prefill
+            router = routed_prefill(self.backbone, prompts, offset=offset, hook=hook, pad_id=pad_id, score_only=True,
+                                    last_layer=max(self.layers)).hook
+        else:  # on the question's own states: the engine's query forward, every layer scored at once
+            router = route_questions(self.backbone, prompts, hook(None, None), offset=offset, pad_id=pad_id)
+        return torch.stack([router.routings[layer].doc_scores for layer in self.layers]).cpu()
 
     def _rank(self, bank: MemoryBank, total: torch.Tensor, per_layer: torch.Tensor, allowed: torch.Tensor,
               k: int, include_parts: bool, with_layers: bool) -> list[RetrievedDocument]:

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidInputError
-from .generate import MemoryRouter, build_prompt, extend, routed_prefill
+from .engine import Session
+from .generate import MemoryRouter, build_prompt, engine_for, routed_prefill
 from .protocols import ModelLike
 from .reference import question_segments, render_document
 
@@ -52,12 +53,12 @@ def trace(model: ModelLike, documents: Sequence[str], question: str, max_new_tok
         state, offset = _reference_prefill(model, bank, question, k, max_new_tokens, out)
     else:
         state, offset = _default_prefill(model, bank, question, k, max_new_tokens, out)
-    logits, caches, hook, positions = state
+    logits, session, hook, positions = state
     out["position_offset"] = offset
     out["query_position_ids"] = positions[0].cpu()
     out["prefill_logits"] = logits[0].float().cpu()
     _pooled(model, bank, hook, out)
-    tokens = _greedy(model, logits, caches, int(positions[0, -1]) + 1, max_new_tokens)
+    tokens = _greedy(model, logits, session, max_new_tokens)
     out["greedy_tokens"] = tokens
     out["greedy_text"] = model.tokenizer.decode(tokens, skip_special_tokens=False)
     return out
@@ -83,7 +84,7 @@ def _reference_prefill(model: ModelLike, bank: Any, question: str, k: int, extra
         "documents_rendered": rendered,
         "document_token_ids": [model.tokenizer(r, add_special_tokens=False)["input_ids"] for r in rendered],
     })
-    return (state.logits, state.caches, state.hook, state.positions), prof.position_offset(k)
+    return (state.logits, state.session, state.hook, state.positions), prof.position_offset(k)
 
 
 def _default_prefill(model: ModelLike, bank: Any, question: str, k: int, extra: int, out: dict[str, Any]):
@@ -103,7 +104,7 @@ def _default_prefill(model: ModelLike, bank: Any, question: str, k: int, extra: 
         "documents_rendered": [rec.text for rec in bank.docstore],
         "document_token_ids": [tok(rec.text, add_special_tokens=False)["input_ids"] for rec in bank.docstore],
     })
-    return (state.logits, state.caches, state.hook, state.positions), offset
+    return (state.logits, state.session, state.hook, state.positions), offset
 
 
 def _pooled(model: ModelLike, bank: Any, hook: MemoryRouter, out: dict[str, Any]) -> None:
@@ -128,17 +129,17 @@ def _pooled(model: ModelLike, bank: Any, hook: MemoryRouter, out: dict[str, Any]
         out[f"layers.{layer}.selected"] = order[routing.selected[0].cpu()]
 
 
-def _greedy(model: ModelLike, logits: torch.Tensor, caches: list, position: int, steps: int) -> list[int]:
-    bb = model.backbone
+def _greedy(model: ModelLike, logits: torch.Tensor, session: Session, steps: int) -> list[int]:
+    engine = engine_for(model.backbone)
     eos = set(model.eos_ids)
     tokens: list[int] = []
     for step in range(steps):
-        token = int(logits[0].argmax())
-        if token in eos:
+        token = logits.argmax(-1)
+        tid = int(token[0])
+        if tid in eos:
             break
-        tokens.append(token)
+        tokens.append(tid)
         if step == steps - 1:
             break
-        logits = extend(bb, [token], position, caches)
-        position += 1
+        logits = engine.decode_one_token(session, token)
     return tokens

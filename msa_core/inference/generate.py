@@ -22,6 +22,7 @@ from ..errors import InvalidInputError, check_text
 from ..memory.bank import MemoryBank
 from ..routing.projectors import RouterProjectors
 from ..routing.scores import reduce_to_docs, score_chunks, select_top_k
+from .engine import Engine, Session
 
 # Tensors derived from a bank state (inverse key norms; K̄_R and the chunk index copied to a GPU for a bank
 # held in CPU memory), keyed by (id of the state's kr_bar, what) and dropped when that kr_bar dies: every
@@ -172,6 +173,19 @@ class MemoryRouter:
             return None
         return self._gather(li, rows, x.device, x.dtype)
 
+    def score_queries(self, queries: dict[int, torch.Tensor]) -> None:
+        """Score routing queries computed elsewhere (the engine's query forward): every layer in one launch
+        where routing runs on a GPU, else layer by layer with the reference."""
+        if len(self.bank) == 0:
+            return
+        first = next(iter(queries.values()))
+        if self._route_device(first) is not None:
+            self.pending.update(queries)
+            self.finish()
+            return
+        for layer, q in queries.items():
+            self._record(layer, self._doc_scores(self.layer_pos[layer], q))
+
     def finish(self) -> None:
         """Score the layers a scoring-only pass deferred (see __call__); a no-op when none were."""
         if not self.pending:
@@ -275,13 +289,22 @@ def query_positions(valid: torch.Tensor, offset: int) -> torch.Tensor:
 HookFactory = Callable[[torch.Tensor, torch.Tensor], "MemoryRouter | None"]
 
 
+def engine_for(backbone: Backbone) -> Engine:
+    """The backbone's inference engine (made once; it pools caches and decode graphs)."""
+    engine = getattr(backbone, "msa_engine", None)
+    if engine is None or engine.backbone is not backbone:  # (a shallow copy of a backbone shares the attribute)
+        engine = Engine(backbone)
+        object.__setattr__(backbone, "msa_engine", engine)  # a plain attribute, not a submodule
+    return engine
+
+
 @dataclass
 class Prefilled:
-    """What a routed prefill leaves: last-position logits and caches (None when it only scored), the memory
-    hook with every routing layer's decision, and the prompt's positions."""
+    """What a routed prefill leaves: last-position logits and the engine session to decode from (None when
+    it only scored), the memory hook with every routing layer's decision, and the prompt's positions."""
 
     logits: torch.Tensor | None  # [B, V]
-    caches: list | None
+    session: Session | None
     hook: MemoryRouter | None
     positions: torch.Tensor  # [B, T]
 
@@ -300,7 +323,8 @@ def routed_prefill(backbone: Backbone, prompts: Sequence[Prompt], *, offset: int
     and run the backbone; the hook routes each routing layer and splices in the chosen documents' K/V.
 
     score_only: no caches and no logits, stop after `last_layer`, then let the hook score any layers it
-    deferred (`MemoryRouter.finish`); for retrieval. Otherwise caches hold the prompt plus `extra_capacity`.
+    deferred (`MemoryRouter.finish`); for retrieval. Otherwise the engine's static caches hold the prompt
+    plus `extra_capacity` more tokens.
     """
     ids, valid, routing = left_pad(prompts, pad_id, backbone.device)
     positions = query_positions(valid, offset)
@@ -310,21 +334,49 @@ def routed_prefill(backbone: Backbone, prompts: Sequence[Prompt], *, offset: int
         if memory is not None:
             memory.finish()
         return Prefilled(None, None, memory, positions)
-    caches = backbone.new_caches(len(prompts), capacity=ids.shape[1] + extra_capacity)
-    hidden = backbone(ids, positions, valid=valid, caches=caches, memory_hook=memory)
-    return Prefilled(backbone.logits(hidden[:, -1]), caches, memory, positions)
+    logits, session = engine_for(backbone).prefill(ids, positions, valid, memory_hook=memory,
+                                                   extra_tokens=extra_capacity)
+    return Prefilled(logits, session, memory, positions)
 
 
 @torch.no_grad()
-def extend(backbone: Backbone, token_ids: Sequence[int], position: int, caches: list,
-           causal: bool = True) -> torch.Tensor:
-    """Feed tokens after a prefill (one decoded token, or an injected segment) at positions position..;
-    returns the last position's logits [1, V]. Routing layers keep attending to the memory in the caches."""
-    dev = backbone.device
-    ids = torch.tensor([list(token_ids)], device=dev)
-    pos = torch.arange(position, position + len(token_ids), device=dev)[None]
-    hidden = backbone(ids, pos, caches=caches, causal=causal)
-    return backbone.logits(hidden[:, -1])
+def route_questions(backbone: Backbone, prompts: Sequence[Prompt], hook: MemoryRouter, *, offset: int,
+                    pad_id: int = 0) -> MemoryRouter:
+    """Retrieval's routing on the question's own states: the engine's query forward (a CUDA graph per
+    length bucket on a GPU) gives every routing layer's queries, then the hook scores them all at once."""
+    ids, valid, routing = left_pad(prompts, pad_id, backbone.device)
+    positions = query_positions(valid, offset)
+    queries = engine_for(backbone).query_forward(hook.router, list(hook.layer_pos))(ids, positions, valid)
+    pad = next(iter(queries.values())).shape[1] - routing.shape[1]
+    hook.routing_mask = torch.nn.functional.pad(routing, (pad, 0))
+    hook.score_queries(queries)
+    return hook
+
+
+def extend(backbone: Backbone, session: Session, token_ids: Sequence[int], causal: bool = True) -> torch.Tensor:
+    """Feed a segment of tokens after a prefill (e.g. an interleave injection); returns the last position's
+    logits [1, V]. Routing layers keep attending to the memory in the session's caches."""
+    ids = torch.tensor([list(token_ids)], device=backbone.device)
+    return engine_for(backbone).extend(session, ids, causal)
+
+
+class HostToken:
+    """A token id [B] on its way to the host: the copy is queued behind the step that made it, so the host
+    reads it while the device already runs the next step (one step behind, never a full sync)."""
+
+    def __init__(self, token: torch.Tensor) -> None:
+        if token.is_cuda:
+            self.host = torch.empty(token.shape, dtype=token.dtype, pin_memory=True)
+            self.host.copy_(token, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.host, self.ready = token, None
+
+    def get(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
@@ -438,26 +490,31 @@ class Generation:
             yield from self._run()
 
     def _run(self) -> Iterator[str]:
+        p = self.params
         state = routed_prefill(self.backbone, [self.prompt], offset=self.offset, hook=self.memory_factory,
-                               extra_capacity=self.params.max_new_tokens + 64)
-        self.router, logits, caches = state.hook, state.logits, state.caches
-        gen = torch.Generator(device="cpu").manual_seed(self.params.seed) if self.params.seed is not None else None
-        next_pos = state.next_position
-        for step in range(self.params.max_new_tokens):
-            token = int(sample_next(logits.cpu(), self.params.temperature, self.params.top_p, gen)[0])
-            if token in self.eos_ids:
+                               extra_capacity=p.max_new_tokens + 64)
+        self.router, session = state.hook, state.session
+        engine = engine_for(self.backbone)
+        dev = state.logits.device
+        gen = torch.Generator(device=dev).manual_seed(p.seed) if p.seed is not None else None
+        token = sample_next(state.logits, p.temperature, p.top_p, gen)
+        pending = HostToken(token)
+        for step in range(p.max_new_tokens):
+            queued = None
+            if step < p.max_new_tokens - 1:  # queue the next step before reading this token
+                token = sample_next(engine.decode_one_token(session, token), p.temperature, p.top_p, gen)
+                queued = HostToken(token)
+            tid = pending.get()[0]
+            if tid in self.eos_ids:
                 self.finish_reason = "eos"
                 break
-            piece = self.stream.push(token)
+            piece = self.stream.push(tid)
             if piece:
                 yield piece
             if self.stream.stopped:
                 self.finish_reason = "stop"
                 return
-            if step == self.params.max_new_tokens - 1:
-                break
-            logits = extend(self.backbone, [token], next_pos, caches)
-            next_pos += 1
+            pending = queued
         self.finish_reason = self.finish_reason or "length"
         tail = self.stream.flush()
         if tail:

@@ -282,7 +282,7 @@ class ModelBackend:
                                      extra_capacity=self.params.max_new_tokens + 64)
         self.prefills.append(state)
         self.prompts.append(prompt)
-        self.caches, self.logits, self.next_pos = state.caches, state.logits, state.next_position
+        self.session, self.logits = state.session, state.logits
         self._pending = None
         self._reset_segment()
 
@@ -292,8 +292,7 @@ class ModelBackend:
 
     @torch.no_grad()
     def _forward(self, ids: Sequence[int], causal: bool = True) -> None:
-        self.logits = extend(self.model.backbone, ids, self.next_pos, self.caches, causal=causal)
-        self.next_pos += len(ids)
+        self.logits = extend(self.model.backbone, self.session, ids, causal=causal)
 
     def _flush(self) -> None:
         if self._pending is not None:

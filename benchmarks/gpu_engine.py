@@ -1,0 +1,317 @@
+"""The inference engine on one GPU at MSA-4B shapes, side by side with plain transformers (issue 23).
+
+    python benchmarks/gpu_engine.py --out benchmarks/results/gpu_engine/h200.json
+    python benchmarks/gpu_engine.py --tiny --device cpu --out /tmp/gpu_engine_cpu.json   # a CPU check of the script
+
+MSA-4B shapes (Qwen3: 36 layers, hidden 2560, 32/8 heads of 128, routing layers 18-35, vocab 151,936,
+tied embeddings), random bf16 weights, the tests' tiny tokenizer. In one run:
+- decode tokens/s at batch 1 and 16: msa's engine (static caches, CUDA-graph replay per step; with
+  --compile also torch.compile'd), each step timed with CUDA events; transformers eager (its own decode
+  loop, DynamicCache, each step CUDA-event timed); transformers `generate` with
+  cache_implementation="static" (it compiles its forward itself), timed as the difference of two
+  warmed-up generate calls; the HBM roofline (weights and KV read once per token at --hbm-tb-s);
+- time to first token: latent (routing + prefill + first token) with a bank of 8 x 512-token documents
+  and with banks of 1M and 10M tokens (the 8 documents' encoded tensors repeated under new ids), against
+  text RAG (transformers prefill of the same 8 documents as text plus the question, first token);
+- retrieve latency (question forward to the last routing layer, scores, top-k) at each bank size;
+- encode tokens/s against transformers' own forward over the same documents.
+Ratios: decode_ratio = msa batch-1 decode / transformers eager; ttft_ratio = latent TTFT with the 1M bank
+/ text RAG; encode_ratio = msa encode / transformers forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
+
+from msa4b_smoke import MSA_4B, TINY, documents, random_backbone, random_router  # noqa: E402
+from msa_tiny import save_msa_tokenizer  # noqa: E402
+
+from msa_core import MSAModel, __version__  # noqa: E402
+from msa_core.inference.generate import (MemoryRouter, build_prompt, engine_for,  # noqa: E402
+                                         routed_prefill)
+from msa_core.memory.encoded import EncodedDocuments  # noqa: E402
+
+NEW_TOKENS = 128
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def wall_ms(fn, dev: torch.device) -> float:
+    sync(dev)
+    t = time.perf_counter()
+    fn()
+    sync(dev)
+    return (time.perf_counter() - t) * 1e3
+
+
+def median_ms(fn, dev: torch.device, reps: int) -> float:
+    fn()  # warm-up
+    return statistics.median(wall_ms(fn, dev) for _ in range(reps))
+
+
+def timed_steps(step, n: int, dev: torch.device) -> float:
+    """Median ms of `step()` over n calls, each bracketed by CUDA events (wall clock on CPU)."""
+    times = []
+    for _ in range(n):
+        if dev.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            step()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            times.append(wall_ms(step, dev))
+    return statistics.median(times)
+
+
+# ---- msa ----------------------------------------------------------------------------------------
+
+def build_model(shape: dict, tokenizer, dtype: torch.dtype, dev: torch.device, compile_decode: bool) -> MSAModel:
+    first, last = (int(x) for x in shape["layers"].split("-"))
+    layers = list(range(first, last + 1))
+    msa_config = {"router_layer_idx": ",".join(map(str, layers)), "decouple_router": True,
+                  "pooling_kernel_size": shape["pooling"], "doc_top_k": 8, "top_k_docs": 8,
+                  "head_reduce_method": "mean", "query_reduce_method": "max", "chunk_reduce_method": "max",
+                  "aux_loss_method": "INFONCE_DECOUPLE"}
+    vocab = shape["vocab_size"] or len(tokenizer)
+    model = MSAModel.from_msa_components(random_backbone(shape, vocab, dtype, dev), tokenizer, msa_config,
+                                         router=random_router(layers, shape, dtype, dev), profile="default",
+                                         config={"encode": {"batch_size": 64, "max_tokens_per_batch": 32768}},
+                                         name="msa-4b-shaped-random")
+    return model
+
+
+def msa_decode(model: MSAModel, bank, questions: list[str], k: int, dev: torch.device, steps: int) -> float:
+    """Median ms of one decode step (engine.decode_one_token + greedy pick) for a batch of questions."""
+    cfg = model.config.routing
+    prompts = [build_prompt(model.tokenizer, q) for q in questions]
+    state = routed_prefill(model.backbone, prompts, offset=model.position_offset(k), extra_capacity=steps + 8,
+                           hook=lambda r, p: MemoryRouter(bank, model.router, cfg, r, top_k=k, positions=p))
+    engine, session = engine_for(model.backbone), state.session
+    token = state.logits.argmax(-1)
+
+    def step():
+        nonlocal token
+        token = engine.decode_one_token(session, token).argmax(-1)
+
+    for _ in range(3):  # graph capture and warm-up
+        step()
+    return timed_steps(step, steps - 4, dev)
+
+
+def greedy(model: MSAModel, bank, question: str, dev: torch.device, steps: int = 16) -> list[int]:
+    """The first greedy tokens of a latent answer (to compare the decode variants)."""
+    cfg = model.config.routing
+    state = routed_prefill(model.backbone, [build_prompt(model.tokenizer, question)], offset=model.position_offset(8),
+                           extra_capacity=steps + 8,
+                           hook=lambda r, p: MemoryRouter(bank, model.router, cfg, r, top_k=8, positions=p))
+    engine, token, out = engine_for(model.backbone), state.logits.argmax(-1), []
+    for _ in range(steps):
+        out.append(int(token[0]))
+        token = engine.decode_one_token(state.session, token).argmax(-1)
+    return out
+
+
+def grow(bank, tokens: int) -> None:
+    """Repeat the bank's encoded tensors under new ids until it holds about `tokens` tokens."""
+    parts, have = bank.docstore, bank.info()["tokens"]
+    copies = -(-tokens // have) - 1
+    if copies <= 0:
+        return
+    base = {n: getattr(bank, n) for n in ("k_bar", "v_bar", "kr_bar")}
+    n = len(parts) * copies
+    ids = [f"r{i}" for i in range(n)]
+    bank.add(EncodedDocuments(ids=ids, parent_ids=ids, texts=[p.text for p in parts] * copies, metadatas=[{}] * n,
+                              n_tokens=[p.n_tokens for p in parts] * copies,
+                              n_chunks=[p.n_chunks for p in parts] * copies, layers=bank.layers,
+                              part_index=[0] * n, **{k: v.repeat(1, copies, 1, 1) for k, v in base.items()}))
+
+
+# ---- transformers ---------------------------------------------------------------------------------
+
+def hf_model(shape: dict, vocab: int, dtype: torch.dtype, dev: torch.device):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(vocab_size=vocab, hidden_size=shape["hidden_size"], intermediate_size=shape["intermediate_size"],
+                      num_hidden_layers=shape["num_layers"], num_attention_heads=shape["num_heads"],
+                      num_key_value_heads=shape["kv_heads"], head_dim=shape["head_dim"], rope_theta=shape["rope_theta"],
+                      max_position_embeddings=shape["max_pos"], tie_word_embeddings=True, use_sliding_window=False)
+    cfg._attn_implementation = "sdpa"
+    with torch.device(dev):
+        model = Qwen3ForCausalLM(cfg).to(dtype).eval()
+    return model
+
+
+def hf_eager_decode(hf, ids: torch.Tensor, dev: torch.device, steps: int) -> float:
+    out = hf(input_ids=ids, use_cache=True)
+    past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+
+    def step():
+        nonlocal past, token
+        o = hf(input_ids=token, past_key_values=past, use_cache=True)
+        past, token = o.past_key_values, o.logits[:, -1].argmax(-1, keepdim=True)
+
+    for _ in range(3):
+        step()
+    return timed_steps(step, steps - 4, dev)
+
+
+def hf_static_decode(hf, ids: torch.Tensor, dev: torch.device, steps: int) -> float:
+    """ms per token of generate(cache_implementation="static"): (t(steps) - t(2)) / (steps - 2), warmed up."""
+    def gen(n: int):
+        return lambda: hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                   cache_implementation="static", pad_token_id=0)
+
+    for _ in range(2):
+        gen(steps)()  # compiles (first calls)
+    long = median_ms(gen(steps), dev, 3)
+    short = median_ms(gen(2), dev, 3)
+    return (long - short) / (steps - 2)
+
+
+def roofline_tok_s(hf, context: int, hbm_tb_s: float, batch: int = 1) -> float:
+    weights = sum(p.numel() * p.element_size() for p in hf.parameters())  # tied embedding counted once
+    c = hf.config
+    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * context * 2 * batch
+    return batch * hbm_tb_s * 1e12 / (weights + kv)
+
+
+# ---- main -----------------------------------------------------------------------------------------
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes, float32 (a CPU check of the script)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--sizes", default="1e6,1e7", help="bank sizes in tokens for TTFT and retrieve (default: 1e6,1e7)")
+    ap.add_argument("--compile", action="store_true", help="also torch.compile the engine's decode step")
+    ap.add_argument("--skip-hf-static", action="store_true", help="skip transformers' static-cache generate")
+    ap.add_argument("--hbm-tb-s", type=float, default=4.8, help="HBM bandwidth for the roofline (H200: 4.8)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.set_grad_enabled(False)
+    shape = dict(TINY if args.tiny else MSA_4B)
+    dtype = torch.float32 if args.tiny or dev.type == "cpu" else torch.bfloat16
+    steps = 16 if args.tiny else NEW_TOKENS
+    doc_tokens = 40 if args.tiny else 512
+    sizes = [int(float(s)) for s in args.sizes.split(",")] if not args.tiny else [2_000, 8_000]
+    tok_dir = Path(tempfile.mkdtemp(prefix="gpu-engine-tok-"))
+    save_msa_tokenizer(tok_dir)
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    out = {"msa_version": __version__, "torch": torch.__version__, "device": torch.cuda.get_device_name(dev)
+           if dev.type == "cuda" else platform.processor() or "cpu", "shape": shape, "dtype": str(dtype),
+           "decode_steps": steps, "note": "random weights; decode steps CUDA-event timed, medians"}
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        path.write_text(json.dumps(out, indent=1) + "\n")
+
+    model = build_model(shape, tokenizer, dtype, dev, args.compile)
+    engine = engine_for(model.backbone)
+    texts = documents(tokenizer, 64 if not args.tiny else 8, doc_tokens)
+    questions = documents(tokenizer, 17, 40 if not args.tiny else 12, seed=7)
+    model.index(texts[:2], ids=["w0", "w1"])  # warm-up
+    bank = model.new_bank()
+    encode_ms = wall_ms(lambda: model.add(bank, texts, ids=[f"e{i}" for i in range(len(texts))],
+                                          show_progress_bar=False), dev)
+    out["encode_tok_s"] = bank.info()["tokens"] / encode_ms * 1e3
+    texts = texts[:8]
+    bank = model.new_bank()
+    model.add(bank, texts, ids=[f"d{i}" for i in range(8)], show_progress_bar=False)
+
+    # decode, batch 1 and 16: CUDA graphs, then (--compile) graphs of the torch.compile'd step
+    for variant in ("graph", "compiled") if args.compile else ("graph",):
+        engine.set_compile(variant == "compiled")
+        t = time.perf_counter()
+        for b in (1, 16):
+            ms = msa_decode(model, bank, questions[:b], 8, dev, steps)
+            out[f"decode_ms_batch{b}_{variant}"] = ms
+            out[f"decode_tok_s_batch{b}_{variant}"] = b * 1e3 / ms
+        out[f"decode_setup_s_{variant}"] = time.perf_counter() - t
+        out[f"greedy_tokens_{variant}"] = greedy(model, bank, questions[0], dev)
+    best = "compiled" if args.compile else "graph"
+    out["decode_tok_s_batch1"] = out[f"decode_tok_s_batch1_{best}"]
+    out["decode_tok_s_batch16"] = out[f"decode_tok_s_batch16_{best}"]
+    engine.use_graphs = False
+    out["greedy_tokens_eager"] = greedy(model, bank, questions[0], dev)
+    out["decode_tok_s_batch1_eager"] = 1e3 / msa_decode(model, bank, questions[:1], 8, dev, 24)
+    engine.use_graphs = dev.type == "cuda"
+    save()
+    print(json.dumps({k: v for k, v in out.items() if "decode" in k}), flush=True)
+
+    # time to first token: latent (8 documents; then 1M, 10M tokens) and retrieve
+    def ttft(q: str) -> float:
+        return wall_ms(lambda: model.answer(q, bank, mode="latent", k=8, max_new_tokens=1), dev)
+
+    def retrieve_ms() -> float:
+        model.retrieve(questions[0], bank, k=16)
+        return statistics.median(wall_ms(lambda q=q: model.retrieve(q, bank, k=16), dev) for q in questions[:8])
+
+    ttft(questions[0])
+    out["latent_ttft_ms_8docs"] = statistics.median(ttft(q) for q in questions[:8])
+    out["retrieve_ms_8docs"] = retrieve_ms()
+    for size in sizes:
+        grow(bank, size)
+        label = f"{size // 1_000_000}m" if size >= 1_000_000 else f"{size // 1000}k"
+        ttft(questions[0])
+        out[f"latent_ttft_ms_{label}"] = statistics.median(ttft(q) for q in questions[:8])
+        out[f"retrieve_ms_{label}"] = retrieve_ms()
+        out[f"bank_tokens_{label}"] = bank.info()["tokens"]
+        save()
+        print(json.dumps({k: v for k, v in out.items() if label in k}), flush=True)
+    del bank
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+    # transformers: the same shapes
+    hf = hf_model(shape, shape["vocab_size"] or len(tokenizer), dtype, dev)
+    hf.model.embed_tokens.weight.copy_(model.backbone.embed_tokens.weight)
+    q_ids = tokenizer(questions[0], return_tensors="pt")["input_ids"].to(dev)
+    out["hf_eager_decode_ms_batch1"] = hf_eager_decode(hf, q_ids, dev, steps)
+    out["hf_eager_decode_tok_s_batch1"] = 1e3 / out["hf_eager_decode_ms_batch1"]
+    batch_ids = tokenizer(questions[:16], return_tensors="pt", padding=True)["input_ids"].to(dev)
+    out["hf_eager_decode_tok_s_batch16"] = 16e3 / hf_eager_decode(hf, batch_ids, dev, steps)
+    out["roofline_tok_s_batch1"] = roofline_tok_s(hf, q_ids.shape[1] + steps, args.hbm_tb_s)
+    save()
+    rag = "\n\n".join(f"Document [{i + 1}]: {t}" for i, t in enumerate(texts)) + "\n\nQuestion: " + questions[0]
+    rag_ids = tokenizer(rag, return_tensors="pt")["input_ids"].to(dev)
+    out["text_rag_prompt_tokens"] = rag_ids.shape[1]
+    out["text_rag_ttft_ms"] = median_ms(lambda: hf(input_ids=rag_ids, use_cache=True).logits[:, -1].argmax(-1), dev, 5)
+    doc_ids = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=doc_tokens)["input_ids"].to(dev)
+    out["hf_forward_tok_s"] = doc_ids.numel() / median_ms(lambda: hf.model(input_ids=doc_ids), dev, 5) * 1e3
+    save()
+    if not args.skip_hf_static and dev.type == "cuda":
+        try:
+            out["hf_static_compiled_decode_tok_s_batch1"] = 1e3 / hf_static_decode(hf, q_ids, dev, steps)
+        except Exception as exc:  # report, keep the rest
+            out["hf_static_compiled_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    out["decode_ratio"] = out["decode_tok_s_batch1"] / out["hf_eager_decode_tok_s_batch1"]
+    out["ttft_ratio"] = (out.get("latent_ttft_ms_1m", out.get(f"latent_ttft_ms_{sizes[0] // 1000}k", 0))
+                         / out["text_rag_ttft_ms"])
+    out["encode_ratio"] = out["encode_tok_s"] / out["hf_forward_tok_s"]
+    out["retrieve_ms_1m"] = out.get("retrieve_ms_1m")
+    out["retrieve_ms_100m"] = out.get("retrieve_ms_100m")
+    save()
+    print(json.dumps(out, indent=1), flush=True)
+
+
+if __name__ == "__main__":
+    main()
