@@ -192,6 +192,42 @@ def roofline_tok_s(hf, context: int, hbm_tb_s: float, batch: int = 1) -> float:
     return batch * hbm_tb_s * 1e12 / (weights + kv)
 
 
+def profile(model: MSAModel, tokenizer, doc_tokens: int, compiled: bool, path: Path) -> None:
+    """Where the time goes: CUDA kernel totals of 20 decode steps and of 5 latent first tokens."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    dev = model.backbone.device
+    texts, questions = documents(tokenizer, 8, doc_tokens), documents(tokenizer, 6, 40, seed=7)
+    bank = model.index(texts, ids=[f"d{i}" for i in range(8)], show_progress_bar=False)
+    grow(bank, 1_000_000)
+    engine = engine_for(model.backbone)
+    engine.set_compile(compiled)
+    cfg = model.config.routing
+    state = routed_prefill(model.backbone, [build_prompt(model.tokenizer, questions[0])], offset=model.position_offset(8),
+                           extra_capacity=64, hook=lambda r, p: MemoryRouter(bank, model.router, cfg, r, top_k=8,
+                                                                             positions=p))
+    token = state.logits.argmax(-1)
+    for _ in range(3):
+        token = engine.decode_one_token(state.session, token).argmax(-1)
+    report = []
+    acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    with torch_profile(activities=acts) as prof:
+        for _ in range(20):
+            token = engine.decode_one_token(state.session, token).argmax(-1)
+        sync(dev)
+    report.append("== 20 decode steps\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+    model.answer(questions[0], bank, mode="latent", k=8, max_new_tokens=1)
+    with torch_profile(activities=acts) as prof:
+        for q in questions[1:]:
+            model.answer(q, bank, mode="latent", k=8, max_new_tokens=1)
+        sync(dev)
+    report.append("== 5 latent first tokens (1M-token bank)\n"
+                  + prof.key_averages().table(sort_by="cpu_time_total", row_limit=40))
+    path.write_text("\n\n".join(report))
+    print("\n\n".join(report)[:6000])
+
+
 # ---- main -----------------------------------------------------------------------------------------
 
 def main() -> None:
@@ -202,6 +238,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also torch.compile the engine's decode step")
     ap.add_argument("--skip-hf-static", action="store_true", help="skip transformers' static-cache generate")
     ap.add_argument("--hbm-tb-s", type=float, default=4.8, help="HBM bandwidth for the roofline (H200: 4.8)")
+    ap.add_argument("--profile", action="store_true", help="only profile: the top CUDA kernels of a decode step and "
+                    "of a latent time-to-first-token, written to OUT (text)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -226,6 +264,8 @@ def main() -> None:
 
     model = build_model(shape, tokenizer, dtype, dev, args.compile)
     engine = engine_for(model.backbone)
+    if args.profile:
+        return profile(model, tokenizer, doc_tokens, args.compile, path)
     texts = documents(tokenizer, 64 if not args.tiny else 8, doc_tokens)
     questions = documents(tokenizer, 17, 40 if not args.tiny else 12, seed=7)
     model.index(texts[:2], ids=["w0", "w1"])  # warm-up
@@ -277,7 +317,7 @@ def main() -> None:
         out[f"bank_tokens_{label}"] = bank.info()["tokens"]
         save()
         print(json.dumps({k: v for k, v in out.items() if label in k}), flush=True)
-    del bank
+    bank = None  # free the 10M-token bank before transformers loads
     if dev.type == "cuda":
         torch.cuda.empty_cache()
 
