@@ -12,8 +12,6 @@ generative-retrieval loop (msa_core/interleave.py).
 
 from __future__ import annotations
 
-import uuid
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,15 +29,19 @@ from .inference.generate import (
     Generation,
     MemoryRouter,
     Message,
+    Prompt,
     SamplingParams,
     build_prompt,
     engine_for,
+    generate_batch,
     last_user_text,
     route_questions,
     routed_prefill,
+    with_last_user,
 )
 from .memory.bank import MemoryBank
 from .memory.filters import Filter
+from .memory.records import check_documents
 from .routing.projectors import RouterProjectors
 from .routing.scores import aggregate_layers, relevance
 
@@ -234,7 +236,7 @@ class MSAModel:
             show_progress_bar: bool | None = None) -> list[str]:
         """Encode `texts` into `bank`; an id already in the bank is replaced (upsert). Returns the ids."""
         self.check_bank(bank)
-        texts, ids, metadatas = _check_documents(texts, ids, metadatas)
+        texts, ids, metadatas = check_documents(texts, ids, metadatas)
         enc = self.config.encode
         if self.reference is not None:
             parts = self.reference.document_parts(bank, texts, ids, metadatas, enc.max_doc_tokens)
@@ -405,6 +407,48 @@ class MSAModel:
         """`stream_answer` collected into one Answer (text, mode, doc_ids, scores)."""
         return self.stream_answer(question, bank, **kw).collect()
 
+    def answer_batch(self, questions: Sequence[str | Sequence[Message]], bank: MemoryBank | None = None, *,
+                     mode: Mode = "latent", k: int | None = None, filter: Filter = None, max_new_tokens: int = 128,
+                     temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] | None = None,
+                     seed: int | None = None) -> list[Answer]:
+        """Answers to several questions, generated as one batch (latent: each row routes on its own; hybrid:
+        one batched retrieve, then the prompts with their documents). Equal to answering each alone; the
+        reference profile and interleave answer one at a time."""
+        params = self._sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                stop=list(stop or []), seed=seed)
+        k = self.config.routing.top_k if k is None else k
+        questions = [questions] if isinstance(questions, str) else list(questions)
+        if not questions:
+            return []
+        if self.reference is not None or mode not in ("latent", "hybrid") or k <= 0:
+            return [self.answer(q, bank, mode=mode, k=k, filter=filter, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, stop=stop, seed=seed) for q in questions]
+        if mode == "hybrid":
+            if bank is None:
+                raise InvalidInputError("hybrid mode needs a memory bank to retrieve from")
+            texts = [last_user_text(q) for q in questions]
+            hits = self.retrieve(texts, bank, k=k, filter=filter)
+            prompts = [self._hybrid_prompt(q, t, h) for q, t, h in zip(questions, texts, hits)]
+            out = generate_batch(self.generator, self.tokenizer, prompts, params, eos_ids=self.eos_ids,
+                                 pad_id=self.tokenizer.pad_token_id or 0)
+            return [Answer(text, "hybrid", [d.id for d in h], [d.score for d in h], reason)
+                    for text, h, reason in zip(out.texts, hits, out.finish_reasons)]
+        memory = None
+        if bank is not None and len(bank):
+            self.check_bank(bank)
+            allowed = bank.row_mask(filter)
+
+            def memory(routing: torch.Tensor, positions: torch.Tensor) -> MemoryRouter:
+                return MemoryRouter(bank, self.router, self.config.routing, routing, allowed=allowed, top_k=k,
+                                    positions=positions)
+
+        out = generate_batch(self.backbone, self.tokenizer, [build_prompt(self.tokenizer, q) for q in questions],
+                             params, memory=memory, position_offset=self.position_offset(k) if memory else 0,
+                             pad_id=self.tokenizer.pad_token_id or 0, eos_ids=self.eos_ids)
+        return [Answer(text, "latent", *self._used_documents(bank, out.router, row)[:2], reason,
+                       self._used_documents(bank, out.router, row)[2])
+                for row, (text, reason) in enumerate(zip(out.texts, out.finish_reasons))]
+
     def generate(self, message: str, bank: MemoryBank | None = None, **kw: Any) -> str:
         """Latent generation for a chat message; plain generation without a bank."""
         return self.answer(message, bank, mode="latent", **kw).text
@@ -492,17 +536,17 @@ class MSAModel:
             out[rec.parent_id] = max(out.get(rec.parent_id, float("-inf")), float(total[row]))
         return out
 
-    def _used_documents(self, bank: MemoryBank | None, router: MemoryRouter | None):
-        """Parents attended to in any routing layer, ranked by their aggregated routing score."""
+    def _used_documents(self, bank: MemoryBank | None, router: MemoryRouter | None, row: int = 0):
+        """Parents attended to in any routing layer (by batch row `row`), ranked by aggregated routing score."""
         if bank is None or router is None or not router.routings:
             return [], [], {}
         docstore = bank.docstore
-        per_layer = {layer: list(dict.fromkeys(docstore[r].parent_id for r in rt.selected[0].tolist()))
+        per_layer = {layer: list(dict.fromkeys(docstore[r].parent_id for r in rt.selected[row].tolist()))
                      for layer, rt in router.routings.items()}
-        stacked = torch.stack([router.routings[layer].doc_scores[0] for layer in self.layers]).unsqueeze(1)
+        stacked = torch.stack([router.routings[layer].doc_scores[row] for layer in self.layers]).unsqueeze(1)
         total = aggregate_layers(stacked, self.config.routing.layer_aggregate)[0]
         best: dict[str, float] = {}
-        for rows in (rt.selected[0].tolist() for rt in router.routings.values()):
+        for rows in (rt.selected[row].tolist() for rt in router.routings.values()):
             for r in rows:
                 pid = docstore[r].parent_id
                 best[pid] = max(best.get(pid, float("-inf")), float(total[r]))
@@ -515,16 +559,13 @@ class MSAModel:
             raise InvalidInputError("hybrid mode needs a memory bank to retrieve from")
         text = last_user_text(question)
         hits = self.retrieve(text, bank, k=k, filter=filter)
-        documents = "\n\n".join(f"Document [{i + 1}]: {h.text}" for i, h in enumerate(hits))
-        prompt_text = HYBRID_INSTRUCTION.format(documents=documents, question=text)
         gen: Generation | None = None
         if generator is None:
-            conversation = prompt_text if isinstance(question, str) else _replace_last_user(question, prompt_text)
-            gen = Generation(self.generator, self.tokenizer, build_prompt(self.tokenizer, conversation), params,
+            gen = Generation(self.generator, self.tokenizer, self._hybrid_prompt(question, text, hits), params,
                              eos_ids=self.eos_ids)
             pieces: Iterator[str] = iter(gen)
         else:
-            out = generator(prompt_text)
+            out = generator(_hybrid_text(text, hits))
             pieces = iter([out]) if isinstance(out, str) else iter(out)
 
         def finish(text: str) -> Answer:
@@ -533,39 +574,14 @@ class MSAModel:
 
         return AnswerStream(pieces, finish)
 
-
-def _replace_last_user(messages: Sequence[Message], content: str) -> list[Message]:
-    out = [dict(m) for m in messages]
-    last = max(i for i, m in enumerate(out) if m.get("role") == "user")
-    out[last]["content"] = content
-    return out
-
-
+    def _hybrid_prompt(self, question: str | Sequence[Message], text: str, hits: list[RetrievedDocument]) -> Prompt:
+        """The generator's prompt of a hybrid answer: the question's conversation, its last user message
+        replaced by the instruction with the documents' texts."""
+        prompt_text = _hybrid_text(text, hits)
+        conversation = prompt_text if isinstance(question, str) else with_last_user(question, prompt_text)
+        return build_prompt(self.tokenizer, conversation)
 
 
-
-
-def _check_documents(texts: Sequence[str], ids: Sequence[str] | None,
-                     metadatas: Sequence[dict[str, Any]] | None):
-    if isinstance(texts, str):
-        raise InvalidInputError("texts must be a list of strings, got a single string; wrap it in a list")
-    texts = list(texts)
-    if not texts:
-        raise InvalidInputError("no documents given: the list of texts is empty")
-    ids = [str(uuid.uuid4()) for _ in texts] if ids is None else [str(i) for i in ids]
-    metadatas = [{} for _ in texts] if metadatas is None else [dict(m or {}) for m in metadatas]
-    if len(ids) != len(texts) or len(metadatas) != len(texts):
-        raise InvalidInputError(f"got {len(texts)} texts, {len(ids)} ids and {len(metadatas)} metadatas; "
-                                "they must have the same length")
-    for i, (t, doc_id) in enumerate(zip(texts, ids)):
-        if not isinstance(t, str):
-            raise InvalidInputError(f"document {doc_id!r} (position {i}) is a {type(t).__name__}, not a string")
-        if not t.strip():
-            raise InvalidInputError(f"document {doc_id!r} (position {i}) is empty")
-        check_text(t, f"document {doc_id!r} (position {i})")
-        if not doc_id:
-            raise InvalidInputError(f"document at position {i} has an empty id")
-    dup = sorted(i for i, n in Counter(ids).items() if n > 1)
-    if dup:
-        raise InvalidInputError(f"duplicate ids in one call: {dup[:5]}")
-    return texts, ids, metadatas
+def _hybrid_text(question: str, hits: list[RetrievedDocument]) -> str:
+    documents = "\n\n".join(f"Document [{i + 1}]: {h.text}" for i, h in enumerate(hits))
+    return HYBRID_INSTRUCTION.format(documents=documents, question=question)

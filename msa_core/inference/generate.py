@@ -77,6 +77,14 @@ def last_user_text(question: "str | Sequence[Message]") -> str:
     return users[-1]
 
 
+def with_last_user(messages: Sequence[Message], content: str) -> list[Message]:
+    """A copy of the conversation whose last user message says `content` instead."""
+    out = [dict(m) for m in messages]
+    last = max(i for i, m in enumerate(out) if m.get("role") == "user")
+    out[last]["content"] = content
+    return out
+
+
 def build_prompt(tokenizer: Any, question: "str | Sequence[Message]", *, chat: bool = True,
                  system: str | None = None) -> Prompt:
     """Wrap a question (or a conversation) in the backbone's chat template; only the question's
@@ -519,3 +527,51 @@ class Generation:
         tail = self.stream.flush()
         if tail:
             yield tail
+
+
+@dataclass
+class BatchResult:
+    """What `generate_batch` leaves: per row the text, token ids and finish reason; the memory hook with each
+    row's routing (row r of every LayerRouting)."""
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    finish_reasons: list[str]
+    router: MemoryRouter | None
+
+
+def generate_batch(backbone: Backbone, tokenizer: Any, prompts: Sequence[Prompt], params: SamplingParams, *,
+                   memory: HookFactory | None = None, position_offset: int = 0, pad_id: int = 0,
+                   eos_ids: Sequence[int] = ()) -> BatchResult:
+    """Answer several prompts in one batch: one routed prefill (each row routes on its own), then one decode
+    step per token for all rows. A row that ends (eos, a stop string) is left alone while the others go on;
+    the loop ends when all have. Rows equal their single-row runs (tests/inference/test_generate_batch.py)."""
+    state = routed_prefill(backbone, prompts, offset=position_offset, hook=memory, pad_id=pad_id,
+                           extra_capacity=params.max_new_tokens + 64)
+    engine, eos = engine_for(backbone), set(eos_ids)
+    gen = (torch.Generator(device=state.logits.device).manual_seed(params.seed) if params.seed is not None else None)
+    streams = [TextStream(tokenizer, params.stop) for _ in prompts]
+    reasons: list[str | None] = [None] * len(prompts)
+    token = sample_next(state.logits, params.temperature, params.top_p, gen)
+    pending = HostToken(token)
+    for step in range(params.max_new_tokens):
+        queued = None
+        if step < params.max_new_tokens - 1:  # queued before the host reads this step's tokens
+            token = sample_next(engine.decode_one_token(state.session, token), params.temperature, params.top_p, gen)
+            queued = HostToken(token)
+        for row, tid in enumerate(pending.get()):
+            if reasons[row] is not None:
+                continue
+            if tid in eos:
+                reasons[row] = "eos"
+                continue
+            streams[row].push(tid)
+            if streams[row].stopped:
+                reasons[row] = "stop"
+        if all(r is not None for r in reasons):
+            break
+        pending = queued
+    for stream in streams:
+        stream.flush()
+    return BatchResult([st.text for st in streams], [list(st.tokens) for st in streams],
+                       [r or "length" for r in reasons], state.hook)

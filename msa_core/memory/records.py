@@ -5,6 +5,8 @@ tensors and index) and the validation of records. Imports only the ground floor 
 from __future__ import annotations
 
 import json
+import uuid
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -181,3 +183,31 @@ def _check_record_types(p: PartRecord) -> None:
         value, low = getattr(p, name), (0 if name == "part_index" else 1)
         if not is_int(value) or value < low:
             raise InvalidInputError(f"{name} of {p.id!r} must be an integer >= {low}, got {value!r}")
+
+
+def check_documents(texts: Sequence[str], ids: Sequence[str] | None,
+                    metadatas: Sequence[dict[str, Any]] | None):
+    """Texts, ids (uuid4 where not given) and metadatas of documents to index, checked: clear errors
+    for a lone string, empty or non-string texts, empty or duplicate ids, mismatched lengths."""
+    if isinstance(texts, str):
+        raise InvalidInputError("texts must be a list of strings, got a single string; wrap it in a list")
+    texts = list(texts)
+    if not texts:
+        raise InvalidInputError("no documents given: the list of texts is empty")
+    ids = [str(uuid.uuid4()) for _ in texts] if ids is None else [str(i) for i in ids]
+    metadatas = [{} for _ in texts] if metadatas is None else [dict(m or {}) for m in metadatas]
+    if len(ids) != len(texts) or len(metadatas) != len(texts):
+        raise InvalidInputError(f"got {len(texts)} texts, {len(ids)} ids and {len(metadatas)} metadatas; "
+                                "they must have the same length")
+    for i, (t, doc_id) in enumerate(zip(texts, ids)):
+        if not isinstance(t, str):
+            raise InvalidInputError(f"document {doc_id!r} (position {i}) is a {type(t).__name__}, not a string")
+        if not t.strip():
+            raise InvalidInputError(f"document {doc_id!r} (position {i}) is empty")
+        check_text(t, f"document {doc_id!r} (position {i})")
+        if not doc_id:
+            raise InvalidInputError(f"document at position {i} has an empty id")
+    dup = sorted(i for i, n in Counter(ids).items() if n > 1)
+    if dup:
+        raise InvalidInputError(f"duplicate ids in one call: {dup[:5]}")
+    return texts, ids, metadatas
