@@ -255,9 +255,10 @@ def test_query_forward_graph_equals_eager(tiny_model_dir):
     for layer in model.layers:
         assert (oracle.routings[layer].doc_scores - engine.routings[layer].doc_scores).abs().max().item() <= 1e-4
     again = _scores_both_ways(model, bank, QUESTIONS)[1]  # a replay of the captured graph
-    for layer in model.layers:  # (the GPU scoring kernel's reduction order may differ between launches)
+    for layer in model.layers:
+        # Scores only: the first document's parts repeat their text, so some scores tie exactly, and the GPU
+        # scoring kernel's reduction order may break a tie either way from one launch to the next.
         assert (again.routings[layer].doc_scores - engine.routings[layer].doc_scores).abs().max().item() <= 1e-5
-        assert torch.equal(again.routings[layer].selected, engine.routings[layer].selected)
 
 
 def engine_for_uses_graphs(model: MSAModel) -> bool:
