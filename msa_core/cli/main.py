@@ -177,7 +177,7 @@ def _check_target(bank_dir: str | Path, overwrite: bool) -> None:
             raise InvalidInputError(
                 f"{root} already holds a memory bank; pass --overwrite to replace it, or use "
                 f"`msa add {root} CORPUS` to add documents to it")
-    elif root.is_dir() and any(root.iterdir()):
+    elif root.is_dir() and any(e.name != ".msa-lock" for e in root.iterdir()):
         raise InvalidInputError(
             f"{root} is not empty and holds no complete msa bank (no {CURRENT} file); "
             "pick an empty or new folder")
@@ -258,14 +258,20 @@ def cmd_index(args: argparse.Namespace) -> int:
 def cmd_add(args: argparse.Namespace) -> int:
     from ..memory.corpus import read_corpus
 
+    from ..memory.locking import bank_lock
+
     records = read_corpus(args.corpus)  # all validated before the bank is touched
-    model, bank = _load(args.bank, args.model, args.router)
+    model, _ = _load(args.bank, args.model, args.router)
     texts, ids, metas = _documents(records)
-    replaced = sum(i in bank for i in ids)
-    started = time.perf_counter()
-    model.add(bank, texts, ids, metas, show_progress_bar=not args.no_progress)
-    seconds = time.perf_counter() - started
-    bank.save(args.bank)
+    # Load, add and save under the bank's write lock: another writer's documents are never saved over.
+    with bank_lock(args.bank, timeout=args.lock_timeout, on_wait=_say):
+        bank = _load_bank(args.bank)
+        model.check_bank(bank)
+        replaced = sum(i in bank for i in ids)
+        started = time.perf_counter()
+        model.add(bank, texts, ids, metas, show_progress_bar=not args.no_progress)
+        seconds = time.perf_counter() - started
+        bank.save(args.bank)
     tokens = sum(d["n_tokens"] for d in bank.get(ids))
     _say(_encode_summary(f"added {len(ids) - replaced} new and replaced {replaced} documents", bank.info(), tokens,
                          seconds))
@@ -273,11 +279,15 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    bank = _load_bank(args.bank)
-    missing = [i for i in dict.fromkeys(args.ids) if i not in bank]
-    deleted = bank.delete(args.ids)
-    if deleted:
-        bank.save(args.bank)
+    from ..memory.locking import bank_lock
+
+    _load_bank(args.bank)  # a clear error for a folder that is no bank, before a lock file is made there
+    with bank_lock(args.bank, timeout=args.lock_timeout, on_wait=_say):
+        bank = _load_bank(args.bank)
+        missing = [i for i in dict.fromkeys(args.ids) if i not in bank]
+        deleted = bank.delete(args.ids)
+        if deleted:
+            bank.save(args.bank)
     if missing:
         _say(f"not found (nothing deleted for them): {', '.join(missing)}")
     _out(f"deleted {deleted} document{'s' * (deleted != 1)}; {len(bank)} remain")
@@ -567,10 +577,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("corpus", help="a .jsonl file or a folder of .txt/.md files")
     model_options(p, new=False)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _lock_option(p)
 
     p = command("delete", cmd_delete, "Delete documents from a bank by id.")
     p.add_argument("bank", metavar="DIR")
     p.add_argument("ids", nargs="+", metavar="ID")
+    _lock_option(p)
 
     p = command("info", cmd_info, "Show a bank's size and provenance (no model load).")
     p.add_argument("bank", metavar="DIR")
@@ -611,6 +623,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare_commands(command)
     _add_train_command(command)
     return parser
+
+
+def _lock_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lock-timeout", type=_float_in(0.0, 1e9), default=None, metavar="SECONDS",
+                   help="wait at most this long for another process writing the bank (default: "
+                        "$MSA_LOCK_TIMEOUT or 300)")
 
 
 def _add_train_command(command: Any) -> None:

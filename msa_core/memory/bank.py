@@ -532,7 +532,11 @@ class MemoryBank:
         """
         _check_kv(kv)
         device = _device_arg(map_location, "map_location")
-        vdir, manifest, parts = persist.read_version(Path(path))
+        return persist.retry_on_switch(Path(path), lambda: cls._load_live(Path(path), device, kv))
+
+    @classmethod
+    def _load_live(cls, path: Path, device: torch.device, kv: str) -> MemoryBank:
+        vdir, manifest, parts = persist.read_version(path)
         bank = cls.from_manifest(manifest, vdir / MANIFEST)
         bank._set_tiers(device, kv)
         if kv == "same":

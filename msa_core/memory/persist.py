@@ -14,6 +14,7 @@ passes what these functions need (anything with `layers`, `kv_heads`, `head_dim`
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import mmap
@@ -21,16 +22,20 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import BankError, CorruptBankError, InvalidInputError
+from .locking import LOCK_NAME, bank_lock
 from .records import KV_NAMES, TENSOR_NAMES, BankState, PartRecord, check_parts, is_int
+
+
+T = TypeVar("T")
 
 
 class BankShape(Protocol):
@@ -57,25 +62,74 @@ def read_version(root: Path, *, verify: bool = True) -> tuple[Path, dict[str, An
 
 
 def save_version(root: Path, state: BankState, manifest: dict[str, Any]) -> Path:
-    """Write `state` as a new version under `root` and switch CURRENT to it; returns the version folder."""
+    """Write `state` as a new version under `root` and switch CURRENT to it; returns the version folder.
+
+    Holds the bank's inter-process write lock (locking.py) from picking the version name to cleaning up.
+    A failed write (a full disk, an I/O error) removes what it wrote and leaves the previous version live.
+    """
     prepare_root(root)
-    tmp = root / f".tmp-{uuid.uuid4().hex}"
+    with bank_lock(root):
+        tmp = root / f".tmp-{uuid.uuid4().hex}"
+        final: Path | None = None
+        try:
+            tmp.mkdir()
+            write_version(tmp, state, manifest)
+            final = root / next_version(root)
+            os.rename(tmp, final)
+            fsync_dir(root)
+            write_current(root, final.name)
+        except BaseException as exc:
+            _undo_save(root, tmp, final)
+            if isinstance(exc, OSError):
+                raise BankError(save_failure(root, state, exc)) from exc
+            raise
+        remove_stale(root, keep=final.name)
+        return final
+
+
+def _undo_save(root: Path, tmp: Path, final: Path | None) -> None:
+    """Remove what a failed save wrote, unless CURRENT already names it (then it is the live version)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    (root / (CURRENT + ".tmp")).unlink(missing_ok=True)
+    if final is not None and current_name(root) != final.name:
+        shutil.rmtree(final, ignore_errors=True)
+
+
+def current_name(root: Path) -> str | None:
+    """The live version's folder name, or None when `root` holds no readable CURRENT."""
     try:
-        tmp.mkdir()
-        write_version(tmp, state, manifest)
-        final = root / next_version(root)
-        os.rename(tmp, final)
-        fsync_dir(root)
-        write_current(root, final.name)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise BankError(
-                f"could not save the memory bank to {root}: {exc}; the previous version is intact"
-            ) from exc
-        raise
-    remove_stale(root, keep=final.name)
-    return final
+        return _read_current_name(root / CURRENT)
+    except BankError:
+        return None
+
+
+def retry_on_switch(root: Path, load: Callable[[], T], attempts: int = 5) -> T:
+    """`load()`, run again when it failed because a writer switched CURRENT meanwhile and removed the
+    version being read. A failure while CURRENT stayed put is the bank's own and is raised as it is."""
+    for attempt in range(attempts):
+        before = current_name(root)
+        try:
+            return load()
+        except BankError:
+            if attempt == attempts - 1 or current_name(root) == before:
+                raise
+    raise AssertionError("unreachable")
+
+
+def save_failure(root: Path, state: BankState, exc: OSError) -> str:
+    """The message of a save that failed with `exc`: the folder, the cause and the space a version needs."""
+    needed = sum(getattr(state, n).numel() * getattr(state, n).element_size() for n in TENSOR_NAMES)
+    needed += sum(len(p.text.encode("utf-8")) + 256 for p in state.parts)  # docstore, roughly
+    try:
+        free = f"{shutil.disk_usage(root).free / 1e6:,.1f} MB are free there"
+    except OSError:
+        free = "the free space could not be read"
+    cause = errno.errorcode.get(exc.errno or 0, "error")
+    advice = ("free some space (or pick another folder) and save again" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+              else "check the disk and save again")
+    return (f"could not save the memory bank to {root}: {cause}: {exc.strerror or exc}. A new version needs "
+            f"about {needed / 1e6:,.1f} MB; {free}. The previous version is intact and nothing of the failed "
+            f"save was left behind; {advice}")
 
 FORMAT = "msa-memory-bank"
 
@@ -104,7 +158,7 @@ def prepare_root(root: Path) -> None:
         raise BankError(f"cannot save a memory bank to {root}: it exists and is not a directory")
     if not root.exists():
         try:
-            root.mkdir(parents=True)
+            root.mkdir(parents=True, exist_ok=True)  # another writer may create it at the same time
         except OSError as exc:
             raise BankError(f"cannot create the memory bank folder {root}: {exc}") from exc
         return
@@ -122,7 +176,7 @@ def prepare_root(root: Path) -> None:
 
 def _is_ours(entry: Path) -> bool:
     """Leftovers of our own saves (e.g. a first save that was interrupted)."""
-    if entry.name == CURRENT + ".tmp":
+    if entry.name in (CURRENT + ".tmp", LOCK_NAME):
         return entry.is_file()
     if TMP_RE.match(entry.name):
         return entry.is_dir()
@@ -186,7 +240,7 @@ def fsync_dir(path: Path) -> None:
 def remove_stale(root: Path, keep: str) -> None:
     """Remove older versions and leftovers of interrupted saves; only entries we recognise as ours."""
     for entry in list(root.iterdir()):  # listed first: the loop renames entries
-        if entry.name == keep or not _is_ours(entry):
+        if entry.name in (keep, LOCK_NAME) or not _is_ours(entry):  # the lock file stays: others may hold it
             continue
         # Best effort: the new version is already live, a leftover only costs disk space.
         if entry.is_dir():
