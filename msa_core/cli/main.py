@@ -33,6 +33,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import BankError, InvalidInputError, MSAError
+from .migrate import register as register_migrate
 
 SIDECAR = "msa-cli.json"  # the router a CLI bank was built with (MemoryBank has no field for it)
 _NATIVE = "native"
@@ -622,6 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a bank already in --keep DIR")
     _add_compare_commands(command)
     _add_train_command(command)
+    register_migrate(command)
     return parser
 
 
