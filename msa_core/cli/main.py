@@ -239,7 +239,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     from ..config import EncodeConfig, MSAConfig
     from ..memory.corpus import read_corpus
 
-    records = read_corpus(args.corpus)
+    records = read_corpus(args.corpus, follow_symlinks=args.follow_symlinks)
     _check_target(args.bank, args.overwrite)
     encode = {k: v for k, v in (("chunk_size", args.chunk_size), ("max_doc_tokens", args.max_doc_tokens),
                                 ("batch_size", args.batch_size)) if v is not None}
@@ -258,10 +258,10 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def cmd_add(args: argparse.Namespace) -> int:
     from ..memory.corpus import read_corpus
-
     from ..memory.locking import bank_lock
 
-    records = read_corpus(args.corpus)  # all validated before the bank is touched
+    # all validated before the bank is touched
+    records = read_corpus(args.corpus, follow_symlinks=args.follow_symlinks)
     model, _ = _load(args.bank, args.model, args.router)
     texts, ids, metas = _documents(records)
     # Load, add and save under the bank's write lock: another writer's documents are never saved over.
@@ -572,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, help="documents per forward pass (default: 16)")
     p.add_argument("--overwrite", action="store_true", help="replace a bank already in DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _symlinks_option(p)
 
     p = command("add", cmd_add, "Add documents to a bank; a document whose id is present is replaced.")
     p.add_argument("bank", metavar="DIR")
@@ -579,6 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(p, new=False)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _lock_option(p)
+    _symlinks_option(p)
 
     p = command("delete", cmd_delete, "Delete documents from a bank by id.")
     p.add_argument("bank", metavar="DIR")
@@ -631,6 +633,11 @@ def _lock_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lock-timeout", type=_float_in(0.0, 1e9), default=None, metavar="SECONDS",
                    help="wait at most this long for another process writing the bank (default: "
                         "$MSA_LOCK_TIMEOUT or 300)")
+
+
+def _symlinks_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--follow-symlinks", action="store_true",
+                   help="in a corpus folder, also read symbolic links leading outside it (skipped by default)")
 
 
 def _add_train_command(command: Any) -> None:

@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import BankError, CorruptBankError, InvalidInputError
+from ..safefiles import check_inside, check_safetensors_file, read_safetensors_header
 from .locking import LOCK_NAME, bank_lock
 from .records import KV_NAMES, TENSOR_NAMES, BankState, PartRecord, check_parts, is_int
 
@@ -54,6 +55,8 @@ def read_version(root: Path, *, verify: bool = True) -> tuple[Path, dict[str, An
     """(live version folder, manifest, docstore records) of the bank under `root`; verify=True checks both
     files' sha256 against the manifest first (streaming: memory stays small)."""
     vdir = live_version(root)
+    for name in (MANIFEST, DOCSTORE, TENSORS):
+        _check_own(root, vdir / name)
     manifest = read_manifest(vdir / MANIFEST)
     if verify:
         for name in (DOCSTORE, TENSORS):
@@ -150,6 +153,9 @@ TMP_RE = re.compile(r"^\.tmp-[0-9a-f]{32}$")
 
 
 _HASH_BLOCK = 1 << 20
+
+
+MAX_MANIFEST_BYTES = 16 << 20  # a real one is a few KB; more is not a manifest we wrote
 
 
 def prepare_root(root: Path) -> None:
@@ -276,10 +282,20 @@ def live_version(root: Path) -> Path:
                 f"save the bank again, or write the name of a complete version into {current}"
             )
         raise BankError(f"not an msa bank: {root} has no {CURRENT} file")
+    _check_own(root, current)
     vdir = root / _read_current_name(current)
+    _check_own(root, vdir)
     if not vdir.is_dir():
         raise BankError(f"half-written msa bank: {current} names {vdir.name}, but {vdir} does not exist")
     return vdir
+
+
+def _check_own(root: Path, path: Path) -> None:
+    """Refuse files of a bank that are links or lie outside its folder (a bank from someone else)."""
+    try:
+        check_inside(root, path)
+    except ValueError as exc:
+        raise CorruptBankError(f"untrusted msa bank: {exc}; refusing to read it") from exc
 
 
 def _read_current_name(current: Path) -> str:
@@ -292,8 +308,11 @@ def _read_current_name(current: Path) -> str:
     return name
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path, limit: int | None = None) -> Any:
     try:
+        if limit is not None and path.stat().st_size > limit:
+            raise CorruptBankError(f"corrupt msa bank: {path} has {path.stat().st_size:,} bytes, more than the "
+                                   f"{limit:,} a manifest may have")
         return json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError as exc:
         raise CorruptBankError(f"corrupt msa bank: {path} is missing") from exc
@@ -302,7 +321,7 @@ def _read_json(path: Path) -> Any:
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
-    manifest = _read_json(path)
+    manifest = _read_json(path, MAX_MANIFEST_BYTES)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BankError(f"not an msa bank: {path} does not declare format {FORMAT!r}")
     version = manifest.get("format_version")
@@ -343,6 +362,7 @@ def read_docstore(path: Path) -> tuple[PartRecord, ...]:
 
 def read_tensors(path: Path, bank: BankShape, parts: Sequence[PartRecord]) -> dict[str, torch.Tensor]:
     try:
+        check_safetensors_file(path)
         loaded = load_file(str(path), device=str(bank.device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CorruptBankError(f"corrupt msa bank: {path} is unreadable ({exc})") from exc
@@ -361,15 +381,10 @@ def map_tensors(path: Path, bank: BankShape, parts: Sequence[PartRecord], *,
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            n_head = int.from_bytes(f.read(8), "little")
-            if size < 8 or not 2 <= n_head <= size - 8:
-                raise ValueError(f"header length {n_head} does not fit a file of {size} bytes")
-            header = json.loads(f.read(n_head))
+            n_head, header = read_safetensors_header(f, size)
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise CorruptBankError(f"corrupt msa bank: {path} is unreadable ({exc})") from exc
-    if not isinstance(header, dict):
-        raise CorruptBankError(f"corrupt msa bank: {path} has a header that is not a JSON object")
     data = torch.frombuffer(mm, dtype=torch.uint8)  # holds a reference to mm: the map lives as long as views do
     mapped = {}
     for name in TENSOR_NAMES:
