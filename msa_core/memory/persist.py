@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -371,21 +372,25 @@ def read_tensors(path: Path, bank: BankShape, parts: Sequence[PartRecord]) -> di
 
 def map_tensors(path: Path, bank: BankShape, parts: Sequence[PartRecord], *,
                  scattered_kv: bool) -> dict[str, torch.Tensor]:
-    """The bank's tensors as views of one private memory map of the safetensors file.
+    """The bank's tensors as views of one read-only memory map of the safetensors file.
 
     Nothing is read up front: a page comes from disk when first touched, and the page cache may drop it
-    again, so banks larger than RAM work. ACCESS_COPY (MAP_PRIVATE): a stray write stays in this process;
-    the file itself is never changed. Layout: u64 LE header size, JSON header, data.
+    again, so banks larger than RAM work. ACCESS_READ (PROT_READ, MAP_SHARED): clean page cache, charged
+    to no process's data limit (RLIMIT_DATA) nor to the overcommit reserve, however large the file; the
+    file is never changed (a write into these views is refused by the MMU: the disk tier is read-only).
+    Layout: u64 LE header size, JSON header, data.
     `scattered_kv` advises the kernel that k_bar/v_bar will be read in scattered rows (see _advise_random).
     """
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             n_head, header = read_safetensors_header(f, size)
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise CorruptBankError(f"corrupt msa bank: {path} is unreadable ({exc})") from exc
-    data = torch.frombuffer(mm, dtype=torch.uint8)  # holds a reference to mm: the map lives as long as views do
+    with warnings.catch_warnings():  # "the given buffer is not writable": on purpose, see above
+        warnings.simplefilter("ignore", UserWarning)
+        data = torch.frombuffer(mm, dtype=torch.uint8)  # holds a reference to mm: the map lives as long as views do
     mapped = {}
     for name in TENSOR_NAMES:
         if name in header:
