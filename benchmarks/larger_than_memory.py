@@ -131,6 +131,9 @@ def run_phase(args: argparse.Namespace, phase: str, **extra) -> dict:
     for key, value in extra.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if proc.returncode and phase == "same":  # an allocation failure may also kill the process outright
+        tail = proc.stderr.strip().splitlines()[-1:] or [""]
+        return {"kv": phase, "ok": False, "error": f"process exited with {proc.returncode}: {tail[0][:300]}"}
     if proc.returncode:
         raise SystemExit(f"{phase} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
