@@ -60,3 +60,24 @@ def hold_lock(root: str, conn: Any) -> None:
     with bank_lock(root):
         conn.send("locked")
         time.sleep(600)
+
+
+def load_limited(root: str, kv: str, room: int, rows: list[int], conn: Any) -> None:
+    """Load the bank with tier `kv` under a data limit of what this process uses now + `room` bytes,
+    gather K̄/V̄ rows and send back their sums and the peak RSS (or the error met)."""
+    import resource
+
+    import torch
+
+    def status_kb(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+    limit = status_kb("VmData") * 1024 + room
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    try:
+        bank = MemoryBank.load(root, kv=kv)
+        k, v = bank.gather_kv(1, torch.tensor(rows), "cpu", torch.float32)
+        conn.send(("ok", (k.sum().item(), v.sum().item(), status_kb("VmHWM") * 1024)))
+    except BaseException as exc:
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
