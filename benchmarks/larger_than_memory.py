@@ -83,29 +83,39 @@ def build(model, path: Path, tokens: int, batch_docs: int = 200) -> dict:
             "save_s": saves, "builder_peak_rss_mb": round(status_kb("VmHWM") / 1024, 1)}
 
 
+def memory_mb() -> dict:
+    """Private memory (RssAnon) and mapped file pages (RssFile: clean page cache, dropped under pressure)."""
+    return {k: round(status_kb(k) / 1024, 1) for k in ("RssAnon", "RssFile")}
+
+
 def query(model, path: Path, kv: str, kr_bytes: int, headroom_mb: int) -> dict:
     data_now = status_kb("VmData") * 1024
     limit = data_now + kr_bytes + headroom_mb * (1 << 20)
     resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
     out = {"kv": kv, "data_limit_bytes": limit, "data_before_load_bytes": data_now}
+    before = memory_mb()
     try:
         t = time.perf_counter()
         bank = model.load_bank(path, kv=kv)
         out["load_s"] = round(time.perf_counter() - t, 1)
+        out["memory_after_load_mb"] = memory_mb()
         t = time.perf_counter()
         found = model.retrieve(QUESTION, bank, 5)
         out["retrieve_s"] = round(time.perf_counter() - t, 2)
         out["top5"] = [d.id for d in found]
         out["needle_rank"] = out["top5"].index("needle") + 1 if "needle" in out["top5"] else None
+        out["memory_after_retrieve_mb"] = memory_mb()
         t = time.perf_counter()
         answer = model.answer(QUESTION, bank, max_new_tokens=8)
         out["answer_s"] = round(time.perf_counter() - t, 2)
         out["answer"] = answer.text
+        out["memory_after_answer_mb"] = memory_mb()
         out["ok"] = True
     except (MemoryError, RuntimeError, OSError, Exception) as exc:  # the control is expected to land here
         out["ok"] = False
         out["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
-    out["peak_rss_mb"] = round(status_kb("VmHWM") / 1024, 1)
+    out["peak_rss_mb"] = round(status_kb("VmHWM") / 1024, 1)  # private + mapped file pages
+    out["memory_before_load_mb"] = before
     return out
 
 
