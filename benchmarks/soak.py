@@ -35,9 +35,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from msa_core import MemoryBank, MSAModel, __version__  # noqa: E402
-from msa_core.memory.persist import CURRENT  # noqa: E402
-from msa_core.memory.records import check_parts  # noqa: E402
+from msa_core import MemoryBank, MSAModel, __version__
+from msa_core.memory.persist import CURRENT
+from msa_core.memory.records import check_parts
 
 PLACES = ["Velmora", "Quist Harbour", "Greyhook", "the Saltmarsh", "Old Dunmere", "Kettle Point", "Ashby Fen"]
 THINGS = ["lantern", "ledger", "bell", "compass", "anchor", "map", "kettle", "clock", "mural", "organ"]

@@ -20,11 +20,10 @@ import os
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, TypeVar
-
-from contextlib import contextmanager
 
 from .errors import BankError, InvalidInputError
 from .memory.bank import MemoryBank

@@ -37,7 +37,7 @@ def writer(root: str, name: str, rounds: int, seed: int, conn: Any) -> None:
             assert not missing, f"{name}: committed documents missing after round {r}: {sorted(missing)[:5]}"
             time.sleep(rng.random() * 0.01)
         conn.send(("ok", mine))
-    except BaseException as exc:  # reported to the parent, which fails the test with it
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the test with it
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
 
 
@@ -51,7 +51,7 @@ def reader(root: str, seconds: float, conn: Any) -> None:
             assert len(bank.ids()) == len(set(bank.ids()))
             loads += 1
         conn.send(("ok", loads))
-    except BaseException as exc:
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
         conn.send(("error", f"after {loads} loads: {type(exc).__name__}: {exc}"))
 
 
@@ -79,5 +79,5 @@ def load_limited(root: str, kv: str, room: int, rows: list[int], conn: Any) -> N
         bank = MemoryBank.load(root, kv=kv)
         k, v = bank.gather_kv(1, torch.tensor(rows), "cpu", torch.float32)
         conn.send(("ok", (k.sum().item(), v.sum().item(), status_kb("VmHWM") * 1024)))
-    except BaseException as exc:
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
         conn.send(("error", f"{type(exc).__name__}: {exc}"))

@@ -23,7 +23,7 @@ from msa_core.memory.migrate import migrate_bank
 FIXTURES = Path(__file__).parent / "fixtures" / "banks"
 RELEASES = ["msa-0.2.0", "msa-0.3.0"]
 sys.path.insert(0, str(FIXTURES))
-from make_fixture import contents  # noqa: E402
+from make_fixture import contents
 
 
 def listing(root: Path) -> dict[str, bytes]:

@@ -64,7 +64,7 @@ def test_disk_tier_serves_a_bank_larger_than_the_process_may_hold(ctx, big_bank)
     assert kv_bytes > room  # K̄/V̄ alone exceed what the process may allocate beyond its start
     status, value = run(ctx, root, "disk", room, rows)
     assert status == "ok", value
-    k_sum, v_sum, peak = value
+    k_sum, v_sum, _peak = value
     assert (k_sum, v_sum) == pytest.approx(expected)
     status, value = run(ctx, root, "same", room, rows)  # the control: all in memory does not fit
     assert status == "error", "the limit did not bite: the test proves nothing"

@@ -82,9 +82,8 @@ def test_waiting_writer_says_so_and_times_out(tmp_path, capsys):
     with holder:
         code = main(["delete", str(root), ids[0], "--lock-timeout", "0.3"])
         err = capsys.readouterr().err
-        with pytest.raises(BankLockedError, match="stayed locked"):
-            with bank_lock(root, timeout=0.1, on_wait=lambda m: None):
-                pass
+        with pytest.raises(BankLockedError, match="stayed locked"), bank_lock(root, timeout=0.1, on_wait=print):
+            pass
     assert code == 2
     assert "waiting for another process writing the memory bank" in err
     assert "stayed locked by another writer" in err and "--lock-timeout" in err
@@ -97,9 +96,8 @@ def test_killed_lock_holder_leaves_the_bank_unlocked(ctx, tmp_path):
     seed_bank(root)
     proc, recv = start(ctx, procs_child.hold_lock, str(root))
     assert recv.poll(60) and recv.recv() == "locked"
-    with pytest.raises(BankLockedError):
-        with bank_lock(root, timeout=0.2, on_wait=lambda m: None):
-            pass
+    with pytest.raises(BankLockedError), bank_lock(root, timeout=0.2, on_wait=lambda m: None):
+        pass
     proc.kill()
     proc.join(10)
     with bank_lock(root, timeout=5):

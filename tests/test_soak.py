@@ -9,9 +9,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-import soak  # noqa: E402
+import soak
 
-from msa_core.model import MSAModel  # noqa: E402
+from msa_core.model import MSAModel
 
 
 def test_short_soak_keeps_invariants_and_handles(tiny_model_dir):

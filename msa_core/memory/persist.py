@@ -36,7 +36,6 @@ from ..safefiles import check_inside, check_safetensors_file, read_safetensors_h
 from .locking import LOCK_NAME, bank_lock
 from .records import KV_NAMES, TENSOR_NAMES, BankState, PartRecord, check_parts, is_int
 
-
 T = TypeVar("T")
 
 
@@ -114,7 +113,7 @@ def retry_on_switch(root: Path, load: Callable[[], T], attempts: int = 5) -> T:
         before = current_name(root)
         try:
             return load()
-        except BankError:
+        except (BankError, OSError):  # OSError: a file vanished between two reads of it
             if attempt == attempts - 1 or current_name(root) == before:
                 raise
     raise AssertionError("unreachable")
