@@ -9,9 +9,9 @@ id), delete, query, save and load, drawn at random so the bank hovers around --d
 every step the invariants are checked: ids unique and equal to a shadow dict kept beside the bank;
 parts contiguous; parts, chunks, docstore and all three tensors agree; every text is the shadow's. A
 load must give back exactly what was saved, and a save must leave one version folder and no leftovers.
-After each add, the document's unique sentence is asked as a question: with the default model the
-document should come back in the top --k (the hit rate is reported; with a random tiny model it means
-nothing and is not judged). Resident memory and open file descriptors are sampled as it runs: after the
+After each add, the document's unique sentence is asked as the question and the run counts whether the
+document comes back in the top --k, next to BM25 (msa_integrations.compare) on the same documents and
+question and to chance (k / documents). Reported, not asserted (benchmarks/results/soak.json). Resident memory and open file descriptors are sampled as it runs: after the
 warm-up (the first fifth), neither may keep growing.
 """
 
@@ -39,8 +39,15 @@ from msa_core import MemoryBank, MSAModel, __version__
 from msa_core.memory.persist import CURRENT
 from msa_core.memory.records import check_parts
 
-PLACES = ["Velmora", "Quist Harbour", "Greyhook", "the Saltmarsh", "Old Dunmere", "Kettle Point", "Ashby Fen"]
-THINGS = ["lantern", "ledger", "bell", "compass", "anchor", "map", "kettle", "clock", "mural", "organ"]
+ADJ = ("ancient amber bitter brave crimson dusty electric frozen gentle golden hollow humble icy jagged lonely loud "
+       "misty noble pale quiet rusty silent silver smoky stormy swift tangled velvet wild woolen").split()
+ANIMALS = ("otter falcon badger heron walrus lynx beetle salmon moth tortoise raven hare oyster camel gecko bison "
+           "squid wren viper panda llama mole finch eel crab goat seal owl bat").split()
+PLACES = ("Lisbon Nairobi Oslo Lima Hanoi Quito Perth Riga Cairo Dublin Seoul Tunis Accra Bergen Cusco Dakar Fiji "
+          "Goa Havana Izmir Jaipur Kyoto Lagos Malta Nice Omsk Porto Rome Sofia Turin").split()
+FIELDS = ("astronomy pottery chess algebra beekeeping sailing weaving botany geology opera fencing origami "
+          "calligraphy glassblowing falconry cartography archery poetry surgery banking carpentry rowing cooking "
+          "tailoring mining dancing farming printing painting welding").split()
 OPS = {"add": 0.25, "upsert": 0.12, "delete": 0.13, "query": 0.3, "save": 0.13, "load": 0.07}
 
 
@@ -54,9 +61,21 @@ def open_fds() -> int:
 
 
 def sentence(rng: random.Random, serial: int) -> str:
-    return (f"Serial number {serial} is engraved on the {rng.choice(THINGS)} kept in {rng.choice(PLACES)}, "
-            f"which the keeper {rng.choice(['Ada', 'Bram', 'Cleo', 'Dov', 'Esme'])} polishes on "
-            f"{rng.choice(['Mondays', 'Fridays', 'feast days', 'the first frost'])}.")
+    """A sentence no other document of the run holds (its serial number), about a random subject."""
+    return (f"The {rng.choice(ADJ)} {rng.choice(ANIMALS)} from {rng.choice(PLACES)} studied {rng.choice(FIELDS)} "
+            f"and kept {serial} {rng.choice(ADJ)} {rng.choice(ANIMALS)}s in a {rng.choice(ADJ)} box.")
+
+
+def bm25_or_none():
+    """The BM25 baseline of msa_integrations.compare (bm25s), or None where it is not installed."""
+    try:
+        import bm25s  # noqa: F401
+
+        from msa_integrations.compare.dataset import Document
+        from msa_integrations.compare.retrievers import BM25
+    except ImportError:
+        return None
+    return BM25, Document
 
 
 class Soak:
@@ -68,7 +87,8 @@ class Soak:
         self.serial = 0
         self.saved: tuple | None = None  # what the last save wrote
         self.saved_shadow: dict[str, str] = {}
-        self.hits = self.asked = 0
+        self.hits = self.asked = self.bm25_hits = 0
+        self.bm25 = bm25_or_none()
 
     def step(self) -> str:
         op = self.rng.choices(list(OPS), weights=list(OPS.values()))[0]
@@ -90,6 +110,11 @@ class Soak:
         found = self.model.retrieve(text, self.bank, self.k)
         self.asked += 1
         self.hits += doc_id in [d.id for d in found]
+        if self.bm25 is not None:  # the baseline a user would pick, same question, same documents
+            bm25_cls, document = self.bm25
+            bm25 = bm25_cls()
+            bm25.index([document(id=i, text=t) for i, t in self.shadow.items()])
+            self.bm25_hits += doc_id in [i for i, _ in bm25.search([text], self.k)[0]]
 
     def upsert(self) -> None:
         doc_id = self.rng.choice(list(self.shadow))
@@ -174,7 +199,9 @@ def run(model: MSAModel, cycles: int, *, seed: int = 24, docs: int = 150, k: int
         "cycles": cycles, "invariants_checked_after_every_step": True, "invariant_failures": 0,
         "ops": dict(counts), "median_ms": {op: round(1000 * statistics.median(v), 2) for op, v in seconds.items()},
         "wall_s": round(wall, 1), "fresh_sentence_top_k_hits": soak.hits, "fresh_sentence_queries": soak.asked,
-        "fresh_sentence_hit_rate": round(soak.hits / max(soak.asked, 1), 4), "k": k, "target_documents": docs,
+        "fresh_sentence_hit_rate": round(soak.hits / max(soak.asked, 1), 4),
+        "bm25_fresh_sentence_hit_rate": round(soak.bm25_hits / max(soak.asked, 1), 4) if soak.bm25 else None,
+        "chance_hit_rate": round(k / docs, 4), "k": k, "target_documents": docs,
         "rss_mb": rss, "open_fds": fds,
         "rss_stable": rss["growth"] <= max(50.0, 0.1 * rss["after_warmup"]), "fds_stable": fds["growth"] <= 0,
         "samples": samples,
