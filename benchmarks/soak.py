@@ -4,8 +4,9 @@
     python benchmarks/soak.py --cycles 1000            # a shorter real run (the JSON says how many)
     python benchmarks/soak.py --model tests-tiny-dir --cycles 150 --out /tmp/soak.json   # CI's short form
 
-Each cycle is one of add (a new document holding a unique sentence), upsert (new text for an existing
-id), delete, query, save and load, drawn at random so the bank hovers around --docs documents. After
+The bank starts with --docs documents (one batch). Each cycle is one of add (a new document holding a
+unique sentence), upsert (new text for an existing id), delete, query, save and load, drawn at random
+so the bank hovers around --docs documents. After
 every step the invariants are checked: ids unique and equal to a shadow dict kept beside the bank;
 parts contiguous; parts, chunks, docstore and all three tensors agree; every text is the shadow's. A
 load must give back exactly what was saved, and a save must leave one version folder and no leftovers.
@@ -94,6 +95,15 @@ class Soak:
         self.saved_shadow: dict[str, str] = {}
         self.hits = self.asked = self.bm25_hits = 0
         self.bm25 = bm25_or_none()
+
+    def prefill(self) -> None:
+        """Add `docs` documents in one batch, so the run starts at the size it keeps."""
+        ids = [f"doc-{i}" for i in range(1, self.docs + 1)]
+        texts = [sentence(self.rng, 10_000 + i) for i in range(1, self.docs + 1)]
+        self.model.add(self.bank, texts, ids, [{"serial": i} for i in range(1, self.docs + 1)])
+        self.shadow.update(zip(ids, texts))
+        self.serial = self.docs
+        self.check()
 
     def step(self) -> str:
         op = self.rng.choices(list(OPS), weights=list(OPS.values()))[0]
@@ -186,6 +196,7 @@ def run(model: MSAModel, cycles: int, *, seed: int = 24, docs: int = 150, k: int
         sample_every: int = 25) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="msa-soak-") as tmp:
         soak = Soak(model, Path(tmp) / "bank", seed=seed, docs=docs, k=k)
+        soak.prefill()  # start at the steady size: memory growth after this is not the bank growing
         counts: Counter = Counter()
         seconds: dict[str, list[float]] = defaultdict(list)
         samples = []
