@@ -4,20 +4,32 @@ The LangChain and LlamaIndex adapters (and any server) wrap a MemoryStore instea
 MSAModel and MemoryBank directly. Every operation holds one lock, so a reader never sees a half-applied
 update; the async methods run the same work on a single worker thread, so the event loop never blocks
 on the model.
+
+Several processes. A store loaded from a folder (`MemoryStore.load(path)`) follows it: before each
+operation it looks at the folder's CURRENT and, when another process saved a newer version and this store
+has no unsaved changes, loads it. `save()` to that folder holds the bank's inter-process write lock and
+refuses (BankConflictError) to save unsaved changes over a version this store has not seen. With
+`write_through=True`, add() and delete() hold the lock across load-newest, change and save, so any number
+of processes can write one bank and no document is lost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from .errors import BankError, InvalidInputError
 from .memory.bank import MemoryBank
 from .memory.filters import Filter
+from .memory.locking import bank_lock
+from .memory.persist import current_name
 from .model import Answer, AnswerStream, MSAModel, RetrievedDocument
 
 T = TypeVar("T")
@@ -41,53 +53,125 @@ class MemoryStore:
         self.model.check_bank(self.bank)
         self._lock = threading.RLock()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="msa-store")
+        self.path: Path | None = None  # the folder this store follows (set by load)
+        self.write_through = False
+        self._version: str | None = None  # the version of `path` the bank holds; None: unknown
+        self._dirty = False  # changes not saved to `path` yet
 
     # ---- sync --------------------------------------------------------------------------
 
     def add(self, texts: Sequence[str], ids: Sequence[str] | None = None,
             metadatas: Sequence[dict[str, Any]] | None = None, *, show_progress_bar: bool | None = None
             ) -> list[str]:
-        with self._lock:
+        with self._lock, self._writing():
             return self.model.add(self.bank, texts, ids, metadatas, show_progress_bar=show_progress_bar)
 
     def delete(self, ids: Sequence[str]) -> int:
-        with self._lock:
+        with self._lock, self._writing():
             return self.bank.delete(ids)
 
     def get(self, ids: Sequence[str]) -> list[dict[str, Any]]:
         with self._lock:
+            self.reload_if_newer()
             return self.bank.get(ids)
 
     def ids(self) -> list[str]:
         with self._lock:
+            self.reload_if_newer()
             return self.bank.ids()
 
     def __len__(self) -> int:
         with self._lock:
+            self.reload_if_newer()
             return len(self.bank)
 
     def retrieve(self, question: str | Sequence[str], k: int = 4, *, filter: Filter = None,
                  **kw: Any) -> list[RetrievedDocument] | list[list[RetrievedDocument]]:
         with self._lock:
+            self.reload_if_newer()
             return self.model.retrieve(question, self.bank, k, filter=filter, **kw)
 
     def answer(self, question: str, **kw: Any) -> Answer:
         with self._lock:
+            self.reload_if_newer()
             return self.model.answer(question, self.bank, **kw)
 
     def stream_answer(self, question: str, **kw: Any) -> "LockedAnswerStream":
         """Text pieces; the lock is held until the stream ends, so the bank cannot change mid-answer.
         After iteration, `.result` holds the Answer (documents used, scores)."""
-        return LockedAnswerStream(self._lock, partial(self.model.stream_answer, question, self.bank, **kw))
-
-    def save(self, path: str | Path) -> Path:
         with self._lock:
-            return self.bank.save(path)
+            self.reload_if_newer()
+            return LockedAnswerStream(self._lock, partial(self.model.stream_answer, question, self.bank, **kw))
+
+    def save(self, path: str | Path | None = None) -> Path:
+        """Save the bank to `path` (default: the folder the store was loaded from).
+
+        Saving to the store's own folder holds the bank's write lock; unsaved changes are never saved over
+        a version another process wrote meanwhile (BankConflictError: reload and apply them again)."""
+        with self._lock:
+            if path is None and self.path is None:
+                raise InvalidInputError("save() needs a path: this store was not loaded from a folder")
+            target = self.path if path is None else Path(path)
+            if self.path is None or os.path.realpath(target) != os.path.realpath(self.path):
+                return self.bank.save(target)
+            with bank_lock(self.path):
+                self._check_not_behind()
+                return self._save_own()
 
     @classmethod
-    def load(cls, path: str | Path, model: MSAModel | None = None) -> "MemoryStore":
+    def load(cls, path: str | Path, model: MSAModel | None = None, *,
+             write_through: bool = False) -> "MemoryStore":
+        """A store over the bank saved at `path`, following newer versions other processes save there.
+        write_through=True: add() and delete() save at once, under the bank's inter-process lock."""
         model = model or shared_default_model()
-        return cls(model, model.load_bank(path))
+        version, bank = _load_versioned(model, Path(path))
+        store = cls(model, bank)
+        store.path, store.write_through, store._version = Path(path), write_through, version
+        return store
+
+    def reload_if_newer(self) -> bool:
+        """Load the newest version of the store's folder if another process saved one since this store
+        last read or wrote it; True when it did. A store holding unsaved changes keeps them instead."""
+        with self._lock:
+            if self.path is None or self._dirty:
+                return False
+            if self._version is not None and current_name(self.path) == self._version:
+                return False
+            version, bank = _load_versioned(self.model, self.path)
+            self._version, self.bank = version, bank
+            return True
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Around a change: under write_through, newest version in, change, save, all under the lock."""
+        if self.path is None or not self.write_through:
+            before = self.bank.docstore  # every change swaps in a new tuple
+            yield
+            self._dirty = self._dirty or (self.path is not None and self.bank.docstore is not before)
+            return
+        with bank_lock(self.path):
+            self.reload_if_newer()
+            self._check_not_behind()
+            before = self.bank.docstore
+            yield
+            if self.bank.docstore is not before or self._dirty:
+                self._dirty = True
+                self._save_own()
+
+    def _check_not_behind(self) -> None:
+        live = current_name(self.path)
+        if self._dirty and live is not None and live != self._version:
+            raise BankConflictError(
+                f"another process saved {self.path} (version {live}) after this store loaded "
+                f"{self._version or 'an earlier version'}; this store's unsaved changes were not saved over it. "
+                "Call store.reload_if_newer() after discarding them (a new store: MemoryStore.load), apply them "
+                "again, then save; or load the store with write_through=True"
+            )
+
+    def _save_own(self) -> Path:
+        folder = self.bank.save(self.path)
+        self._version, self._dirty = folder.name, False
+        return folder
 
     def locked(self) -> threading.RLock:
         """`with store.locked(): ...` reads the bank and routes against one bank version (re-entrant)."""
@@ -116,6 +200,17 @@ class MemoryStore:
     def astream_answer(self, question: str, **kw: Any) -> "AsyncAnswerStream":
         """`async for piece in store.astream_answer(q)`; `.result` holds the Answer afterwards."""
         return AsyncAnswerStream(self, self.stream_answer(question, **kw))
+
+
+class BankConflictError(BankError):
+    """Unsaved changes of a store would overwrite a version of its folder that another process saved."""
+
+
+def _load_versioned(model: MSAModel, path: Path) -> tuple[str | None, MemoryBank]:
+    """(version name or None when a writer switched versions during the load, the loaded bank)."""
+    before = current_name(path)
+    bank = model.load_bank(path)
+    return (before if current_name(path) == before else None), bank
 
 
 class LockedAnswerStream:

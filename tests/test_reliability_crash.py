@@ -23,6 +23,7 @@ from crash_child import OPS, apply, base_bank
 
 from msa_core.errors import CorruptBankError
 from msa_core.memory.bank import MemoryBank
+from msa_core.memory.locking import LOCK_NAME
 from msa_core.memory.persist import CURRENT, DOCSTORE, MANIFEST, TENSORS
 
 TRIALS = 20
@@ -100,7 +101,7 @@ def check_after_crash(root: Path, op: str, expected: dict[str, tuple]) -> str:
     outcome = "before" if got == expected["before"] else "after" if got == expected[op] else "mixed"
     assert outcome != "mixed", f"{op}: the bank holds neither the state before nor after the operation"
     live = bank.save(root)  # the next run recovers: leftovers of the crashed save are cleaned up
-    assert sorted(e.name for e in root.iterdir()) == sorted([CURRENT, live.name]), "leftovers remain"
+    assert sorted(e.name for e in root.iterdir()) == sorted([LOCK_NAME, CURRENT, live.name]), "leftovers remain"
     assert state(MemoryBank.load(root)) == got
     return outcome
 

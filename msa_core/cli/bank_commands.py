@@ -9,36 +9,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import (
-    check_target,
-    checked_question,
-    describe_used,
-    documents,
-    encode_summary,
-    filter_option,
-    float_in,
-    load_bank,
-    load_model,
-    load_model_and_bank,
-    model_options,
-    model_ref,
-    out,
-    parse_filters,
-    positive_int,
-    preview,
-    read_sidecar,
-    router_ref,
-    say,
-    stream_to_stdout,
-    write_sidecar,
-)
+from .common import (check_target, checked_question, describe_used, documents, encode_summary, filter_option,
+                     float_in, load_bank, load_model, load_model_and_bank, lock_option, model_options, model_ref, out,
+                     parse_filters, positive_int, preview, read_sidecar, router_ref, say, stream_to_stdout,
+                     symlinks_option, write_sidecar)
 
 
 def cmd_index(args: argparse.Namespace) -> int:
     from ..config import EncodeConfig, MSAConfig
     from ..memory.corpus import read_corpus
 
-    records = read_corpus(args.corpus)
+    records = read_corpus(args.corpus, follow_symlinks=args.follow_symlinks)
     check_target(args.bank, args.overwrite)
     encode = {k: v for k, v in (("chunk_size", args.chunk_size), ("max_doc_tokens", args.max_doc_tokens),
                                 ("batch_size", args.batch_size)) if v is not None}
@@ -57,27 +38,37 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def cmd_add(args: argparse.Namespace) -> int:
     from ..memory.corpus import read_corpus
+    from ..memory.locking import bank_lock
 
-    records = read_corpus(args.corpus)  # all validated before the bank is touched
-    model, bank = load_model_and_bank(args.bank, args.model, args.router)
+    # all validated before the bank is touched
+    records = read_corpus(args.corpus, follow_symlinks=args.follow_symlinks)
+    model, _ = load_model_and_bank(args.bank, args.model, args.router)
     texts, ids, metas = documents(records)
-    replaced = sum(i in bank for i in ids)
-    started = time.perf_counter()
-    model.add(bank, texts, ids, metas, show_progress_bar=not args.no_progress)
-    seconds = time.perf_counter() - started
-    bank.save(args.bank)
+    # Load, add and save under the bank's write lock: another writer's documents are never saved over.
+    with bank_lock(args.bank, timeout=args.lock_timeout, on_wait=say):
+        bank = load_bank(args.bank)
+        model.check_bank(bank)
+        replaced = sum(i in bank for i in ids)
+        started = time.perf_counter()
+        model.add(bank, texts, ids, metas, show_progress_bar=not args.no_progress)
+        seconds = time.perf_counter() - started
+        bank.save(args.bank)
     tokens = sum(d["n_tokens"] for d in bank.get(ids))
     say(encode_summary(f"added {len(ids) - replaced} new and replaced {replaced} documents", bank.info(), tokens,
-                         seconds))
+                       seconds))
     return 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    bank = load_bank(args.bank)
-    missing = [i for i in dict.fromkeys(args.ids) if i not in bank]
-    deleted = bank.delete(args.ids)
-    if deleted:
-        bank.save(args.bank)
+    from ..memory.locking import bank_lock
+
+    load_bank(args.bank)  # a clear error for a folder that is no bank, before a lock file is made there
+    with bank_lock(args.bank, timeout=args.lock_timeout, on_wait=say):
+        bank = load_bank(args.bank)
+        missing = [i for i in dict.fromkeys(args.ids) if i not in bank]
+        deleted = bank.delete(args.ids)
+        if deleted:
+            bank.save(args.bank)
     if missing:
         say(f"not found (nothing deleted for them): {', '.join(missing)}")
     out(f"deleted {deleted} document{'s' * (deleted != 1)}; {len(bank)} remain")
@@ -158,16 +149,20 @@ def register(command: Any) -> None:
     p.add_argument("--batch-size", type=positive_int, help="documents per forward pass (default: 16)")
     p.add_argument("--overwrite", action="store_true", help="replace a bank already in DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    symlinks_option(p)
 
     p = command("add", cmd_add, "Add documents to a bank; a document whose id is present is replaced.")
     p.add_argument("bank", metavar="DIR")
     p.add_argument("corpus", help="a .jsonl file or a folder of .txt/.md files")
     model_options(p, new=False)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    lock_option(p)
+    symlinks_option(p)
 
     p = command("delete", cmd_delete, "Delete documents from a bank by id.")
     p.add_argument("bank", metavar="DIR")
     p.add_argument("ids", nargs="+", metavar="ID")
+    lock_option(p)
 
     p = command("info", cmd_info, "Show a bank's size and provenance (no model load).")
     p.add_argument("bank", metavar="DIR")

@@ -151,7 +151,7 @@ def check_target(bank_dir: str | Path, overwrite: bool) -> None:
             raise InvalidInputError(
                 f"{root} already holds a memory bank; pass --overwrite to replace it, or use "
                 f"`msa add {root} CORPUS` to add documents to it")
-    elif root.is_dir() and any(root.iterdir()):
+    elif root.is_dir() and any(e.name != ".msa-lock" for e in root.iterdir()):
         raise InvalidInputError(
             f"{root} is not empty and holds no complete msa bank (no {CURRENT} file); "
             "pick an empty or new folder")
@@ -245,3 +245,14 @@ def filter_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--filter", action="append", metavar="KEY=VALUE",
                    help="metadata filter, repeatable (ANDed): key=v, key!=v, key>=v, key<=v, key>v, key<v, "
                         "key=in:a,b,c; v is read as JSON when it parses (numbers, true/false), else as text")
+
+
+def lock_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lock-timeout", type=float_in(0.0, 1e9), default=None, metavar="SECONDS",
+                   help="wait at most this long for another process writing the bank (default: "
+                        "$MSA_LOCK_TIMEOUT or 300)")
+
+
+def symlinks_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--follow-symlinks", action="store_true",
+                   help="in a corpus folder, also read symbolic links leading outside it (skipped by default)")

@@ -31,7 +31,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import InvalidInputError, MSAError
-from . import bank_commands, demo, train
+from . import bank_commands, demo, migrate, train
 
 ENTRY_POINT_GROUP = "msa_core.commands"
 # Commands other distributions provide, and how to get them when they are missing.
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    for module in (bank_commands, demo, train):
+    for module in (bank_commands, demo, train, migrate):
         module.register(command)
     broken: dict[str, str] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):

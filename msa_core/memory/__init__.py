@@ -9,6 +9,7 @@ a bank is data, whoever built it.
 from .bank import MemoryBank
 from .encoded import EncodedDocuments
 from .filters import Filter, compile_filter
+from .locking import BankLockedError, bank_lock
 from .records import PartRecord
 
-__all__ = ["EncodedDocuments", "Filter", "MemoryBank", "PartRecord", "compile_filter"]
+__all__ = ["BankLockedError", "EncodedDocuments", "Filter", "MemoryBank", "PartRecord", "bank_lock", "compile_filter"]

@@ -8,8 +8,8 @@ Saving and loading (crash safe, versioned folders, no pickle) is persist.py.
 Storage tiers. Routing reads all of K̄_R for every query, generation only the K̄/V̄ rows of the chosen
 documents, so the two can live apart. `bank.device` (the routing device) holds kr_bar and the chunk
 index; `kv_tier` says where k_bar/v_bar live: "same" (on `bank.device`, the default), "host" (CPU
-memory, pinned when CUDA is present so copies to the GPU can be asynchronous) or "disk" (a private,
-read-only-by-convention memory map of the saved tensors file: pages are read when touched, so a bank
+memory, pinned when CUDA is present so copies to the GPU can be asynchronous) or "disk" (a read-only
+memory map of the saved tensors file, see persist.map_tensors: pages are read when touched, so a bank
 larger than RAM still serves). `gather_kv` copies only the selected chunks to the compute device.
 Pick the tier with `MemoryBank.load(path, map_location=..., kv=...)` or `bank.to(device, kv=...)`;
 a disk-tier bank cannot be mutated (load it with kv="host" to edit), but it can be saved elsewhere.
@@ -544,7 +544,11 @@ class MemoryBank:
         """
         check_kv(kv)
         device = device_arg(map_location, "map_location")
-        vdir, manifest, parts = persist.read_version(Path(path))
+        return persist.retry_on_switch(Path(path), lambda: cls._load_live(Path(path), device, kv))
+
+    @classmethod
+    def _load_live(cls, path: Path, device: torch.device, kv: str) -> MemoryBank:
+        vdir, manifest, parts = persist.read_version(path)
         bank = cls.from_manifest(manifest, vdir / MANIFEST)
         bank._set_tiers(device, kv)
         if kv == "same":

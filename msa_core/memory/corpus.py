@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,13 +48,16 @@ class CorpusRecord:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def read_corpus(path: str | os.PathLike[str]) -> list[CorpusRecord]:
-    """Read a `.jsonl` corpus file or a folder of `.txt`/`.md` files (see the module docstring)."""
+def read_corpus(path: str | os.PathLike[str], *, follow_symlinks: bool = False) -> list[CorpusRecord]:
+    """Read a `.jsonl` corpus file or a folder of `.txt`/`.md` files (see the module docstring).
+
+    In a folder, symbolic links that lead outside it are skipped with a warning unless `follow_symlinks`.
+    """
     source = Path(path).expanduser()
     if not source.exists():
         raise InvalidInputError(f"corpus {source} does not exist")
     if source.is_dir():
-        records = _read_folder(source)
+        records = _read_folder(source, follow_symlinks)
     elif source.is_file() and source.suffix.lower() == ".jsonl":
         records = _read_jsonl(source)
     else:
@@ -192,21 +196,43 @@ def _record_metadata(obj: dict[str, Any], where: str) -> dict[str, Any]:
 # --- folder of text files ----------------------------------------------------------------------
 
 
-def _read_folder(root: Path) -> list[CorpusRecord]:
-    files = _text_files(root)
+def _read_folder(root: Path, follow_symlinks: bool = False) -> list[CorpusRecord]:
+    files = _text_files(root, follow_symlinks)
     if not files:
         raise InvalidInputError(f"corpus folder {root} has no .txt or .md files")
     return [_read_text_file(root, file) for file in files]
 
 
-def _text_files(root: Path) -> list[Path]:
-    found = []
-    for file in root.rglob("*"):
-        relative = file.relative_to(root)
-        if any(part.startswith(".") for part in relative.parts):  # .git, .ipynb_checkpoints, ...
-            continue
-        if file.suffix.lower() in _TEXT_SUFFIXES and file.is_file():
-            found.append(file)
+def _text_files(root: Path, follow_symlinks: bool = False) -> list[Path]:
+    """The .txt/.md files below `root`, hidden ones skipped. Linked folders are entered only when
+    `follow_symlinks` (each real folder once: no loops); linked files only when they stay inside `root`."""
+    found, outside = [], []
+    real_root = Path(os.path.realpath(root))
+    seen = {real_root}
+    for folder, dirs, files in os.walk(root, followlinks=follow_symlinks):
+        here = Path(folder)
+        keep = []
+        for name in sorted(dirs):
+            real = Path(os.path.realpath(here / name))
+            if name.startswith(".") or real in seen:  # .git, .ipynb_checkpoints, ...; a folder seen before
+                continue
+            if (here / name).is_symlink() and not follow_symlinks:
+                if not real.is_relative_to(real_root):
+                    outside.append(here / name)
+                continue
+            seen.add(real)
+            keep.append(name)
+        dirs[:] = keep
+        for name in files:
+            file = here / name
+            if name.startswith(".") or file.suffix.lower() not in _TEXT_SUFFIXES or not file.is_file():
+                continue
+            inside = not file.is_symlink() or Path(os.path.realpath(file)).is_relative_to(real_root)
+            (found if inside or follow_symlinks else outside).append(file)
+    if outside:
+        warnings.warn(f"corpus folder {root}: skipped {len(outside)} symbolic link(s) leading outside it "
+                      f"({', '.join(map(str, outside[:3]))}); pass --follow-symlinks (follow_symlinks=True) "
+                      "to read them", stacklevel=3)
     return sorted(found, key=lambda f: f.relative_to(root).as_posix())
 
 

@@ -14,6 +14,7 @@ passes what these functions need (anything with `layers`, `kv_heads`, `head_dim`
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import mmap
@@ -21,16 +22,21 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import BankError, CorruptBankError, InvalidInputError
+from ..safefiles import check_inside, check_safetensors_file, read_safetensors_header
+from .locking import LOCK_NAME, bank_lock
 from .records import KV_NAMES, TENSOR_NAMES, BankState, PartRecord, check_parts, is_int
+
+T = TypeVar("T")
 
 
 class BankShape(Protocol):
@@ -49,6 +55,8 @@ def read_version(root: Path, *, verify: bool = True) -> tuple[Path, dict[str, An
     """(live version folder, manifest, docstore records) of the bank under `root`; verify=True checks both
     files' sha256 against the manifest first (streaming: memory stays small)."""
     vdir = live_version(root)
+    for name in (MANIFEST, DOCSTORE, TENSORS):
+        _check_own(root, vdir / name)
     manifest = read_manifest(vdir / MANIFEST)
     if verify:
         for name in (DOCSTORE, TENSORS):
@@ -57,25 +65,74 @@ def read_version(root: Path, *, verify: bool = True) -> tuple[Path, dict[str, An
 
 
 def save_version(root: Path, state: BankState, manifest: dict[str, Any]) -> Path:
-    """Write `state` as a new version under `root` and switch CURRENT to it; returns the version folder."""
+    """Write `state` as a new version under `root` and switch CURRENT to it; returns the version folder.
+
+    Holds the bank's inter-process write lock (locking.py) from picking the version name to cleaning up.
+    A failed write (a full disk, an I/O error) removes what it wrote and leaves the previous version live.
+    """
     prepare_root(root)
-    tmp = root / f".tmp-{uuid.uuid4().hex}"
+    with bank_lock(root):
+        tmp = root / f".tmp-{uuid.uuid4().hex}"
+        final: Path | None = None
+        try:
+            tmp.mkdir()
+            write_version(tmp, state, manifest)
+            final = root / next_version(root)
+            os.rename(tmp, final)
+            fsync_dir(root)
+            write_current(root, final.name)
+        except BaseException as exc:
+            _undo_save(root, tmp, final)
+            if isinstance(exc, OSError):
+                raise BankError(save_failure(root, state, exc)) from exc
+            raise
+        remove_stale(root, keep=final.name)
+        return final
+
+
+def _undo_save(root: Path, tmp: Path, final: Path | None) -> None:
+    """Remove what a failed save wrote, unless CURRENT already names it (then it is the live version)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    (root / (CURRENT + ".tmp")).unlink(missing_ok=True)
+    if final is not None and current_name(root) != final.name:
+        shutil.rmtree(final, ignore_errors=True)
+
+
+def current_name(root: Path) -> str | None:
+    """The live version's folder name, or None when `root` holds no readable CURRENT."""
     try:
-        tmp.mkdir()
-        write_version(tmp, state, manifest)
-        final = root / next_version(root)
-        os.rename(tmp, final)
-        fsync_dir(root)
-        write_current(root, final.name)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise BankError(
-                f"could not save the memory bank to {root}: {exc}; the previous version is intact"
-            ) from exc
-        raise
-    remove_stale(root, keep=final.name)
-    return final
+        return _read_current_name(root / CURRENT)
+    except BankError:
+        return None
+
+
+def retry_on_switch(root: Path, load: Callable[[], T], attempts: int = 5) -> T:
+    """`load()`, run again when it failed because a writer switched CURRENT meanwhile and removed the
+    version being read. A failure while CURRENT stayed put is the bank's own and is raised as it is."""
+    for attempt in range(attempts):
+        before = current_name(root)
+        try:
+            return load()
+        except (BankError, OSError):  # OSError: a file vanished between two reads of it
+            if attempt == attempts - 1 or current_name(root) == before:
+                raise
+    raise AssertionError("unreachable")
+
+
+def save_failure(root: Path, state: BankState, exc: OSError) -> str:
+    """The message of a save that failed with `exc`: the folder, the cause and the space a version needs."""
+    needed = sum(getattr(state, n).numel() * getattr(state, n).element_size() for n in TENSOR_NAMES)
+    needed += sum(len(p.text.encode("utf-8")) + 256 for p in state.parts)  # docstore, roughly
+    try:
+        free = f"{shutil.disk_usage(root).free / 1e6:,.1f} MB are free there"
+    except OSError:
+        free = "the free space could not be read"
+    cause = errno.errorcode.get(exc.errno or 0, "error")
+    advice = ("free some space (or pick another folder) and save again" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+              else "check the disk and save again")
+    return (f"could not save the memory bank to {root}: {cause}: {exc.strerror or exc}. A new version needs "
+            f"about {needed / 1e6:,.1f} MB; {free}. The previous version is intact and nothing of the failed "
+            f"save was left behind; {advice}")
 
 FORMAT = "msa-memory-bank"
 
@@ -98,13 +155,16 @@ TMP_RE = re.compile(r"^\.tmp-[0-9a-f]{32}$")
 _HASH_BLOCK = 1 << 20
 
 
+MAX_MANIFEST_BYTES = 16 << 20  # a real one is a few KB; more is not a manifest we wrote
+
+
 def prepare_root(root: Path) -> None:
     """Create `root`, or make sure it is ours: never write into (or clean) a user's folder."""
     if root.exists() and not root.is_dir():
         raise BankError(f"cannot save a memory bank to {root}: it exists and is not a directory")
     if not root.exists():
         try:
-            root.mkdir(parents=True)
+            root.mkdir(parents=True, exist_ok=True)  # another writer may create it at the same time
         except OSError as exc:
             raise BankError(f"cannot create the memory bank folder {root}: {exc}") from exc
         return
@@ -122,7 +182,7 @@ def prepare_root(root: Path) -> None:
 
 def _is_ours(entry: Path) -> bool:
     """Leftovers of our own saves (e.g. a first save that was interrupted)."""
-    if entry.name == CURRENT + ".tmp":
+    if entry.name in (CURRENT + ".tmp", LOCK_NAME):
         return entry.is_file()
     if TMP_RE.match(entry.name):
         return entry.is_dir()
@@ -186,7 +246,7 @@ def fsync_dir(path: Path) -> None:
 def remove_stale(root: Path, keep: str) -> None:
     """Remove older versions and leftovers of interrupted saves; only entries we recognise as ours."""
     for entry in list(root.iterdir()):  # listed first: the loop renames entries
-        if entry.name == keep or not _is_ours(entry):
+        if entry.name in (keep, LOCK_NAME) or not _is_ours(entry):  # the lock file stays: others may hold it
             continue
         # Best effort: the new version is already live, a leftover only costs disk space.
         if entry.is_dir():
@@ -222,10 +282,20 @@ def live_version(root: Path) -> Path:
                 f"save the bank again, or write the name of a complete version into {current}"
             )
         raise BankError(f"not an msa bank: {root} has no {CURRENT} file")
+    _check_own(root, current)
     vdir = root / _read_current_name(current)
+    _check_own(root, vdir)
     if not vdir.is_dir():
         raise BankError(f"half-written msa bank: {current} names {vdir.name}, but {vdir} does not exist")
     return vdir
+
+
+def _check_own(root: Path, path: Path) -> None:
+    """Refuse files of a bank that are links or lie outside its folder (a bank from someone else)."""
+    try:
+        check_inside(root, path)
+    except ValueError as exc:
+        raise CorruptBankError(f"untrusted msa bank: {exc}; refusing to read it") from exc
 
 
 def _read_current_name(current: Path) -> str:
@@ -238,8 +308,11 @@ def _read_current_name(current: Path) -> str:
     return name
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path, limit: int | None = None) -> Any:
     try:
+        if limit is not None and path.stat().st_size > limit:
+            raise CorruptBankError(f"corrupt msa bank: {path} has {path.stat().st_size:,} bytes, more than the "
+                                   f"{limit:,} a manifest may have")
         return json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError as exc:
         raise CorruptBankError(f"corrupt msa bank: {path} is missing") from exc
@@ -248,7 +321,7 @@ def _read_json(path: Path) -> Any:
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
-    manifest = _read_json(path)
+    manifest = _read_json(path, MAX_MANIFEST_BYTES)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BankError(f"not an msa bank: {path} does not declare format {FORMAT!r}")
     version = manifest.get("format_version")
@@ -289,6 +362,7 @@ def read_docstore(path: Path) -> tuple[PartRecord, ...]:
 
 def read_tensors(path: Path, bank: BankShape, parts: Sequence[PartRecord]) -> dict[str, torch.Tensor]:
     try:
+        check_safetensors_file(path)
         loaded = load_file(str(path), device=str(bank.device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CorruptBankError(f"corrupt msa bank: {path} is unreadable ({exc})") from exc
@@ -297,26 +371,25 @@ def read_tensors(path: Path, bank: BankShape, parts: Sequence[PartRecord]) -> di
 
 def map_tensors(path: Path, bank: BankShape, parts: Sequence[PartRecord], *,
                  scattered_kv: bool) -> dict[str, torch.Tensor]:
-    """The bank's tensors as views of one private memory map of the safetensors file.
+    """The bank's tensors as views of one read-only memory map of the safetensors file.
 
     Nothing is read up front: a page comes from disk when first touched, and the page cache may drop it
-    again, so banks larger than RAM work. ACCESS_COPY (MAP_PRIVATE): a stray write stays in this process;
-    the file itself is never changed. Layout: u64 LE header size, JSON header, data.
+    again, so banks larger than RAM work. ACCESS_READ (PROT_READ, MAP_SHARED): clean page cache, charged
+    to no process's data limit (RLIMIT_DATA) nor to the overcommit reserve, however large the file; the
+    file is never changed (a write into these views is refused by the MMU: the disk tier is read-only).
+    Layout: u64 LE header size, JSON header, data.
     `scattered_kv` advises the kernel that k_bar/v_bar will be read in scattered rows (see _advise_random).
     """
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            n_head = int.from_bytes(f.read(8), "little")
-            if size < 8 or not 2 <= n_head <= size - 8:
-                raise ValueError(f"header length {n_head} does not fit a file of {size} bytes")
-            header = json.loads(f.read(n_head))
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            n_head, header = read_safetensors_header(f, size)
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise CorruptBankError(f"corrupt msa bank: {path} is unreadable ({exc})") from exc
-    if not isinstance(header, dict):
-        raise CorruptBankError(f"corrupt msa bank: {path} has a header that is not a JSON object")
-    data = torch.frombuffer(mm, dtype=torch.uint8)  # holds a reference to mm: the map lives as long as views do
+    with warnings.catch_warnings():  # "the given buffer is not writable": on purpose, see above
+        warnings.simplefilter("ignore", UserWarning)
+        data = torch.frombuffer(mm, dtype=torch.uint8)  # holds a reference to mm: the map lives as long as views do
     mapped = {}
     for name in TENSOR_NAMES:
         if name in header:

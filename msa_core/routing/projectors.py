@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..decoder.lora import NAME_RE as DELTA_NAME_RE
 from ..errors import InvalidInputError, ModelLoadError
+from ..safefiles import check_safetensors_file
 
 FORMAT_NAME = "msa-router"
 FORMAT_VERSION = "1"
@@ -338,6 +339,10 @@ def _check_layer_shapes(
 def _read_safetensors(path: Path, device: str | torch.device) -> tuple[dict[str, Tensor], dict[str, str]]:
     from safetensors import safe_open
 
+    try:
+        check_safetensors_file(path)  # bounded header, tensors inside the file: before the library reads it
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"router file {str(path)!r} is not a safe safetensors file: {e}") from e
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             meta = dict(f.metadata() or {})

@@ -46,9 +46,9 @@ def make_store(**options: Any) -> MemoryStore:
         engine = MSAModel.from_pretrained(model or "default", **load_kw)
     else:
         raise TypeError(f"model must be None, a name or folder, or an MSAModel; got {type(model).__name__}")
-    if isinstance(bank, (str, Path)):
-        bank = (engine or shared_default_model()).load_bank(bank)
-    elif bank is not None and not isinstance(bank, MemoryBank):
+    if isinstance(bank, (str, Path)):  # a store that follows the folder: new versions saved there are picked up
+        return MemoryStore.load(bank, engine or shared_default_model())
+    if bank is not None and not isinstance(bank, MemoryBank):
         raise TypeError(f"bank must be None, a MemoryBank or a saved bank's folder; got {type(bank).__name__}")
     return MemoryStore(engine, bank)
 

@@ -172,6 +172,7 @@ class MSAVectorStore(BasePydanticVectorStore):
     def _ids_where(self, msa_filter: Filter) -> list[str]:
         """Document ids whose metadata passes the filter, from one consistent snapshot of the bank."""
         predicate = compile_filter(msa_filter)
+        self._store.reload_if_newer()  # a store loaded from a folder follows versions other processes save
         parts = self._store.bank.docstore  # an immutable tuple: later writes swap in a new one
         return list(dict.fromkeys(p.parent_id for p in parts if predicate(p.metadata)))
 

@@ -309,7 +309,7 @@ def test_save_twice_keeps_only_latest(tmp_path, bank):
     bank.save(tmp_path)
     bank.delete(["a"])
     bank.save(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["CURRENT", "v000002"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".msa-lock", "CURRENT", "v000002"]
     assert MemoryBank.load(tmp_path).ids() == ["b", "c"]
 
 
@@ -430,7 +430,7 @@ def test_interrupted_save_loads_previous_version(tmp_path, bank):
     # The next save supersedes everything and leaves one version.
     folder = bank.save(tmp_path)
     assert folder.name == "v000003"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["CURRENT", "scratch", "v000003"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".msa-lock", "CURRENT", "scratch", "v000003"]
 
 
 def test_save_into_foreign_folder_refused(tmp_path, bank):
@@ -453,7 +453,7 @@ def test_save_into_folder_with_only_our_leftovers(tmp_path, bank):
     # A first save interrupted before CURRENT existed must not block the next save.
     (tmp_path / (".tmp-" + "b" * 32)).mkdir()
     bank.save(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["CURRENT", "v000001"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".msa-lock", "CURRENT", "v000001"]
 
 
 def test_user_files_next_to_a_bank_survive_save(tmp_path, bank):
