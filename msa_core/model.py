@@ -332,7 +332,8 @@ class MSAModel:
             text = rec.text if include_parts else bank.get([rec.parent_id])[0]["text"]
             layers = ({layer: float(per_layer[i, row]) for i, layer in enumerate(self.layers)}
                       if with_layers else None)
-            rel = relevance(total[row:row + 1], self.config.routing.normalization, self.backbone.args.head_dim)
+            rel = relevance(total[row:row + 1], self.config.routing.normalization, self.backbone.args.head_dim,
+                            self.config.routing.relevance_calibration)
             out.append((row, RetrievedDocument(key, float(total[row]), float(rel[0]), text,
                                                dict(rec.metadata), layers)))
         return out
@@ -544,6 +545,12 @@ def _make_router(backbone: Backbone, cfg: MSAConfig,
         # answers: README, Training routers), so hybrid answers keep the base weights of the layers it changes.
         generator = base_view(backbone, delta_layers(loaded.backbone_delta))
         merge(backbone, loaded.backbone_delta, loaded.delta_scale)
+    if cfg.routing.relevance_calibration is None:  # a calibration shipped beside the router file, if any
+        from .calibration import load_sidecar
+
+        fitted = load_sidecar(router, loaded.fingerprint())
+        if fitted is not None:
+            cfg = cfg.model_copy(update={"routing": cfg.routing.model_copy(update={"relevance_calibration": fitted})})
     if cfg.routing.layers is None:  # a trained router decides which layers route
         cfg = cfg.model_copy(update={"routing": cfg.routing.model_copy(update={"layers": loaded.layers})})
     elif loaded.layers != cfg.resolve_routing_layers(a.num_layers):

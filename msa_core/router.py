@@ -605,10 +605,16 @@ def aggregate_layers(layer_scores: Tensor, how: LayerAggregate) -> Tensor:
     return layer_scores.float().amax(dim=0)
 
 
-def relevance(scores: Tensor, normalization: Normalization, head_dim: int | None = None) -> Tensor:
-    """Scores mapped to [0, 1]: cosine -> (s+1)/2 clamped; scaled_dot -> sigmoid(s);
-    scaled_cosine -> (s*sqrt(head_dim)+1)/2 clamped (head_dim required)."""
+def relevance(scores: Tensor, normalization: Normalization, head_dim: int | None = None,
+              calibration: Sequence[float] | None = None) -> Tensor:
+    """Scores mapped to [0, 1]: with a calibration (a, b), sigmoid(a*s + b) (msa_core/calibration.py); else
+    cosine -> (s+1)/2 clamped; scaled_dot -> sigmoid(s); scaled_cosine -> (s*sqrt(head_dim)+1)/2 clamped
+    (head_dim required)."""
     _check_choice("normalization", normalization, ("cosine", "scaled_dot", "scaled_cosine"))
+    if calibration is not None:
+        from .calibration import calibrated
+
+        return calibrated(scores, calibration)
     s = scores.float()
     if normalization == "scaled_cosine":
         if head_dim is None or head_dim <= 0:

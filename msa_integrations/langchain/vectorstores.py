@@ -41,8 +41,10 @@ class MSAVectorStore(VectorStore):
         store.save_local("my-bank"); MSAVectorStore.load_local("my-bank")   # safetensors + JSON, no pickle
 
     Scores: `similarity_search_with_score` gives the raw routing score (cosine in [-1, 1] with the
-    default normalisation; higher is better); `similarity_search_with_relevance_scores` gives it
-    mapped to [0, 1] ((s + 1) / 2 for cosine). `filter` is a dict ($eq, $ne, $in, $nin, $gt, $gte,
+    default normalisation; higher is better); `similarity_search_with_relevance_scores` gives the
+    engine's relevance_score in [0, 1]: calibrated for the shipped router, so that score_threshold=0.5
+    keeps documents as likely to be the answer as not (docs/configuration.md, "Scores"); (s + 1) / 2
+    for cosine routers without a calibration. `filter` is a dict ($eq, $ne, $in, $nin, $gt, $gte,
     $lt, $lte, $and, $or, $not) or a callable metadata -> bool, applied *before* routing.
     `store.as_retriever(...)` (every search type) returns Documents whose metadata carries "score"
     and "relevance_score", as `MSARetriever`'s do; the search methods leave the metadata as stored.

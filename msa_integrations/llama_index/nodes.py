@@ -72,6 +72,8 @@ def answer_sources(store: MemoryStore, doc_ids: Sequence[str], scores: Sequence[
     if not doc_ids:
         return []
     records = {r["id"]: r for r in store.get(list(doc_ids))}
-    rel = relevance(torch.tensor(list(scores), dtype=torch.float32), store.model.config.routing.normalization)
+    routing = store.model.config.routing
+    rel = relevance(torch.tensor(list(scores), dtype=torch.float32), routing.normalization,
+                    store.model.backbone.args.head_dim, routing.relevance_calibration)
     return [scored_node(record_to_node(d, records[d]["text"], records[d]["metadata"]), float(s), float(r))
             for d, s, r in zip(doc_ids, scores, rel.tolist()) if d in records]
