@@ -27,7 +27,9 @@ def load_documents(n: int) -> list[Document]:
 
 def show_sources(response) -> None:
     for s in response.source_nodes:
-        print(f"   {s.score:.3f}  (raw {s.node.metadata['msa_score']:+.3f})  {s.node.ref_doc_id or s.node.node_id}")
+        raw = getattr(s, "msa_score", None)  # MSA's own retrievers and engines add the raw routing score
+        print(f"   {s.score:.3f}" + (f"  (raw {raw:+.3f})" if raw is not None else "")
+              + f"  {s.node.ref_doc_id or s.node.node_id}")
 
 
 def main() -> None:
