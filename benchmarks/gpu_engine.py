@@ -39,8 +39,7 @@ from msa4b_smoke import MSA_4B, TINY, documents, random_backbone, random_router 
 from msa_tiny import save_msa_tokenizer  # noqa: E402
 
 from msa_core import MSAModel, __version__  # noqa: E402
-from msa_core.inference.generate import (MemoryRouter, build_prompt, engine_for,  # noqa: E402
-                                         routed_prefill)
+from msa_core.inference.generate import MemoryRouter, build_prompt, engine_for, routed_prefill  # noqa: E402
 from msa_core.memory.encoded import EncodedDocuments  # noqa: E402
 
 NEW_TOKENS = 128

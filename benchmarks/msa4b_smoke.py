@@ -32,8 +32,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from msa_tiny import save_msa_tokenizer  # noqa: E402
 
-from msa_core import __version__  # noqa: E402
-from msa_core import MSAModel  # noqa: E402
+from msa_core import (
+    MSAModel,  # noqa: E402
+    __version__,  # noqa: E402
+)
 from msa_core.decoder.backbone import Backbone, BackboneArgs
 from msa_core.decoder.rope import RopeSpec, RotaryEmbedding
 from msa_core.inference.generate import SamplingParams

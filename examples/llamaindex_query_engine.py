@@ -16,7 +16,7 @@ import time
 from llama_index.core import Document, StorageContext, VectorStoreIndex
 
 from msa_core.memory.corpus import DEMO_CORPUS_PATH, DEMO_QUESTIONS_PATH, read_corpus
-from msa_integrations.llama_index import MSALLM, MSAQueryEngine, MSAVectorStore
+from msa_integrations.llama_index import MSALLM, MSAPlaceholderEmbedding, MSAQueryEngine, MSAVectorStore
 
 
 def load_documents(n: int) -> list[Document]:
@@ -27,7 +27,9 @@ def load_documents(n: int) -> list[Document]:
 
 def show_sources(response) -> None:
     for s in response.source_nodes:
-        print(f"   {s.score:.3f}  (raw {s.node.metadata['msa_score']:+.3f})  {s.node.ref_doc_id or s.node.node_id}")
+        raw = getattr(s, "msa_score", None)  # MSA's own retrievers and engines add the raw routing score
+        print(f"   {s.score:.3f}" + (f"  (raw {raw:+.3f})" if raw is not None else "")
+              + f"  {s.node.ref_doc_id or s.node.node_id}")
 
 
 def main() -> None:
@@ -39,7 +41,8 @@ def main() -> None:
     started = time.perf_counter()
     store = MSAVectorStore()  # empty store on the embedded default model
     documents = load_documents(args.docs)
-    index = VectorStoreIndex.from_documents(documents, storage_context=StorageContext.from_defaults(vector_store=store))
+    index = VectorStoreIndex.from_documents(documents, storage_context=StorageContext.from_defaults(vector_store=store),
+                                            embed_model=MSAPlaceholderEmbedding())  # MSA needs no embeddings
     print(f"indexed {len(documents)} documents in {time.perf_counter() - started:.1f} s")
 
     question = json.loads(DEMO_QUESTIONS_PATH.read_text(encoding="utf-8"))[0]

@@ -61,6 +61,11 @@ class RoutingConfig(_Strict):
         description="retrieve(): let routing layers attend to their top-k while scoring (as latent generation "
                     "does). Off: score on the question's own states, the states routers are trained on.",
     )
+    relevance_calibration: list[float] | None = Field(
+        default=None, min_length=2, max_length=2,
+        description="[a, b]: relevance_score = sigmoid(a * score + b), fitted for the router (msa_core/routing/calibration.py; "
+                    "the shipped router brings its own). None: the normalization's fixed map ((s + 1) / 2 for cosine).",
+    )
 
     @field_validator("layers")
     @classmethod

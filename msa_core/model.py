@@ -25,20 +25,7 @@ from .decoder.backbone import Backbone
 from .errors import InvalidInputError, ModelLoadError, check_text
 from .inference.encode import encode_parts, split_documents
 from .inference.engine import Engine
-from .inference.generate import (
-    Generation,
-    MemoryRouter,
-    Message,
-    Prompt,
-    SamplingParams,
-    build_prompt,
-    engine_for,
-    generate_batch,
-    last_user_text,
-    route_questions,
-    routed_prefill,
-    with_last_user,
-)
+from .inference.generate import (Generation, MemoryRouter, Message, Prompt, SamplingParams, build_prompt, engine_for, generate_batch, last_user_text, route_questions, routed_prefill, with_last_user)
 from .memory.bank import MemoryBank
 from .memory.filters import Filter
 from .memory.records import check_documents
@@ -358,7 +345,8 @@ class MSAModel:
             text = rec.text if include_parts else bank.get([rec.parent_id])[0]["text"]
             layers = ({layer: float(per_layer[i, row]) for i, layer in enumerate(self.layers)}
                       if with_layers else None)
-            rel = relevance(total[row:row + 1], self.config.routing.normalization, self.backbone.args.head_dim)
+            rel = relevance(total[row:row + 1], self.config.routing.normalization, self.backbone.args.head_dim,
+                            self.config.routing.relevance_calibration)
             out.append((row, RetrievedDocument(key, float(total[row]), float(rel[0]), text,
                                                dict(rec.metadata), layers)))
         return out

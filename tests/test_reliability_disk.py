@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from msa_core.errors import BankError
-from msa_core.memory import persist
+from msa_core.memory.bank import persist
 from msa_core.memory.bank import MemoryBank
 
 # (what fails, how): the write steps of a save, in order

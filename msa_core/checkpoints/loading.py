@@ -16,6 +16,7 @@ import torch
 from ..config import MSAConfig
 from ..decoder.backbone import Backbone, load_backbone
 from ..errors import ModelLoadError
+from ..routing.calibration import load_sidecar
 from ..routing.projectors import RouterProjectors
 
 
@@ -77,6 +78,10 @@ def make_router(backbone: Backbone, cfg: MSAConfig,
         # answers: README, Training routers), so hybrid answers keep the base weights of the layers it changes.
         generator = base_view(backbone, delta_layers(loaded.backbone_delta))
         merge(backbone, loaded.backbone_delta, loaded.delta_scale)
+    if cfg.routing.relevance_calibration is None:  # a calibration shipped beside the router file, if any
+        fitted = load_sidecar(router, loaded.fingerprint())
+        if fitted is not None:
+            cfg = cfg.model_copy(update={"routing": cfg.routing.model_copy(update={"relevance_calibration": fitted})})
     if cfg.routing.layers is None:  # a trained router decides which layers route
         cfg = cfg.model_copy(update={"routing": cfg.routing.model_copy(update={"layers": loaded.layers})})
     elif loaded.layers != cfg.resolve_routing_layers(a.num_layers):

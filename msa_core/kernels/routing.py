@@ -3,7 +3,7 @@
 S(t, c) = mean_h <q[t, h], kr[c, h // G]>  (G = H / Hkv query heads per kv head)
 S(c)    = max (or mean) over a row's routing tokens t;  s(d) = max (or mean) over the doc's chunks.
 
-The reference is msa_core.router (score_chunks + reduce_to_docs + select_top_k); the Triton path
+The reference is msa_core.routing.scores (score_chunks + reduce_to_docs + select_top_k); the Triton path
 (routing_triton.py) computes the same chunk scores while reading the bank K̄_R exactly once per call,
 for every row of the batch, and never builds the tokens x heads x chunks tensor. One question or a few
 take a persistent, software-pipelined streaming kernel that can also score several routing layers in

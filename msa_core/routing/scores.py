@@ -10,6 +10,7 @@ functions, so they favour clarity and bounded memory over speed. Imports only co
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from ..config import ChunkReduce, HeadReduce, LayerAggregate, Normalization, QueryReduce
 from ..errors import InvalidInputError
+from .calibration import calibrated
 
 # F.normalize's default: small enough not to bias real vectors, and a zero vector stays zero.
 NORM_EPS = 1e-12
@@ -220,10 +222,14 @@ def aggregate_layers(layer_scores: Tensor, how: LayerAggregate) -> Tensor:
     return layer_scores.float().amax(dim=0)
 
 
-def relevance(scores: Tensor, normalization: Normalization, head_dim: int | None = None) -> Tensor:
-    """Scores mapped to [0, 1]: cosine -> (s+1)/2 clamped; scaled_dot -> sigmoid(s);
-    scaled_cosine -> (s*sqrt(head_dim)+1)/2 clamped (head_dim required)."""
+def relevance(scores: Tensor, normalization: Normalization, head_dim: int | None = None,
+              calibration: Sequence[float] | None = None) -> Tensor:
+    """Scores mapped to [0, 1]: with a calibration (a, b), sigmoid(a*s + b) (calibration.py); else
+    cosine -> (s+1)/2 clamped; scaled_dot -> sigmoid(s); scaled_cosine -> (s*sqrt(head_dim)+1)/2 clamped
+    (head_dim required)."""
     _check_choice("normalization", normalization, ("cosine", "scaled_dot", "scaled_cosine"))
+    if calibration is not None:
+        return calibrated(scores, calibration)
     s = scores.float()
     if normalization == "scaled_cosine":
         if head_dim is None or head_dim <= 0:

@@ -7,7 +7,8 @@
 For each dataset and retriever: index (timed; sizes in memory and on disk), rank every question at
 depth max(k, 10) in batches (timed: batched throughput), then time single-question searches (one
 warm-up query first, not counted) for the latency percentiles, and score recall@k, hit@k, nDCG@10
-and MRR. With `answers=N` the first N questions are also answered: in hybrid mode by every retriever
+and MRR, each with a 95% bootstrap interval; every pair of retrievers is compared question by
+question (randomisation test, Holm-corrected: stats.py). With `answers=N` the first N questions are also answered: in hybrid mode by every retriever
 (its top `answer_k` passages in MSAModel's hybrid prompt, one shared generator: the MSA backbone
 without memory unless another is given) and in latent mode by MSA; exact match and token F1 (SQuAD
 normalisation), plus RULER's string match on NIAH sets.
@@ -27,8 +28,9 @@ from typing import Any
 from msa_core.errors import InvalidInputError
 
 from .dataset import Dataset
-from .metrics import chance_metrics, exact_match, latency_summary, retrieval_metrics, token_f1
+from .metrics import chance_metrics, exact_match, latency_summary, per_question_metrics, token_f1
 from .retrievers import Hits, IndexStats, Retriever, TextGenerator, as_retriever
+from .stats import summarize
 
 NDCG_K = 10
 
@@ -68,6 +70,9 @@ class RunResult:
     retrievers: dict[str, dict[str, Any]] = field(default_factory=dict)
     chance: dict[str, float] = field(default_factory=dict)
     rankings: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # per retriever, per question
+    per_question: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # retriever -> metric -> values
+    comparisons: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # metric -> paired tests
+    statistics: dict[str, Any] = field(default_factory=dict)  # how the intervals and tests were made
 
 
 @dataclass
@@ -87,9 +92,10 @@ class Report:
                 m["sweep"] = [{"memory_tokens": r.memory_tokens, "dataset": r.dataset["name"], **r.retrievers[name]}
                               for r in self.runs if name in r.retrievers]
         return {"retrievers": retrievers, "dataset": last.dataset, "memory_tokens": last.memory_tokens,
-                "chance": last.chance,
+                "chance": last.chance, "comparisons": last.comparisons, "statistics": last.statistics,
                 "runs": [{"dataset": r.dataset, "memory_tokens": r.memory_tokens, "token_counter": r.token_counter,
-                          "retrievers": r.retrievers, "chance": r.chance} for r in self.runs],
+                          "retrievers": r.retrievers, "chance": r.chance, "comparisons": r.comparisons}
+                         for r in self.runs],
                 "settings": self.settings, "retriever_settings": self.retriever_settings,
                 "environment": self.environment, "created_at": self.created_at}
 
@@ -161,7 +167,8 @@ def evaluate(dataset: Dataset, retrievers: Sequence[Any], settings: Settings | N
         hits, rank_s = rank_all(r, questions, settings.depth, settings.batch_size, settings.progress)
         times = time_queries(r, questions, settings.depth, settings.latency_queries, settings.progress)
         rankings = [[doc for doc, _ in row] for row in hits]
-        metrics: dict[str, Any] = retrieval_metrics(rankings, golds, settings.ks, NDCG_K)
+        result.per_question[r.name] = per_question_metrics(rankings, golds, settings.ks, NDCG_K)
+        metrics: dict[str, Any] = {m: sum(v) / len(v) for m, v in result.per_question[r.name].items()}
         if times:
             metrics.update(latency_summary(times))
         metrics.update({
@@ -180,6 +187,10 @@ def evaluate(dataset: Dataset, retrievers: Sequence[Any], settings: Settings | N
                                    for q, row in zip(dataset.queries, hits)]
         _say(f"{r.name}: " + ", ".join(f"recall@{k} {metrics[f'recall@{k}']:.3f}" for k in settings.ks)
              + (f"; latency p50 {metrics['latency_ms_p50']:.1f} ms" if times else ""))
+    stats = summarize(result.per_question)
+    for name, intervals in stats["ci95"].items():
+        result.retrievers[name]["ci95"] = intervals
+    result.comparisons, result.statistics = stats["comparisons"], stats["method"]
     if settings.answers:
         _score_answers(dataset, rets, result, settings, generator)
     return result

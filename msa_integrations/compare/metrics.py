@@ -65,23 +65,30 @@ def reciprocal_rank(ranking: Sequence[str], gold: Iterable[str]) -> float:
     return 1.0 / (ranks[0] + 1) if ranks else 0.0
 
 
-def retrieval_metrics(rankings: Sequence[Sequence[str]], golds: Sequence[Iterable[str]],
-                      ks: Sequence[int] = (1, 2, 5, 10), ndcg_k: int = 10) -> dict[str, float]:
-    """{"recall@K", "hit@K" for each K, "ndcg@<ndcg_k>", "mrr"}, each averaged over the questions."""
+def per_question_metrics(rankings: Sequence[Sequence[str]], golds: Sequence[Iterable[str]],
+                         ks: Sequence[int] = (1, 2, 5, 10), ndcg_k: int = 10) -> dict[str, list[float]]:
+    """{"recall@K", "hit@K" for each K, "ndcg@<ndcg_k>", "mrr"}: one value per question, in order
+    (what the confidence intervals and paired tests of stats.py resample)."""
     if len(rankings) != len(golds):
         raise ValueError(f"{len(rankings)} rankings for {len(golds)} questions")
     if not rankings:
         raise ValueError("no questions to score")
     golds = [set(g) for g in golds]
-    n = len(rankings)
-    out: dict[str, float] = {}
+    out: dict[str, list[float]] = {}
     for k in ks:
-        out[f"recall@{k}"] = sum(recall_at_k(r, g, k) for r, g in zip(rankings, golds)) / n
+        out[f"recall@{k}"] = [recall_at_k(r, g, k) for r, g in zip(rankings, golds)]
     for k in ks:
-        out[f"hit@{k}"] = sum(hit_at_k(r, g, k) for r, g in zip(rankings, golds)) / n
-    out[f"ndcg@{ndcg_k}"] = sum(ndcg_at_k(r, g, ndcg_k) for r, g in zip(rankings, golds)) / n
-    out["mrr"] = sum(reciprocal_rank(r, g) for r, g in zip(rankings, golds)) / n
+        out[f"hit@{k}"] = [hit_at_k(r, g, k) for r, g in zip(rankings, golds)]
+    out[f"ndcg@{ndcg_k}"] = [ndcg_at_k(r, g, ndcg_k) for r, g in zip(rankings, golds)]
+    out["mrr"] = [reciprocal_rank(r, g) for r, g in zip(rankings, golds)]
     return out
+
+
+def retrieval_metrics(rankings: Sequence[Sequence[str]], golds: Sequence[Iterable[str]],
+                      ks: Sequence[int] = (1, 2, 5, 10), ndcg_k: int = 10) -> dict[str, float]:
+    """{"recall@K", "hit@K" for each K, "ndcg@<ndcg_k>", "mrr"}, each averaged over the questions."""
+    per_question = per_question_metrics(rankings, golds, ks, ndcg_k)
+    return {name: sum(values) / len(values) for name, values in per_question.items()}
 
 
 def chance_metrics(n_docs: int, gold_sizes: Sequence[int], ks: Sequence[int] = (1, 2, 5, 10)) -> dict[str, float]:

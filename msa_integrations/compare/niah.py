@@ -40,8 +40,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from msa_core.training.data import NEEDLE, QUESTION
 from msa_core.errors import InvalidInputError
+from msa_core.training.data import NEEDLE, QUESTION
 
 __all__ = ["NIAHSpec", "default_haystack_path", "generate_niah", "load_haystack", "parse_tokens",
            "score_answer", "score_answers", "shared_data_dir"]
@@ -118,7 +118,7 @@ def default_haystack_path() -> Path:
 
 def load_haystack(path: str | os.PathLike[str] | None = None) -> str:
     """One text from: a .json file ({"text": ...}, a list of strings or of {"text": ...}), a .jsonl or
-    folder corpus (msa_core.corpus formats; documents joined by blank lines) or a .txt/.md file."""
+    folder corpus (msa_core.memory.corpus formats; documents joined by blank lines) or a .txt/.md file."""
     source = Path(path).expanduser() if path is not None else default_haystack_path()
     if not source.exists():
         hint = (f" (set {_ENV_DATA} to the shared data folder, or pass --haystack PATH)" if path is None else "")

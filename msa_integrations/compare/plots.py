@@ -1,6 +1,6 @@
 """PNG plots of a comparison report (matplotlib, Agg backend: no display needed).
 
-    recall_at_k.png          recall@k and hit@k per retriever (last run), with the chance level
+    recall_at_k.png          recall@k and hit@k per retriever (last run), 95% intervals shaded, chance level
     cost.png                 query latency p50/p95, index build time and index memory per retriever
     recall_vs_memory.png     recall@k against memory size in tokens (several runs only)
     latency_vs_memory.png    latency p50/p95 against memory size (several runs only)
@@ -51,9 +51,14 @@ def plot_recall(report: dict[str, Any], path: Path) -> Path:
     for ax, metric, title in ((axes[0], "recall", "recall@k (share of gold documents in the top k)"),
                               (axes[1], "hit", "hit@k (a gold document in the top k)")):
         for n in names:
-            ys = [run["retrievers"][n][f"{metric}@{k}"] for k in ks]
+            m = run["retrievers"][n]
+            ys = [m[f"{metric}@{k}"] for k in ks]
             label = f"{n}  ({metric}@{ks[-1]} = {ys[-1]:.2f})"
             ax.plot(range(len(ks)), ys, marker="o", lw=2, ms=6, color=col[n], label=label)
+            ci = m.get("ci95", {})
+            if all(f"{metric}@{k}" in ci for k in ks):  # 95% bootstrap intervals as a band
+                ax.fill_between(range(len(ks)), [ci[f"{metric}@{k}"][0] for k in ks],
+                                [ci[f"{metric}@{k}"][1] for k in ks], color=col[n], alpha=0.15, lw=0)
         chance = [run["chance"][f"{metric}@{k}"] for k in ks]
         ax.plot(range(len(ks)), chance, ls="--", color="#555555", lw=1.2, label="chance")
         ax.set_xticks(range(len(ks)), [str(k) for k in ks])

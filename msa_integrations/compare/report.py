@@ -1,9 +1,10 @@
 """Writing a comparison report: report.json, report.md (tables), rankings.jsonl and PNG plots.
 
-report.json holds {"retrievers": {NAME: {"recall@K", "hit@K", "ndcg@10", "mrr", "latency_ms_p50",
-"latency_ms_p95", "index_build_s", "index_memory_bytes", "index_disk_bytes", ...}}, "runs": [...],
-"chance", "settings", "retriever_settings", "environment"}; with several datasets (memory sizes)
-"retrievers" is the largest run's and each retriever also carries its "sweep" over the runs.
+report.json holds {"retrievers": {NAME: {"recall@K", "hit@K", "ndcg@10", "mrr", "ci95": {metric: [low,
+high]}, "latency_ms_p50", "latency_ms_p95", "index_build_s", "index_memory_bytes", "index_disk_bytes", ...}},
+"comparisons": {metric: [{"a", "b", "diff", "diff_ci", "p_value", "p_ttest", "p_holm", "significant"}]},
+"statistics" (how), "runs": [...], "chance", "settings", "retriever_settings", "environment"}; with several
+datasets (memory sizes) "retrievers" is the largest run's and each retriever also carries its "sweep".
 """
 
 from __future__ import annotations
@@ -91,6 +92,39 @@ def quality_table(run: dict[str, Any], ks: list[int], ndcg_k: int = 10, chance: 
     return _table(header, rows)
 
 
+def _ci(m: dict[str, Any], metric: str) -> str:
+    low_high = m.get("ci95", {}).get(metric)
+    return _num(m[metric]) + (f" [{low_high[0]:.3f}, {low_high[1]:.3f}]" if low_high else "")
+
+
+def interval_table(run: dict[str, Any], ks: list[int], ndcg_k: int = 10) -> list[str]:
+    """Means with their 95% bootstrap intervals (empty for reports written before intervals existed)."""
+    if not any("ci95" in m for m in run["retrievers"].values()):
+        return []
+    metrics = [*[f"recall@{k}" for k in ks], f"ndcg@{ndcg_k}", "mrr"]
+    rows = [[f"**{n}**", *[_ci(m, x) for x in metrics]] for n, m in run["retrievers"].items()]
+    return _table(["retriever", *metrics], rows)
+
+
+def comparison_table(run: dict[str, Any], ks: list[int], ndcg_k: int = 10) -> list[str]:
+    """Paired differences a - b with interval, randomisation and t-test p-values, Holm-corrected p."""
+    comparisons = run.get("comparisons") or {}
+    rows = []
+    for metric in [*[f"recall@{k}" for k in ks], f"ndcg@{ndcg_k}", "mrr"]:
+        for c in comparisons.get(metric, []):
+            rows.append([metric, f"{c['a']} − {c['b']}", f"{c['diff']:+.3f} [{c['diff_ci'][0]:+.3f}, "
+                         f"{c['diff_ci'][1]:+.3f}]", _p(c["p_value"]), _p(c["p_ttest"]), _p(c["p_holm"]),
+                         "**yes**" if c["significant"] else "no"])
+    if not rows:
+        return []
+    return _table(["metric", "pair", "difference [95% CI]", "p (randomisation)", "p (t-test)", "p (Holm)",
+                   "significant"], rows)
+
+
+def _p(v: float) -> str:
+    return "< 0.0001" if v < 1e-4 else f"{v:.4f}"
+
+
 def cost_table(run: dict[str, Any]) -> list[str]:
     header = ["retriever", "index build (s)", "tokens/s", "index memory", "index on disk", "model weights",
               "latency p50 (ms)", "latency p95 (ms)", "batched questions/s"]
@@ -155,8 +189,14 @@ def render_markdown(data: dict[str, Any], images: list[str] | None = None) -> st
     lines.append("")
     for run in runs:
         heading = "" if len(runs) == 1 else f" — {run['dataset']['name']}"
-        lines += [f"## Retrieval quality{heading}", "", *quality_table(run, ks, s.get("ndcg_k", 10)), "",
-                  f"## Cost{heading}", "", *cost_table(run), ""]
+        lines += [f"## Retrieval quality{heading}", "", *quality_table(run, ks, s.get("ndcg_k", 10)), ""]
+        intervals = interval_table(run, ks, s.get("ndcg_k", 10))
+        if intervals:
+            lines += [f"### 95% confidence intervals{heading}", "", *intervals, ""]
+        paired = comparison_table(run, ks, s.get("ndcg_k", 10))
+        if paired:
+            lines += [f"### Paired comparisons{heading}", "", *paired, ""]
+        lines += [f"## Cost{heading}", "", *cost_table(run), ""]
         answers = answer_table(run)
         if answers:
             n = max((m.get("answered_questions", 0) for m in run["retrievers"].values()), default=0)
@@ -177,6 +217,12 @@ def render_markdown(data: dict[str, Any], images: list[str] | None = None) -> st
               "vectors; BM25: the sparse score matrix and vocabulary), not the raw text; model weights are listed "
               "apart. On disk: the saved index folder or file.",
               "- Every retriever indexes the same passages (title on its own line, then the text)."]
+    if data.get("statistics"):
+        st = data["statistics"]
+        lines.append(f"- Intervals: {st['ci']}. Paired comparisons: {st['test']}; {st['correction']}; "
+                     f"significant: Holm-corrected p < {st['alpha']}. One dataset's questions are the sample: the "
+                     "intervals say how much the numbers would move with other questions like these, not with "
+                     "other kinds of questions.")
     if s.get("answers"):
         lines.append(f"- Answers: hybrid = the top {s['answer_k']} passages in MSAModel's hybrid prompt for one "
                      f"shared generator (greedy, {s['max_new_tokens']} new tokens); latent = MSAModel.answer with "

@@ -152,6 +152,18 @@ class ChatMSA(BaseChatModel):
                                  usage_metadata=self._usage(conversation, answer.text), chunk_position="last")
         return ChatGenerationChunk(message=message, generation_info={"finish_reason": answer.finish_reason})
 
+    # ---- token counting (LangChain's default is GPT-2's tokenizer, fetched from the hub) -------
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of `text` in the model's own tokenizer (no special tokens)."""
+        return list(self._store().model.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Any = None) -> int:
+        """Tokens of the conversation as the model reads it: its chat template, generation prompt included."""
+        if tools:
+            raise ValueError("ChatMSA has no tool calling, so tools add no tokens; call without tools=")
+        return len(build_prompt(self._store().model.tokenizer, to_conversation(messages)).ids)
+
     # ---- LangChain hooks --------------------------------------------------------------------
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,

@@ -8,13 +8,15 @@ from typing import Any
 from langchain_core.callbacks import AsyncCallbackManagerForRetrieverRun, CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
+from langchain_core.vectorstores import VectorStoreRetriever
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from msa_core.memory.filters import compile_filter
+from msa_core.model import RetrievedDocument
 from msa_core.store import MemoryStore
 
 from .documents import fill_ids, hit_to_document
-from .engine import as_memory_store, make_store, split_engine_options
+from .engine import as_memory_store, make_store, run_on_worker, split_engine_options
 
 
 class MSARetriever(BaseRetriever):
@@ -92,3 +94,33 @@ class MSARetriever(BaseRetriever):
         # aretrieve routes on the store's worker thread: the event loop keeps running meanwhile.
         hits = await self.store.aretrieve(query, **self._search_options(k, filter))
         return [hit_to_document(h, with_scores=True) for h in hits]
+
+
+class MSAVectorStoreRetriever(VectorStoreRetriever):
+    """What `MSAVectorStore.as_retriever()` returns: LangChain's VectorStoreRetriever (search types
+    "similarity", "mmr", "similarity_score_threshold" with search_kwargs as usual), whose Documents
+    carry metadata "score" (raw routing score) and "relevance_score" (in [0, 1]) like MSARetriever's."""
+
+    def _hits(self, query: str, kwargs: dict[str, Any]) -> list[RetrievedDocument]:
+        options = self.search_kwargs | kwargs
+        store = self.vectorstore
+        if self.search_type == "mmr":
+            return store.mmr_hits(query, **options)  # type: ignore[attr-defined]
+        if self.search_type == "similarity_score_threshold":
+            threshold = options.pop("score_threshold")
+            return [h for h in store.search_hits(query, **options)  # type: ignore[attr-defined]
+                    if h.relevance_score >= threshold]
+        if self.search_type == "similarity":
+            return store.search_hits(query, **options)  # type: ignore[attr-defined]
+        raise ValueError(f"search_type of {self.search_type} not allowed.")
+
+    def _documents(self, query: str, kwargs: dict[str, Any]) -> list[Document]:
+        return [hit_to_document(h, with_scores=True) for h in self._hits(query, kwargs)]
+
+    def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
+                                **kwargs: Any) -> list[Document]:
+        return self._documents(query, kwargs)
+
+    async def _aget_relevant_documents(self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun,
+                                       **kwargs: Any) -> list[Document]:
+        return await run_on_worker(self.vectorstore.store, self._documents, query, kwargs)  # type: ignore[attr-defined]

@@ -7,6 +7,7 @@ keys and values, and a query is routed against the pooled routing keys (paper Eq
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -17,11 +18,13 @@ from langchain_core.embeddings import Embeddings
 from langchain_core.vectorstores import VectorStore
 
 from msa_core.errors import InvalidInputError
+from msa_core.model import RetrievedDocument
 from msa_core.routing.mmr import document_vectors, mmr_select
 from msa_core.store import MemoryStore
 
 from .documents import fill_ids, hit_to_document, record_to_document
 from .engine import as_memory_store, make_store, run_on_worker, store_lock
+from .retrievers import MSAVectorStoreRetriever
 
 _NO_VECTORS = ("MSAVectorStore has no embedding vectors: documents are encoded by the language model and a "
                "query is routed by its text. Call {name} with the query text instead.")
@@ -38,10 +41,13 @@ class MSAVectorStore(VectorStore):
         store.save_local("my-bank"); MSAVectorStore.load_local("my-bank")   # safetensors + JSON, no pickle
 
     Scores: `similarity_search_with_score` gives the raw routing score (cosine in [-1, 1] with the
-    default normalisation; higher is better); `similarity_search_with_relevance_scores` gives it
-    mapped to [0, 1] ((s + 1) / 2 for cosine). `filter` is a dict ($eq, $ne, $in, $nin, $gt, $gte,
+    default normalisation; higher is better); `similarity_search_with_relevance_scores` gives the
+    engine's relevance_score in [0, 1]: calibrated for the shipped router, so that score_threshold=0.5
+    keeps documents as likely to be the answer as not (docs/configuration.md, "Scores"); (s + 1) / 2
+    for cosine routers without a calibration. `filter` is a dict ($eq, $ne, $in, $nin, $gt, $gte,
     $lt, $lte, $and, $or, $not) or a callable metadata -> bool, applied *before* routing.
-    For results with the scores in their metadata, use `MSARetriever(store=this_store)`.
+    `store.as_retriever(...)` (every search type) returns Documents whose metadata carries "score"
+    and "relevance_score", as `MSARetriever`'s do; the search methods leave the metadata as stored.
     Engine options (model, bank, router, config, device, dtype, profile): see `engine.make_store`.
     """
 
@@ -64,6 +70,15 @@ class MSAVectorStore(VectorStore):
         """A new store holding `texts`; `embedding` is accepted for compatibility and ignored."""
         store = cls(**engine_options)
         store.add_texts(texts, metadatas, ids=ids, show_progress_bar=show_progress_bar)
+        return store
+
+    @classmethod
+    async def afrom_texts(cls, texts: list[str], embedding: Embeddings | None = None,
+                          metadatas: list[dict[str, Any]] | None = None, *, ids: list[str] | None = None,
+                          show_progress_bar: bool | None = None, **engine_options: Any) -> MSAVectorStore:
+        """`from_texts` without blocking the event loop; `embedding` is accepted and ignored."""
+        store = await asyncio.to_thread(cls, **engine_options)  # loading a model is slow: off the loop
+        await store.aadd_texts(texts, metadatas, ids=ids, show_progress_bar=show_progress_bar)
         return store
 
     @classmethod
@@ -127,10 +142,22 @@ class MSAVectorStore(VectorStore):
     async def aget_by_ids(self, ids: Sequence[str], /) -> list[Document]:
         return await run_on_worker(self.store, self.get_by_ids, ids)
 
+    def as_retriever(self, **kwargs: Any) -> MSAVectorStoreRetriever:
+        """LangChain's VectorStoreRetriever (search_type "similarity", "mmr" or
+        "similarity_score_threshold"), whose Documents carry "score" and "relevance_score" in metadata."""
+        tags = kwargs.pop("tags", None) or [*self._get_retriever_tags()]
+        return MSAVectorStoreRetriever(vectorstore=self, tags=tags, **kwargs)
+
+    def search_hits(self, query: str, k: int = 4, filter: Any = None,  # noqa: A002
+                    **kwargs: Any) -> list[RetrievedDocument]:
+        """The engine's hits (id, text, metadata, score, relevance_score), best first; extra keyword
+        arguments are ignored."""
+        return self.store.retrieve(query, k=k, filter=filter)
+
     def similarity_search_with_score(self, query: str, k: int = 4, filter: Any = None,  # noqa: A002
                                      **kwargs: Any) -> list[tuple[Document, float]]:
         """(Document, raw routing score) pairs, best first. Extra keyword arguments are ignored."""
-        hits = self.store.retrieve(query, k=k, filter=filter)
+        hits = self.search_hits(query, k, filter)
         return [(hit_to_document(h), h.score) for h in hits]
 
     async def asimilarity_search_with_score(self, query: str, k: int = 4, filter: Any = None,  # noqa: A002
@@ -168,8 +195,13 @@ class MSAVectorStore(VectorStore):
         """k documents out of the fetch_k best, trading relevance for diversity (lambda_mult=1: none).
 
         Relevance is the routing relevance score; the similarity between two documents is the
-        cosine of their pooled routing keys (msa_core.mmr.document_vectors).
+        cosine of their pooled routing keys (msa_core.routing.mmr.document_vectors).
         """
+        return [hit_to_document(h) for h in self.mmr_hits(query, k, fetch_k, lambda_mult, filter)]
+
+    def mmr_hits(self, query: str, k: int = 4, fetch_k: int = 20, lambda_mult: float = 0.5,
+                 filter: Any = None, **kwargs: Any) -> list[RetrievedDocument]:  # noqa: A002
+        """The engine's hits that max_marginal_relevance_search returns, in pick order."""
         # Route and read the pooled keys under one lock hold: both must see the same bank version.
         with store_lock(self.store):
             hits = self.store.retrieve(query, k=max(k, fetch_k), filter=filter)
@@ -177,7 +209,7 @@ class MSAVectorStore(VectorStore):
                 return []
             vectors = document_vectors(self.store.bank, [h.id for h in hits])
         picks = mmr_select([h.relevance_score for h in hits], vectors, k, lambda_mult)
-        return [hit_to_document(hits[i]) for i in picks]
+        return [hits[i] for i in picks]
 
     async def amax_marginal_relevance_search(self, query: str, k: int = 4, fetch_k: int = 20,
                                              lambda_mult: float = 0.5, filter: Any = None,  # noqa: A002

@@ -1,11 +1,18 @@
 """A placeholder embedding model, so `VectorStoreIndex` over an MSA store needs no real one.
 
 `VectorStoreIndex` resolves an embedding model when it is built (`Settings.embed_model`, which
-defaults to OpenAI: a network call and an API key) and embeds every node it inserts. MSA routes
-on the text itself and ignores those vectors, so `MSAVectorStore` installs this placeholder as
-`Settings.embed_model` when the user has configured none. Node embeddings become a constant; a
-query embedding raises, so an index over another vector store that would silently rank by the
-constant fails loudly instead, saying what to do.
+defaults to OpenAI: a network call and an API key) and embeds every node it inserts; an
+`IngestionPipeline` hands its vector store only the nodes that have an embedding. MSA routes on the
+text itself and ignores those vectors, so give this placeholder wherever LlamaIndex asks for an
+embedding model, for the indexes over an MSA store only:
+
+    VectorStoreIndex.from_documents(docs, storage_context=ctx, embed_model=MSAPlaceholderEmbedding())
+    load_index_from_storage(ctx, embed_model=MSAPlaceholderEmbedding())
+    IngestionPipeline(transformations=[SentenceSplitter(), MSAPlaceholderEmbedding()], vector_store=store)
+
+Node embeddings become a constant; a query embedding raises, so an index over another vector store
+that would silently rank by the constant fails loudly instead, saying what to do. Nothing here
+changes `Settings` unless asked (`MSAVectorStore(set_embed_model=True)` or `ensure_embed_model()`).
 """
 
 from __future__ import annotations
@@ -18,10 +25,9 @@ from llama_index.core.settings import Settings
 logger = logging.getLogger(__name__)
 
 _QUERY_ERROR = (
-    "MSAPlaceholderEmbedding cannot embed queries: msa installed it as Settings.embed_model because no "
-    "embedding model was configured, and MSA routes text without embeddings. This index uses another "
-    "vector store, which needs a real model: set Settings.embed_model (or pass embed_model=) before "
-    "building it."
+    "MSAPlaceholderEmbedding cannot embed queries: it stands in for an embedding model only in indexes "
+    "over an msa MSAVectorStore, which routes text without embeddings. This index uses another vector "
+    "store, which needs a real model: pass embed_model= (or set Settings.embed_model) when building it."
 )
 
 

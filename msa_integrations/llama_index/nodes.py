@@ -21,17 +21,33 @@ from msa_core.model import RetrievedDocument
 from msa_core.routing.scores import relevance
 from msa_core.store import MemoryStore
 
-SCORE_KEY = "msa_score"  # raw routing score (cosine in [-1, 1] by default); NodeWithScore.score is [0, 1]
+SCORE_KEY = "msa_score"  # MSANodeWithScore's field holding the raw routing score (cosine in [-1, 1] by default)
 REF_DOC_KEY = "ref_doc_id"
 _NODE_CONTENT = "_node_content"
 
 
+class MSANodeWithScore(NodeWithScore):
+    """A NodeWithScore that also carries the raw routing score.
+
+    `score` is the relevance in [0, 1]. The raw score lives here, not in `node.metadata`: the node's
+    hash covers its metadata, and LlamaIndex merges the same node found by several retrievers
+    (QueryFusionRetriever, reciprocal rank fusion) by that hash.
+    """
+
+    msa_score: float | None = None
+
+
+def has_text(node: BaseNode) -> bool:
+    text = node.get_content(metadata_mode=MetadataMode.NONE)
+    return bool(text and text.strip())
+
+
 def node_to_record(node: BaseNode) -> tuple[str, str, dict[str, Any]]:
     """(id, text, metadata) to add to a bank. The text routes as is: metadata is not prepended."""
-    text = node.get_content(metadata_mode=MetadataMode.NONE)
-    if not text or not text.strip():
+    if not has_text(node):
         raise InvalidInputError(
             f"node {node.node_id!r} has no text; MSA encodes text, so drop empty nodes before adding them")
+    text = node.get_content(metadata_mode=MetadataMode.NONE)
     return node.node_id, text, node_to_metadata_dict(node, remove_text=True, flat_metadata=False)
 
 
@@ -42,16 +58,12 @@ def record_to_node(doc_id: str, text: str, metadata: dict[str, Any]) -> BaseNode
     return TextNode(id_=doc_id, text=text, metadata=dict(metadata))
 
 
-def scored_node(node: BaseNode, raw_score: float, relevance_score: float) -> NodeWithScore:
-    """`score` is the relevance in [0, 1]; the raw routing score rides in metadata, hidden from prompts."""
-    node.metadata[SCORE_KEY] = raw_score
-    for excluded in (node.excluded_llm_metadata_keys, node.excluded_embed_metadata_keys):
-        if SCORE_KEY not in excluded:
-            excluded.append(SCORE_KEY)
-    return NodeWithScore(node=node, score=relevance_score)
+def scored_node(node: BaseNode, raw_score: float, relevance_score: float) -> MSANodeWithScore:
+    """`score` is the relevance in [0, 1]; `msa_score` the raw routing score. The node is left as stored."""
+    return MSANodeWithScore(node=node, score=relevance_score, msa_score=raw_score)
 
 
-def hit_to_node(hit: RetrievedDocument) -> NodeWithScore:
+def hit_to_node(hit: RetrievedDocument) -> MSANodeWithScore:
     return scored_node(record_to_node(hit.id, hit.text, hit.metadata), hit.score, hit.relevance_score)
 
 
@@ -60,6 +72,8 @@ def answer_sources(store: MemoryStore, doc_ids: Sequence[str], scores: Sequence[
     if not doc_ids:
         return []
     records = {r["id"]: r for r in store.get(list(doc_ids))}
-    rel = relevance(torch.tensor(list(scores), dtype=torch.float32), store.model.config.routing.normalization)
+    routing = store.model.config.routing
+    rel = relevance(torch.tensor(list(scores), dtype=torch.float32), routing.normalization,
+                    store.model.backbone.args.head_dim, routing.relevance_calibration)
     return [scored_node(record_to_node(d, records[d]["text"], records[d]["metadata"]), float(s), float(r))
             for d, s, r in zip(doc_ids, scores, rel.tolist()) if d in records]

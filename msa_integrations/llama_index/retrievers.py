@@ -23,8 +23,8 @@ from .vector_stores import as_memory_store
 class MSARetriever(BaseRetriever):
     """Top documents by routing score, as `NodeWithScore`.
 
-    `score` is the relevance in [0, 1]; the raw routing score is in `node.metadata["msa_score"]`
-    (hidden from prompts). Filters (LlamaIndex `MetadataFilters` or an msa filter) apply before routing.
+    `score` is the relevance in [0, 1]; the raw routing score is `msa_score` (an `MSANodeWithScore`
+    field: the node itself is left as stored, so its hash matches for fusion retrievers). Filters (LlamaIndex `MetadataFilters` or an msa filter) apply before routing.
 
     Args:
         store: a MemoryStore, an MSAVectorStore, or a VectorStoreIndex over one.

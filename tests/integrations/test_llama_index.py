@@ -84,7 +84,8 @@ def store(model) -> MSAVectorStore:
 
 @pytest.fixture
 def index(store) -> VectorStoreIndex:
-    return VectorStoreIndex.from_documents(DOCS, storage_context=StorageContext.from_defaults(vector_store=store))
+    return VectorStoreIndex.from_documents(DOCS, storage_context=StorageContext.from_defaults(vector_store=store),
+                                           embed_model=MSAPlaceholderEmbedding())
 
 
 def ref_ids(nodes) -> list[str]:
@@ -183,20 +184,19 @@ def test_index_works_with_no_embedding_model(index, store):
     assert len(nodes) == 2 and len(store.store) == 4
     for n in nodes:
         assert 0.0 <= n.score <= 1.0
-        assert n.score == pytest.approx((n.node.metadata["msa_score"] + 1) / 2, abs=1e-6)
-        assert "msa_score" not in n.node.get_content(metadata_mode="llm")  # hidden from prompts
+        assert "msa_score" not in n.node.metadata  # the node stays as stored: its hash is unchanged
         source = next(d for d in DOCS if d.id_ == n.node.ref_doc_id)
         assert n.node.text == source.text and n.node.metadata["topic"] == source.metadata["topic"]
         assert n.node.node_id in store.store.ids()  # a bank document per node
-    assert isinstance(Settings._embed_model, MSAPlaceholderEmbedding)
-    with pytest.raises(RuntimeError, match="set Settings.embed_model"):
-        Settings.embed_model.get_query_embedding("other stores need a real model")
+    assert Settings._embed_model is None  # the placeholder is the index's own, not the process's
+    with pytest.raises(RuntimeError, match="pass embed_model="):
+        index._embed_model.get_query_embedding("other stores need a real model")
 
 
 def test_a_configured_embed_model_is_left_alone(model):
     mine = MockEmbedding(embed_dim=3)
     Settings.embed_model = mine
-    MSAVectorStore(model=model)
+    MSAVectorStore(model=model, set_embed_model=True)
     assert Settings.embed_model is mine
 
 
@@ -222,7 +222,8 @@ def test_insert_and_delete_ref_doc_remove_every_node(model):
     store = MSAVectorStore(model=model)
     ctx = StorageContext.from_defaults(vector_store=store)
     splitter = SentenceSplitter(chunk_size=40, chunk_overlap=0)
-    index = VectorStoreIndex.from_documents(DOCS[:2], storage_context=ctx, transformations=[splitter])
+    index = VectorStoreIndex.from_documents(DOCS[:2], storage_context=ctx, transformations=[splitter],
+                                            embed_model=MSAPlaceholderEmbedding())
     long_doc = Document(id_="long", text=" ".join(d.text for d in DOCS) * 2, metadata={"topic": "long"})
     index.insert(long_doc)
     long_nodes = store.get_nodes(filters=MetadataFilters(filters=[F("ref_doc_id", "long")]))
@@ -258,8 +259,8 @@ def test_query_restrictions_and_refusals(index, store):
     res = store.query(VectorStoreQuery(query_str="harbour", similarity_top_k=1,
                                        node_ids=[by_ref["paris"], by_ref["light"]]))
     assert len(res.ids) == 1 and res.ids[0] in (by_ref["paris"], by_ref["light"])
-    with pytest.raises(InvalidInputError, match="'mmr' is not supported.*'default'"):
-        store.query(VectorStoreQuery(query_str="x", mode=VectorStoreQueryMode.MMR))
+    with pytest.raises(InvalidInputError, match="'sparse' is not supported.*'default' or 'mmr'"):
+        store.query(VectorStoreQuery(query_str="x", mode=VectorStoreQueryMode.SPARSE))
     with pytest.raises(InvalidInputError, match="query_str is empty"):
         store.query(VectorStoreQuery(query_embedding=[1.0], similarity_top_k=2))
 
@@ -268,8 +269,9 @@ def test_empty_store_and_empty_nodes(model):
     store = MSAVectorStore(model=model)
     assert store.query(VectorStoreQuery(query_str="x", similarity_top_k=3)).nodes == []
     assert store.add([]) == []
-    with pytest.raises(InvalidInputError, match="node 'blank' has no text"):
-        store.add([TextNode(id_="blank", text="  ")])
+    with pytest.warns(UserWarning, match="skipped 1 of 2 node"):
+        assert store.add([TextNode(id_="blank", text="  "), TextNode(id_="ok", text="Some text.")]) == ["ok"]
+    assert store.store.ids() == ["ok"]
 
 
 def test_persist_round_trip(index, store, model, tmp_path):
@@ -277,7 +279,7 @@ def test_persist_round_trip(index, store, model, tmp_path):
     before = index.as_retriever(similarity_top_k=4).retrieve(question)
     index.storage_context.persist(persist_dir=str(tmp_path))
     loaded = MSAVectorStore.from_persist_dir(tmp_path, model=model)
-    again = VectorStoreIndex.from_vector_store(loaded)
+    again = VectorStoreIndex.from_vector_store(loaded, embed_model=MSAPlaceholderEmbedding())
     after = again.as_retriever(similarity_top_k=4).retrieve(question)
     assert [n.node.node_id for n in after] == [n.node.node_id for n in before]
     assert [n.score for n in after] == pytest.approx([n.score for n in before])
@@ -301,7 +303,7 @@ def test_retriever_over_a_plain_bank(model):
     assert [n.node.node_id for n in nodes] == [h.id for h in hits] and len(nodes) == 3
     for n, h in zip(nodes, hits):
         assert isinstance(n.node, TextNode) and n.node.text == h.text
-        assert n.score == pytest.approx(h.relevance_score) and n.node.metadata["msa_score"] == pytest.approx(h.score)
+        assert n.score == pytest.approx(h.relevance_score) and n.msa_score == pytest.approx(h.score)
         assert n.node.metadata["topic"] == h.metadata["topic"]
     with pytest.raises(InvalidInputError, match="similarity_top_k must be an integer >= 1, got 0"):
         MSARetriever(mem, similarity_top_k=0)
@@ -312,7 +314,7 @@ def test_retriever_over_a_plain_bank(model):
 def test_vector_store_over_a_bank_written_by_other_tools(model):
     mem = MemoryStore(model)
     mem.add([d.text for d in DOCS], ids=[d.id_ for d in DOCS], metadatas=[d.metadata for d in DOCS])
-    index = VectorStoreIndex.from_vector_store(MSAVectorStore(mem))
+    index = VectorStoreIndex.from_vector_store(MSAVectorStore(mem), embed_model=MSAPlaceholderEmbedding())
     nodes = index.as_retriever(similarity_top_k=4).retrieve("harbour")
     assert sorted(n.node.node_id for n in nodes) == sorted(d.id_ for d in DOCS)
     index.delete_ref_doc("ferry")  # a record without a source is its own source document
@@ -366,7 +368,7 @@ def test_latent_engine_sources_are_the_routed_documents(index, store):
     answer = store.store.answer("Who built the lighthouse?", mode="latent", k=2, max_new_tokens=4)
     assert isinstance(response, Response) and response.response == answer.text
     assert [n.node.node_id for n in response.source_nodes] == answer.doc_ids
-    assert [n.node.metadata["msa_score"] for n in response.source_nodes] == pytest.approx(answer.scores)
+    assert [n.msa_score for n in response.source_nodes] == pytest.approx(answer.scores)
     assert all(0 <= n.score <= 1 for n in response.source_nodes) and response.source_nodes[0].node.ref_doc_id
     assert response.metadata["mode"] == "latent" and response.metadata["doc_ids"] == answer.doc_ids
     only_ml = MSAQueryEngine(store, max_new_tokens=2, filters=MetadataFilters(filters=[F("topic", "ml")]))

@@ -16,7 +16,7 @@ from llama_index.core import Document, Settings, StorageContext, VectorStoreInde
 from llama_index.core.llms import ChatMessage, MockLLM
 
 from msa_core.memory.corpus import DEMO_CORPUS_PATH, read_corpus
-from msa_integrations.llama_index import MSALLM, MSAQueryEngine, MSARetriever, MSAVectorStore
+from msa_integrations.llama_index import MSALLM, MSAPlaceholderEmbedding, MSAQueryEngine, MSARetriever, MSAVectorStore
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,7 +30,8 @@ def index() -> VectorStoreIndex:
             for r in read_corpus(DEMO_CORPUS_PATH)[:3]]
     store = MSAVectorStore()
     assert len(store.store) == 0 and store.store.model.name == "default"
-    yield VectorStoreIndex.from_documents(docs, storage_context=StorageContext.from_defaults(vector_store=store))
+    yield VectorStoreIndex.from_documents(docs, storage_context=StorageContext.from_defaults(vector_store=store),
+                                          embed_model=MSAPlaceholderEmbedding())
     Settings._embed_model = saved
 
 

@@ -466,7 +466,7 @@ def test_user_files_next_to_a_bank_survive_save(tmp_path, bank):
 @pytest.mark.parametrize("where", ["save_file", "write_current"])
 @pytest.mark.parametrize("exc", [OSError("disk full"), KeyboardInterrupt()])
 def test_save_failing_midway_keeps_previous_version(tmp_path, bank, monkeypatch, where, exc):
-    from msa_core.memory import persist as memory
+    from msa_core.memory.bank import persist as memory
 
     bank.save(tmp_path)
     expected = snapshot(bank)

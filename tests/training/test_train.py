@@ -19,7 +19,14 @@ from msa_core.routing.projectors import RouterProjectors
 from msa_core.training.cache import cache_documents, cache_queries
 from msa_core.training.data import load_pairs
 from msa_core.training.run import prepare_trainer, train_router
-from msa_core.training.trainer import RouterTrainer, TrainConfig, choose_layers, decoupled_infonce, evaluate, layer_doc_scores
+from msa_core.training.trainer import (
+    RouterTrainer,
+    TrainConfig,
+    choose_layers,
+    decoupled_infonce,
+    evaluate,
+    layer_doc_scores,
+)
 
 _SYLLABLES = ["ka", "lo", "mi", "ru", "te", "zu", "po", "na", "vi", "shi", "bo", "de", "fa", "gu", "ye"]
 _FILLER = ["of", "and", "in", "to", "a", "is", "the", "on", "at", "by"]
