@@ -63,7 +63,7 @@ class RoutingConfig(_Strict):
     )
     relevance_calibration: list[float] | None = Field(
         default=None, min_length=2, max_length=2,
-        description="[a, b]: relevance_score = sigmoid(a * score + b), fitted for the router (msa_core/routing/calibration.py; "
+        description="[a, b]: relevance_score = sigmoid(a * score + b), fitted for the router (routing/calibration.py; "
                     "the shipped router brings its own). None: the normalization's fixed map ((s + 1) / 2 for cosine).",
     )
 

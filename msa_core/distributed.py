@@ -38,7 +38,15 @@ import torch.distributed as dist
 from .config import RoutingConfig
 from .decoder.backbone import Memory
 from .errors import InvalidInputError, check_text
-from .inference.generate import (Generation, LayerRouting, MemoryRouter, Message, SamplingParams, build_prompt, routed_prefill)
+from .inference.generate import (
+    Generation,
+    LayerRouting,
+    MemoryRouter,
+    Message,
+    SamplingParams,
+    build_prompt,
+    routed_prefill,
+)
 from .memory.bank import MemoryBank
 from .memory.filters import Filter
 from .memory.persist import MANIFEST, TENSORS, read_version

@@ -25,7 +25,20 @@ from .decoder.backbone import Backbone
 from .errors import InvalidInputError, ModelLoadError, check_text
 from .inference.encode import encode_parts, split_documents
 from .inference.engine import Engine
-from .inference.generate import (Generation, MemoryRouter, Message, Prompt, SamplingParams, build_prompt, engine_for, generate_batch, last_user_text, route_questions, routed_prefill, with_last_user)
+from .inference.generate import (
+    Generation,
+    MemoryRouter,
+    Message,
+    Prompt,
+    SamplingParams,
+    build_prompt,
+    engine_for,
+    generate_batch,
+    last_user_text,
+    route_questions,
+    routed_prefill,
+    with_last_user,
+)
 from .memory.bank import MemoryBank
 from .memory.filters import Filter
 from .memory.records import check_documents

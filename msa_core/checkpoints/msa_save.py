@@ -16,7 +16,16 @@ from torch import Tensor
 from ..decoder.backbone import Backbone, BackboneArgs
 from ..errors import InvalidInputError
 from .loading import LoadedModel
-from .msa_format import (ARCHITECTURES, BASE_KEY, DELTA_FILE, ENGINE_FORMAT_VERSION, ENGINE_KEY, MODEL_TYPE, dtype_name, msa_config_for)
+from .msa_format import (
+    ARCHITECTURES,
+    BASE_KEY,
+    DELTA_FILE,
+    ENGINE_FORMAT_VERSION,
+    ENGINE_KEY,
+    MODEL_TYPE,
+    dtype_name,
+    msa_config_for,
+)
 
 
 def _backbone_tensors(backbone: Backbone, dtype: torch.dtype | None) -> dict[str, Tensor]:

@@ -9,7 +9,31 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import (check_target, checked_question, describe_used, documents, encode_summary, filter_option, float_in, load_bank, load_model, load_model_and_bank, lock_option, model_options, model_ref, out, parse_filters, positive_int, preview, read_sidecar, router_ref, say, stream_to_stdout, symlinks_option, write_sidecar)
+from .common import (
+    check_target,
+    checked_question,
+    describe_used,
+    documents,
+    encode_summary,
+    filter_option,
+    float_in,
+    load_bank,
+    load_model,
+    load_model_and_bank,
+    lock_option,
+    model_options,
+    model_ref,
+    out,
+    parse_filters,
+    positive_int,
+    preview,
+    read_sidecar,
+    router_ref,
+    say,
+    stream_to_stdout,
+    symlinks_option,
+    write_sidecar,
+)
 
 
 def cmd_index(args: argparse.Namespace) -> int:

@@ -31,7 +31,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import InvalidInputError, MSAError
-from .main import bank_commands, demo, migrate, train
+from . import bank_commands, demo, migrate, train
 
 ENTRY_POINT_GROUP = "msa_core.commands"
 # Commands other distributions provide, and how to get them when they are missing.

@@ -14,7 +14,15 @@ clash with the PyPI `kernels` package (imported as top-level `kernels`).
 
 from ._common import interpreting, triton_available
 from .attention import memory_attention, memory_attention_reference
-from .routing import (chunk_scores, chunk_scores_reference, inverse_key_norms, layer_routing_scores, routing_scores, routing_scores_reference, routing_top_k)
+from .routing import (
+    chunk_scores,
+    chunk_scores_reference,
+    inverse_key_norms,
+    layer_routing_scores,
+    routing_scores,
+    routing_scores_reference,
+    routing_top_k,
+)
 
 __all__ = [
     "chunk_scores", "chunk_scores_reference", "interpreting", "inverse_key_norms", "layer_routing_scores",

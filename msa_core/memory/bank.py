@@ -29,11 +29,23 @@ from pydantic import ValidationError
 
 from ..config import MSAConfig
 from ..errors import BankMismatchError, CorruptBankError, InvalidInputError
-from .bank import persist
+from . import persist
 from .encoded import EncodedDocuments
 from .filters import Filter, compile_filter
 from .persist import FORMAT, FORMAT_VERSION, MANIFEST, TENSORS
-from .records import (KV_NAMES, STORAGE_DTYPES, TENSOR_NAMES, BankState, PartRecord, build_state, check_parts, check_shape_args, id_list, is_int, records_from_encoded)
+from .records import (
+    KV_NAMES,
+    STORAGE_DTYPES,
+    TENSOR_NAMES,
+    BankState,
+    PartRecord,
+    build_state,
+    check_parts,
+    check_shape_args,
+    id_list,
+    is_int,
+    records_from_encoded,
+)
 from .tiers import check_kv, device_arg, stage_to
 
 

@@ -16,7 +16,15 @@ from ..routing.projectors import RouterProjectors
 from .cache import RaggedStates, cache_documents, cache_queries
 from .data import TrainingSet
 from .precondition import condition
-from .trainer import (RouterTrainer, TrainConfig, TrainReport, choose_layers, evaluate, heldout_needles, read_training_data)
+from .trainer import (
+    RouterTrainer,
+    TrainConfig,
+    TrainReport,
+    choose_layers,
+    evaluate,
+    heldout_needles,
+    read_training_data,
+)
 from .tuned import prepare_tuned_trainer
 
 
