@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     for module in (bank_commands, demo, train, migrate):
         module.register(command)
     broken: dict[str, str] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    # one registration per target: two installed distributions of this repository would list it twice
+    for ep in {ep.value: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}.values():
         try:
             register = ep.load()
         except ImportError as exc:  # a plugin whose own dependencies are missing must not break `msa index`
