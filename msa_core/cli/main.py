@@ -670,8 +670,8 @@ def _add_compare_commands(command: Any) -> None:
                 "and PNG plots.")
     p.add_argument("--data", action="append", metavar="DIR", help="a folder with corpus.jsonl and queries.jsonl "
                    "(the format of ../shared/data/eval/); repeat it for several memory sizes")
-    p.add_argument("--retrievers", default="msa,minilm,bm25", help="comma-separated: msa, minilm, bm25, random "
-                   "(default: msa,minilm,bm25)")
+    p.add_argument("--retrievers", default="msa,minilm,bm25", help="comma-separated: msa, msa+bm25, minilm, "
+                   "minilm+bm25, bm25, random (default: msa,minilm,bm25)")
     p.add_argument("--k", default="1,2,5,10", help="cut-offs for recall@k and hit@k (default: 1,2,5,10)")
     p.add_argument("--out", default="compare-report", metavar="DIR", help="report folder (default: compare-report)")
     p.add_argument("--limit", type=_positive_int, help="only the first N questions, and the corpus cut to the "
