@@ -22,6 +22,8 @@ from msa_core.routing.scores import relevance
 from msa_core.store import MemoryStore
 
 SCORE_KEY = "msa_score"  # raw routing score (cosine in [-1, 1] by default); NodeWithScore.score is [0, 1]
+# Hybrid (fusion) queries: msa_score is the fused score, and each side's own score rides beside it.
+LATENT_KEY, LEXICAL_KEY = "msa_latent_score", "msa_lexical_score"
 REF_DOC_KEY = "ref_doc_id"
 _NODE_CONTENT = "_node_content"
 
@@ -42,17 +44,21 @@ def record_to_node(doc_id: str, text: str, metadata: dict[str, Any]) -> BaseNode
     return TextNode(id_=doc_id, text=text, metadata=dict(metadata))
 
 
-def scored_node(node: BaseNode, raw_score: float, relevance_score: float) -> NodeWithScore:
-    """`score` is the relevance in [0, 1]; the raw routing score rides in metadata, hidden from prompts."""
-    node.metadata[SCORE_KEY] = raw_score
+def scored_node(node: BaseNode, raw_score: float, relevance_score: float,
+                sides: dict[str, float] | None = None) -> NodeWithScore:
+    """`score` is the relevance in [0, 1]; the raw routing score (and in a fusion, each side's score: `sides`)
+    rides in metadata, hidden from prompts."""
+    scores = {SCORE_KEY: raw_score, **(sides or {})}
+    node.metadata.update(scores)
     for excluded in (node.excluded_llm_metadata_keys, node.excluded_embed_metadata_keys):
-        if SCORE_KEY not in excluded:
-            excluded.append(SCORE_KEY)
+        excluded.extend(key for key in scores if key not in excluded)
     return NodeWithScore(node=node, score=relevance_score)
 
 
 def hit_to_node(hit: RetrievedDocument) -> NodeWithScore:
-    return scored_node(record_to_node(hit.id, hit.text, hit.metadata), hit.score, hit.relevance_score)
+    sides = ({LATENT_KEY: hit.latent_score, LEXICAL_KEY: hit.lexical_score}
+             if hit.latent_score is not None else None)
+    return scored_node(record_to_node(hit.id, hit.text, hit.metadata), hit.score, hit.relevance_score, sides)
 
 
 def answer_sources(store: MemoryStore, doc_ids: Sequence[str], scores: Sequence[float]) -> list[NodeWithScore]:

@@ -6,6 +6,11 @@
 
 It stores text (`stores_text=True`) and takes the query text, not a vector (`is_embedding_query=False`).
 Each node is one bank document (id = node_id); filters run inside the engine before routing.
+`VectorStoreQueryMode.HYBRID` fuses routing with the bank's BM25 index (MSAModel.retrieve(fusion="bm25")):
+
+    index.as_retriever(vector_store_query_mode="hybrid", alpha=0.5)   # alpha 1: routing only, 0: BM25 only
+
+Hybrid nodes carry `msa_latent_score` and `msa_lexical_score` in metadata beside the fused `msa_score`.
 """
 
 from __future__ import annotations
@@ -151,13 +156,13 @@ class MSAVectorStore(BasePydanticVectorStore):
     def query(self, query: VectorStoreQuery, **kwargs: Any) -> VectorStoreQueryResult:
         question, k, msa_filter = _plan(query)
         node_ids = set(query.node_ids or ())
-        hits = self._store.retrieve(question, k=_ALL if node_ids else k, filter=msa_filter)
+        hits = self._store.retrieve(question, k=_ALL if node_ids else k, filter=msa_filter, **_fusion(query))
         return _result(hits, node_ids, k)
 
     async def aquery(self, query: VectorStoreQuery, **kwargs: Any) -> VectorStoreQueryResult:
         question, k, msa_filter = _plan(query)
         node_ids = set(query.node_ids or ())
-        hits = await self._store.aretrieve(question, k=_ALL if node_ids else k, filter=msa_filter)
+        hits = await self._store.aretrieve(question, k=_ALL if node_ids else k, filter=msa_filter, **_fusion(query))
         return _result(hits, node_ids, k)
 
     def _ids_of_ref_doc(self, ref_doc_id: str) -> list[str]:
@@ -230,10 +235,10 @@ def _records(nodes: Sequence[BaseNode]) -> tuple[list[str], list[str], list[dict
 
 def _plan(query: VectorStoreQuery) -> tuple[str, int, Filter]:
     """(question, k, msa filter) of a LlamaIndex query; refuses what MSA cannot honour."""
-    if query.mode != VectorStoreQueryMode.DEFAULT:
+    if query.mode not in (VectorStoreQueryMode.DEFAULT, VectorStoreQueryMode.HYBRID):
         raise InvalidInputError(
-            f"query mode {query.mode.value!r} is not supported by MSAVectorStore: MSA ranks by routing "
-            f"score only; use vector_store_query_mode='default'")
+            f"query mode {query.mode.value!r} is not supported by MSAVectorStore: MSA ranks by routing score "
+            f"('default') or by routing fused with BM25 ('hybrid', with alpha)")
     if not query.query_str or not query.query_str.strip():
         raise InvalidInputError("MSAVectorStore routes the query text, but query_str is empty; pass the "
                                 "question text (query embeddings are not used)")
@@ -241,6 +246,13 @@ def _plan(query: VectorStoreQuery) -> tuple[str, int, Filter]:
         raise InvalidInputError(f"similarity_top_k must be >= 1, got {query.similarity_top_k}")
     doc_filter = {REF_DOC_KEY: {"$in": list(query.doc_ids)}} if query.doc_ids else None
     return query.query_str, query.similarity_top_k, combine(to_msa_filter(query.filters), doc_filter)
+
+
+def _fusion(query: VectorStoreQuery) -> dict[str, Any]:
+    """retrieve() arguments of a query: fusion with BM25 in hybrid mode (alpha None: the model's default)."""
+    if query.mode == VectorStoreQueryMode.HYBRID:
+        return {"fusion": "bm25", "alpha": query.alpha}
+    return {}
 
 
 def _result(hits: list[RetrievedDocument], node_ids: set[str], k: int) -> VectorStoreQueryResult:
