@@ -150,12 +150,12 @@ def test_upsert_and_delete_keep_both_sides_consistent(model, bank):
 
 
 def test_rebuild_tokenises_only_new_texts(model, bank, monkeypatch):
-    bank.lexical_index  # built for the current rows
+    assert len(bank.lexical_index) == bank.num_parts  # built for the current rows
     seen: list[str] = []
     real = lexical.tokenize
     monkeypatch.setattr(lexical, "tokenize", lambda texts, *a: (seen.extend(texts), real(texts, *a))[1])
     model.add(bank, ["Turnips are sold at the Tuesday market."], ids=["market"])
-    bank.lexical_index
+    assert len(bank.lexical_index) == bank.num_parts
     assert "".join(seen) == "Turnips are sold at the Tuesday market."  # its parts, nothing else
 
 
