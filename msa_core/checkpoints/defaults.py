@@ -45,7 +45,7 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.ti
 
 # The router trained for the default backbone (msa train-router; model card beside it). The default
 # model uses it unless router="native"/"random"/a file is asked for.
-DEFAULT_ROUTER = Path(__file__).parent / "data" / "routers" / "smollm2-135m-instruct.safetensors"
+DEFAULT_ROUTER = Path(__file__).parents[1] / "data" / "routers" / "smollm2-135m-instruct.safetensors"
 
 
 def default_router_path() -> Path | None:
