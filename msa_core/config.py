@@ -63,7 +63,7 @@ class RoutingConfig(_Strict):
                     "does). Off: score on the question's own states, the states routers are trained on.",
     )
     fusion_alpha: float = Field(
-        default=0.2, ge=0.0, le=1.0,
+        default=0.5, ge=0.0, le=1.0,
         description="retrieve(fusion='bm25') without alpha: weight of the latent side (1 latent only, 0 BM25 only). "
                     "Chosen on a dev split of training data: benchmarks/results/fusion/alpha_dev.json.",
     )

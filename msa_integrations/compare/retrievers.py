@@ -384,7 +384,7 @@ def top_hits(scores: Any, ids: Sequence[str], k: int) -> Hits:
 
 # minilm+bm25's alpha, chosen on the same dev split of training data as msa's default
 # (benchmarks/results/fusion/alpha_dev.json).
-DENSE_BM25_ALPHA = 0.75
+DENSE_BM25_ALPHA = 0.5
 
 
 class DenseBM25Fusion:
