@@ -56,7 +56,7 @@ from msa_core.inference.generate import (
 )
 from msa_core.memory.bank import MemoryBank
 from msa_core.memory.encoded import EncodedDocuments
-from msa_core.model import HYBRID_INSTRUCTION  # noqa: E402
+from msa_core.inference.generate import HYBRID_INSTRUCTION  # noqa: E402
 
 H100_BANDWIDTH = 3.35e12  # bytes/s, H100 SXM HBM3
 H100_BF16_DENSE = 989.4e12  # FLOP/s, H100 SXM dense bf16 tensor cores

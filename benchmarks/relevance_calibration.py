@@ -29,11 +29,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from msa_core.checkpoints.defaults import default_router_path
-from msa_integrations.compare.niah import shared_data_dir
-
 from msa_core import MSAModel  # noqa: E402
+from msa_core.checkpoints.defaults import default_router_path
 from msa_core.routing.calibration import calibrated, fit_calibration, sidecar_path  # noqa: E402
+from msa_integrations.compare.niah import shared_data_dir
 
 THRESHOLDS = (0.3, 0.5, 0.7)
 

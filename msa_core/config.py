@@ -20,6 +20,7 @@ ChunkReduce = Literal["max", "mean"]
 Normalization = Literal["cosine", "scaled_dot", "scaled_cosine"]
 Profile = Literal["default", "reference"]
 LayerAggregate = Literal["mean", "max"]
+FusionMethod = Literal["minmax", "zscore", "rrf"]
 StorageDtype = Literal["float32", "float16", "bfloat16"]
 
 
@@ -65,6 +66,15 @@ class RoutingConfig(_Strict):
         default=None, min_length=2, max_length=2,
         description="[a, b]: relevance_score = sigmoid(a * score + b), fitted for the router (routing/calibration.py; "
                     "the shipped router brings its own). None: the normalization's fixed map ((s + 1) / 2 for cosine).",
+    )
+    fusion_alpha: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="retrieve(fusion='bm25') without alpha: weight of the latent side (1 latent only, 0 BM25 only). "
+                    "Chosen on a dev split of training data: benchmarks/results/fusion/alpha_dev.json.",
+    )
+    fusion_method: FusionMethod = Field(
+        default="minmax", description="How fusion combines the sides: min-max or z-score normalised scores "
+                                      "(convex combination with alpha), or reciprocal rank fusion ('rrf').",
     )
 
     @field_validator("layers")

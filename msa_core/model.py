@@ -34,6 +34,7 @@ from .inference.generate import (
     build_prompt,
     engine_for,
     generate_batch,
+    hybrid_text,
     last_user_text,
     route_questions,
     routed_prefill,
@@ -42,6 +43,7 @@ from .inference.generate import (
 from .memory.bank import MemoryBank
 from .memory.filters import Filter
 from .memory.records import check_documents
+from .routing.fusion import Fused, check_fusion
 from .routing.projectors import RouterProjectors
 from .routing.scores import aggregate_layers, relevance
 
@@ -49,9 +51,6 @@ Mode = Literal["latent", "hybrid", "interleave"]
 # A hybrid-mode generator: prompt text -> answer text, or an iterator of text pieces (streaming).
 Generator = Callable[[str], "str | Iterable[str]"]
 
-HYBRID_INSTRUCTION = (
-    "Answer the question using only the documents below. Answer briefly.\n\n{documents}\n\nQuestion: {question}"
-)
 
 
 @dataclass
@@ -62,10 +61,14 @@ class RetrievedDocument:
     text: str
     metadata: dict[str, Any]
     layer_scores: dict[int, float] | None = None  # per routing layer, on request
+    latent_score: float | None = None  # fusion: the routing score (`score` is then the fused one)
+    lexical_score: float | None = None  # fusion: the BM25 score
 
     def to_dict(self) -> dict[str, Any]:
         d = {"id": self.id, "score": self.score, "relevance_score": self.relevance_score,
              "title": self.metadata.get("title"), "text": self.text, "metadata": self.metadata}
+        if self.latent_score is not None:
+            d.update(latent_score=self.latent_score, lexical_score=self.lexical_score)
         if self.layer_scores is not None:
             d["layer_scores"] = {str(k): v for k, v in self.layer_scores.items()}
         return d
@@ -273,9 +276,12 @@ class MSAModel:
 
     @torch.no_grad()
     def retrieve(self, question: str | Sequence[str], bank: MemoryBank, k: int = 5, *, filter: Filter = None,
-                 include_parts: bool = False, layer_scores: bool = False
-                 ) -> list[RetrievedDocument] | list[list[RetrievedDocument]]:
+                 include_parts: bool = False, layer_scores: bool = False, fusion: str | None = None,
+                 alpha: float | None = None) -> list[RetrievedDocument] | list[list[RetrievedDocument]]:
         """Documents ranked by routing score (mean over routing layers by default).
+
+        fusion="bm25": ranked by routing and BM25 over the bank's text fused (routing/fusion.py); alpha 1 is
+        routing only, 0 BM25 only, None the config's `fusion_alpha`. Hits keep both sides' scores.
 
         A list of questions is routed as one batch and gives one list per question. k above the
         number of (filtered) documents returns them all.
@@ -283,6 +289,7 @@ class MSAModel:
         if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
             raise InvalidInputError(f"k must be an integer >= 1, got {k!r}")
         self.check_bank(bank)
+        alpha = check_fusion(fusion, alpha, self.config.routing)
         questions = [question] if isinstance(question, str) else list(question)
         if not questions:
             raise InvalidInputError("no question given")
@@ -295,6 +302,11 @@ class MSAModel:
             return [] if isinstance(question, str) else [[] for _ in questions]
         per_layer = self._route_scores(questions, bank, allowed)  # [L, B, N]
         total = aggregate_layers(per_layer, self.config.routing.layer_aggregate)
+        if alpha is not None:
+            f = Fused.of(total, bank.lexical_index.scores(questions), allowed, alpha, self.config.routing.fusion_method)
+            results = [f.hits(b, self.ranked_rows(bank, f.total[b], per_layer[:, b], allowed, k, include_parts,
+                                                  layer_scores)) for b in range(len(questions))]
+            return results[0] if isinstance(question, str) else results
         results = [self._rank(bank, total[b], per_layer[:, b], allowed, k, include_parts, layer_scores)
                    for b in range(len(questions))]
         return results[0] if isinstance(question, str) else results
@@ -566,7 +578,7 @@ class MSAModel:
                              eos_ids=self.eos_ids)
             pieces: Iterator[str] = iter(gen)
         else:
-            out = generator(_hybrid_text(text, hits))
+            out = generator(hybrid_text(text, [h.text for h in hits]))
             pieces = iter([out]) if isinstance(out, str) else iter(out)
 
         def finish(text: str) -> Answer:
@@ -578,11 +590,6 @@ class MSAModel:
     def _hybrid_prompt(self, question: str | Sequence[Message], text: str, hits: list[RetrievedDocument]) -> Prompt:
         """The generator's prompt of a hybrid answer: the question's conversation, its last user message
         replaced by the instruction with the documents' texts."""
-        prompt_text = _hybrid_text(text, hits)
+        prompt_text = hybrid_text(text, [h.text for h in hits])
         conversation = prompt_text if isinstance(question, str) else with_last_user(question, prompt_text)
         return build_prompt(self.tokenizer, conversation)
-
-
-def _hybrid_text(question: str, hits: list[RetrievedDocument]) -> str:
-    documents = "\n\n".join(f"Document [{i + 1}]: {h.text}" for i, h in enumerate(hits))
-    return HYBRID_INSTRUCTION.format(documents=documents, question=question)

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from msa_core.config import EncodeConfig, MSAConfig
-from msa_core.memory.bank import persist as memory
 from msa_core.memory.bank import MemoryBank
+from msa_core.memory.bank import persist as memory
 from msa_core.memory.encoded import EncodedDocuments
 
 LAYERS = [1, 2]

@@ -49,8 +49,9 @@ def _stored(name: str):
 
 
 def _shipped_router_layers() -> list[int]:
-    from msa_core.checkpoints.defaults import default_router_path
     from safetensors import safe_open
+
+    from msa_core.checkpoints.defaults import default_router_path
 
     with safe_open(str(default_router_path()), framework="pt") as f:
         return json.loads(f.metadata()["layers"])

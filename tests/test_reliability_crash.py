@@ -9,6 +9,7 @@ folder. Children fork from a forkserver that imported torch once, so a trial cos
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import random
 import shutil
@@ -23,6 +24,7 @@ from crash_child import OPS, apply, base_bank
 
 from msa_core.errors import CorruptBankError
 from msa_core.memory.bank import MemoryBank
+from msa_core.memory.lexical import LEXICAL
 from msa_core.memory.locking import LOCK_NAME
 from msa_core.memory.persist import CURRENT, DOCSTORE, MANIFEST, TENSORS
 
@@ -56,8 +58,9 @@ def template(tmp_path_factory) -> Path:
 
 
 def state(bank: MemoryBank) -> tuple:
-    """Everything a bank holds, comparable with ==."""
-    return (bank.ids(), bank.docstore, tuple(bank.chunk_counts.tolist()),
+    """Everything a bank holds, comparable with ==: both sides, latent (tensors) and lexical (BM25 tokens)."""
+    lexical = bank.lexical_index
+    return (bank.ids(), bank.docstore, tuple(bank.chunk_counts.tolist()), lexical.part_ids, lexical.tokens,
             *(getattr(bank, n).view(torch.int16).flatten().tolist() for n in ("k_bar", "v_bar", "kr_bar")))
 
 
@@ -97,6 +100,8 @@ def run_child(ctx, root: Path, op: str, *, die_at: int | None = None, kill_after
 def check_after_crash(root: Path, op: str, expected: dict[str, tuple]) -> str:
     """The bank loads, holds the state before or after `op`, and a new save leaves a clean folder."""
     bank = MemoryBank.load(root)  # verifies checksums, shapes and counts
+    vdir = root / (root / CURRENT).read_text().strip()
+    assert LEXICAL in json.loads((vdir / MANIFEST).read_text())["files"]  # the lexical side is the saved one
     got = state(bank)
     outcome = "before" if got == expected["before"] else "after" if got == expected[op] else "mixed"
     assert outcome != "mixed", f"{op}: the bank holds neither the state before nor after the operation"
@@ -149,7 +154,7 @@ def test_death_before_each_filesystem_step(ctx, template, expected, tmp_path, op
     assert outcomes == ["before"] * switch + ["after"] * (steps - switch), outcomes
 
 
-@pytest.mark.parametrize("name", [TENSORS, DOCSTORE])
+@pytest.mark.parametrize("name", [TENSORS, DOCSTORE, LEXICAL])
 @pytest.mark.parametrize("damage", ["truncate_half", "truncate_one", "flip_first", "flip_middle", "flip_last",
                                     "append"])
 def test_checksums_name_the_damaged_file(template, tmp_path, name, damage):
@@ -173,9 +178,7 @@ def test_checksums_name_the_damaged_file(template, tmp_path, name, damage):
 
 
 def test_manifest_lists_a_checksum_for_every_data_file(template):
-    import json
-
     vdir = template / (template / CURRENT).read_text().strip()
     files = json.loads((vdir / MANIFEST).read_text())["files"]
-    assert set(files) == {DOCSTORE, TENSORS}
+    assert set(files) == {DOCSTORE, TENSORS, LEXICAL}
     assert all(len(f["sha256"]) == 64 and f["size"] == (vdir / n).stat().st_size for n, f in files.items())

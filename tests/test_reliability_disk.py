@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from msa_core.errors import BankError
-from msa_core.memory.bank import persist
-from msa_core.memory.bank import MemoryBank
+from msa_core.memory.bank import MemoryBank, persist
 
 # (what fails, how): the write steps of a save, in order
 STEPS = [("tensors", "save_file"), ("docstore", "_write_bytes:1"), ("manifest", "_write_bytes:2"),

@@ -16,8 +16,7 @@ import torch
 
 from msa_core.cli.main import main
 from msa_core.errors import BankError
-from msa_core.memory.bank import persist
-from msa_core.memory.bank import MemoryBank
+from msa_core.memory.bank import MemoryBank, persist
 from msa_core.memory.migrate import migrate_bank
 
 FIXTURES = Path(__file__).parent / "fixtures" / "banks"

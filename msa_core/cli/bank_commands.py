@@ -114,7 +114,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     text = checked_question(args.question)
     filt = parse_filters(args.filter)
     model, bank = load_model_and_bank(args.bank, args.model, args.router)
-    hits = model.retrieve(text, bank, k=args.k, filter=filt)
+    hits = model.retrieve(text, bank, k=args.k, filter=filt, fusion=args.fusion, alpha=args.alpha)
     if args.json:
         out(json.dumps([h.to_dict() for h in hits], indent=2, ensure_ascii=False))
         return 0
@@ -122,7 +122,8 @@ def cmd_query(args: argparse.Namespace) -> int:
         say("no document matches" + (" the filter" if filt else ": the bank is empty"))
     for rank, hit in enumerate(hits, 1):
         title = hit.metadata.get("title")
-        out(f"{rank:>2}. {hit.score:+.4f}  {hit.id}" + (f"  {title}" if title else ""))
+        sides = "" if hit.latent_score is None else f" (routing {hit.latent_score:+.4f}, BM25 {hit.lexical_score:.3f})"
+        out(f"{rank:>2}. {hit.score:+.4f}{sides}  {hit.id}" + (f"  {title}" if title else ""))
         out(f"    {preview(hit.text)}")
     return 0
 
@@ -195,6 +196,10 @@ def register(command: Any) -> None:
     p.add_argument("-k", type=positive_int, default=5, help="documents to return (default: 5)")
     filter_option(p)
     p.add_argument("--json", action="store_true", help="print a JSON list of {id, score, title, text, metadata}")
+    p.add_argument("--fusion", choices=("bm25",), default=None,
+                   help="bm25: rank by routing fused with the bank's BM25 index (scores: fused, then each side)")
+    p.add_argument("--alpha", type=float, default=None, help="with --fusion: weight of routing, 1 routing only, 0 "
+                   "BM25 only (default: the model's routing.fusion_alpha)")
     model_options(p, new=False)
 
     p = command("ask", cmd_ask, "Answer a question from the bank, streaming the answer.")

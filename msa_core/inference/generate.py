@@ -77,6 +77,17 @@ def last_user_text(question: "str | Sequence[Message]") -> str:
     return users[-1]
 
 
+HYBRID_INSTRUCTION = (
+    "Answer the question using only the documents below. Answer briefly.\n\n{documents}\n\nQuestion: {question}"
+)
+
+
+def hybrid_text(question: str, documents: Sequence[str]) -> str:
+    """The instruction of a hybrid answer: the documents' texts, numbered, then the question."""
+    listed = "\n\n".join(f"Document [{i + 1}]: {t}" for i, t in enumerate(documents))
+    return HYBRID_INSTRUCTION.format(documents=listed, question=question)
+
+
 def with_last_user(messages: Sequence[Message], content: str) -> list[Message]:
     """A copy of the conversation whose last user message says `content` instead."""
     out = [dict(m) for m in messages]

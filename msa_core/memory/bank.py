@@ -32,6 +32,7 @@ from ..errors import BankMismatchError, CorruptBankError, InvalidInputError
 from . import persist
 from .encoded import EncodedDocuments
 from .filters import Filter, compile_filter
+from .lexical import LexicalCache
 from .persist import FORMAT, FORMAT_VERSION, MANIFEST, TENSORS
 from .records import (
     KV_NAMES,
@@ -82,6 +83,7 @@ class MemoryBank:
         self._model_name = model_name
         empty = torch.empty(len(layers), 0, kv_heads, head_dim, dtype=self._dtype)
         self._state = build_state((), {n: empty for n in TENSOR_NAMES}, self._device)
+        self._lexical = LexicalCache()  # BM25 over the rows' text (lexical.py), built for the current rows
 
     # ---- read-only state -------------------------------------------------------------------
     @property
@@ -172,6 +174,8 @@ class MemoryBank:
     def chunk_counts(self) -> torch.Tensor:
         """LongTensor [N]: chunks of each part row."""
         return self._state.chunk_counts
+
+    lexical_index = property(lambda self: self._lexical.index_for(self._state.parts))  # BM25 of the rows' text
 
     @property
     def num_parts(self) -> int:
@@ -493,7 +497,7 @@ class MemoryBank:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write a new version under `path` and switch CURRENT to it atomically; returns the version folder."""
         state = self._state  # a snapshot: later mutations cannot tear the write
-        return persist.save_version(Path(path), state, self._manifest_base(state))
+        return persist.save_version(Path(path), state, self._manifest_base(state), self._lexical.files(state.parts))
 
     def _manifest_base(self, state: BankState) -> dict[str, Any]:
         return {
@@ -560,6 +564,7 @@ class MemoryBank:
                        for n in TENSOR_NAMES}
             bank._kv_file = vdir / TENSORS if kv == "disk" else None
         bank._state = build_state(parts, tensors, bank._device)
+        bank._lexical = LexicalCache.read(vdir, manifest, parts)
         persist.check_counts(bank, manifest, vdir / MANIFEST)
         return bank
 

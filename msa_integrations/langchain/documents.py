@@ -18,8 +18,12 @@ def hit_to_document(hit: RetrievedDocument, *, with_scores: bool = False) -> Doc
     "relevance_score" (in [0, 1]) and, when the engine returned them, "layer_scores"
     ({routing layer: score}, string keys so the metadata stays JSON). They replace user keys of the
     same names. The vector store leaves them out: its callers get scores from *_with_score.
+    A fused hit (fusion="bm25") always carries "latent_score" (routing) and "lexical_score" (BM25), the
+    sides of its fused score, since no *_with_score return value can hold them.
     """
     metadata: dict[str, Any] = dict(hit.metadata)
+    if hit.latent_score is not None:
+        metadata["latent_score"], metadata["lexical_score"] = hit.latent_score, hit.lexical_score
     if with_scores:
         metadata["score"] = hit.score
         metadata["relevance_score"] = hit.relevance_score

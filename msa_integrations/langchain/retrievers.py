@@ -32,6 +32,10 @@ class MSARetriever(BaseRetriever):
     "layer_scores" ({routing layer: score}). `filter` (a dict of $eq/$ne/$in/$nin/$gt/$gte/$lt/$lte/
     $and/$or/$not clauses, or a callable metadata -> bool) masks documents *before* routing, so k
     results come back whenever k documents pass it. No score threshold is applied.
+
+    fusion="bm25" ranks by routing fused with the bank's BM25 index (alpha: 1 routing only, 0 BM25 only,
+    None the model's default); "score" is then the fused score, "latent_score" and "lexical_score" its sides.
+    Both can be set on the retriever or per call: retriever.invoke(q, fusion="bm25", alpha=0.3).
     """
 
     store: MemoryStore
@@ -39,6 +43,8 @@ class MSARetriever(BaseRetriever):
     filter: Any = Field(default=None, description="Metadata filter applied before routing.")
     layer_scores: bool = Field(default=False, description="Add per-routing-layer scores to the metadata.")
     include_parts: bool = Field(default=False, description="Return parts of split documents, not parents.")
+    fusion: str | None = Field(default=None, description="'bm25': fuse routing with the bank's BM25 index.")
+    alpha: float | None = Field(default=None, description="Fusion weight of routing (1) against BM25 (0).")
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
@@ -80,19 +86,23 @@ class MSARetriever(BaseRetriever):
         return cls.from_texts([d.page_content for d in documents], k, [d.metadata for d in documents],
                               fill_ids([d.id for d in documents], len(documents)), **options)
 
-    def _search_options(self, k: int | None, filter: Any) -> dict[str, Any]:  # noqa: A002
+    def _search_options(self, k: int | None, filter: Any, fusion: str | None = None,  # noqa: A002
+                        alpha: float | None = None) -> dict[str, Any]:
         return {"k": self.k if k is None else k, "filter": self.filter if filter is None else filter,
-                "layer_scores": self.layer_scores, "include_parts": self.include_parts}
+                "layer_scores": self.layer_scores, "include_parts": self.include_parts,
+                "fusion": self.fusion if fusion is None else fusion, "alpha": self.alpha if alpha is None else alpha}
 
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
-                                k: int | None = None, filter: Any = None) -> list[Document]:  # noqa: A002
-        hits = self.store.retrieve(query, **self._search_options(k, filter))
+                                k: int | None = None, filter: Any = None,  # noqa: A002
+                                fusion: str | None = None, alpha: float | None = None) -> list[Document]:
+        hits = self.store.retrieve(query, **self._search_options(k, filter, fusion, alpha))
         return [hit_to_document(h, with_scores=True) for h in hits]
 
     async def _aget_relevant_documents(self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun,
-                                       k: int | None = None, filter: Any = None) -> list[Document]:  # noqa: A002
+                                       k: int | None = None, filter: Any = None,  # noqa: A002
+                                       fusion: str | None = None, alpha: float | None = None) -> list[Document]:
         # aretrieve routes on the store's worker thread: the event loop keeps running meanwhile.
-        hits = await self.store.aretrieve(query, **self._search_options(k, filter))
+        hits = await self.store.aretrieve(query, **self._search_options(k, filter, fusion, alpha))
         return [hit_to_document(h, with_scores=True) for h in hits]
 
 

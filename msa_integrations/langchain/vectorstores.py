@@ -150,19 +150,21 @@ class MSAVectorStore(VectorStore):
 
     def search_hits(self, query: str, k: int = 4, filter: Any = None,  # noqa: A002
                     **kwargs: Any) -> list[RetrievedDocument]:
-        """The engine's hits (id, text, metadata, score, relevance_score), best first; extra keyword
-        arguments are ignored."""
-        return self.store.retrieve(query, k=k, filter=filter)
+        """The engine's hits (id, text, metadata, score, relevance_score), best first; fusion="bm25" and alpha
+        fuse routing with BM25 (see similarity_search_with_score); other keyword arguments are ignored."""
+        return self.store.retrieve(query, k=k, filter=filter, **_fusion(kwargs))
 
     def similarity_search_with_score(self, query: str, k: int = 4, filter: Any = None,  # noqa: A002
                                      **kwargs: Any) -> list[tuple[Document, float]]:
-        """(Document, raw routing score) pairs, best first. Extra keyword arguments are ignored."""
-        hits = self.search_hits(query, k, filter)
+        """(Document, raw routing score) pairs, best first. fusion="bm25" (and alpha: 1 routing only, 0 BM25
+        only) fuses routing with the bank's BM25 index: the score is then the fused one, and the metadata
+        holds "latent_score" and "lexical_score". Other keyword arguments are ignored."""
+        hits = self.search_hits(query, k, filter, **kwargs)
         return [(hit_to_document(h), h.score) for h in hits]
 
     async def asimilarity_search_with_score(self, query: str, k: int = 4, filter: Any = None,  # noqa: A002
                                             **kwargs: Any) -> list[tuple[Document, float]]:
-        hits = await self.store.aretrieve(query, k=k, filter=filter)
+        hits = await self.store.aretrieve(query, k=k, filter=filter, **_fusion(kwargs))
         return [(hit_to_document(h), h.score) for h in hits]
 
     def similarity_search(self, query: str, k: int = 4, filter: Any = None,  # noqa: A002
@@ -181,13 +183,13 @@ class MSAVectorStore(VectorStore):
     # The engine already maps each score to [0, 1] with the same rule; use its values directly.
     def _similarity_search_with_relevance_scores(self, query: str, k: int = 4, filter: Any = None,  # noqa: A002
                                                  **kwargs: Any) -> list[tuple[Document, float]]:
-        hits = self.store.retrieve(query, k=k, filter=filter)
+        hits = self.store.retrieve(query, k=k, filter=filter, **_fusion(kwargs))
         return [(hit_to_document(h), h.relevance_score) for h in hits]
 
     async def _asimilarity_search_with_relevance_scores(self, query: str, k: int = 4,
                                                         filter: Any = None,  # noqa: A002
                                                         **kwargs: Any) -> list[tuple[Document, float]]:
-        hits = await self.store.aretrieve(query, k=k, filter=filter)
+        hits = await self.store.aretrieve(query, k=k, filter=filter, **_fusion(kwargs))
         return [(hit_to_document(h), h.relevance_score) for h in hits]
 
     def max_marginal_relevance_search(self, query: str, k: int = 4, fetch_k: int = 20, lambda_mult: float = 0.5,
@@ -242,6 +244,11 @@ class MSAVectorStore(VectorStore):
         if "bank" in engine_options:
             raise TypeError("load_local takes the bank's folder as folder_path; drop bank=")
         return cls(make_store(bank=Path(folder_path), **engine_options))
+
+
+def _fusion(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The fusion options among search keyword arguments (as_retriever(search_kwargs={"fusion": "bm25"}))."""
+    return {key: kwargs[key] for key in ("fusion", "alpha") if key in kwargs}
 
 
 def _ids_to_delete(ids: Sequence[str] | None) -> list[str]:

@@ -22,6 +22,8 @@ from msa_core.routing.scores import relevance
 from msa_core.store import MemoryStore
 
 SCORE_KEY = "msa_score"  # MSANodeWithScore's field holding the raw routing score (cosine in [-1, 1] by default)
+# Hybrid (fusion) queries: msa_score is the fused score, and each side's own score rides beside it (fields too).
+LATENT_KEY, LEXICAL_KEY = "msa_latent_score", "msa_lexical_score"
 REF_DOC_KEY = "ref_doc_id"
 _NODE_CONTENT = "_node_content"
 
@@ -35,6 +37,8 @@ class MSANodeWithScore(NodeWithScore):
     """
 
     msa_score: float | None = None
+    msa_latent_score: float | None = None  # fusion: the routing side's score
+    msa_lexical_score: float | None = None  # fusion: the BM25 side's score
 
 
 def has_text(node: BaseNode) -> bool:
@@ -58,13 +62,17 @@ def record_to_node(doc_id: str, text: str, metadata: dict[str, Any]) -> BaseNode
     return TextNode(id_=doc_id, text=text, metadata=dict(metadata))
 
 
-def scored_node(node: BaseNode, raw_score: float, relevance_score: float) -> MSANodeWithScore:
-    """`score` is the relevance in [0, 1]; `msa_score` the raw routing score. The node is left as stored."""
-    return MSANodeWithScore(node=node, score=relevance_score, msa_score=raw_score)
+def scored_node(node: BaseNode, raw_score: float, relevance_score: float,
+                sides: dict[str, float] | None = None) -> MSANodeWithScore:
+    """`score` is the relevance in [0, 1]; `msa_score` the raw routing score, and in a fusion each side's own
+    score (`sides`: msa_latent_score, msa_lexical_score). The node is left as stored: its hash covers metadata."""
+    return MSANodeWithScore(node=node, score=relevance_score, msa_score=raw_score, **(sides or {}))
 
 
 def hit_to_node(hit: RetrievedDocument) -> MSANodeWithScore:
-    return scored_node(record_to_node(hit.id, hit.text, hit.metadata), hit.score, hit.relevance_score)
+    sides = ({LATENT_KEY: hit.latent_score, LEXICAL_KEY: hit.lexical_score}
+             if hit.latent_score is not None else None)
+    return scored_node(record_to_node(hit.id, hit.text, hit.metadata), hit.score, hit.relevance_score, sides)
 
 
 def answer_sources(store: MemoryStore, doc_ids: Sequence[str], scores: Sequence[float]) -> list[NodeWithScore]:

@@ -9,6 +9,12 @@ It stores text (`stores_text=True`) and takes the query text, not a vector (`is_
 Each node is one bank document (id = node_id); filters run inside the engine before routing.
 Query modes: "default" (routing order) and "mmr" (maximal marginal relevance, `mmr_threshold` =
 lambda); a query with no text returns the nodes that pass its filters, in bank order.
+
+`VectorStoreQueryMode.HYBRID` fuses routing with the bank's BM25 index (MSAModel.retrieve(fusion="bm25")):
+
+    index.as_retriever(vector_store_query_mode="hybrid", alpha=0.5)   # alpha 1: routing only, 0: BM25 only
+
+Hybrid nodes (MSANodeWithScore) carry `msa_latent_score` and `msa_lexical_score` beside the fused `msa_score`.
 """
 
 from __future__ import annotations
@@ -178,7 +184,7 @@ class MSAVectorStore(BasePydanticVectorStore):
             return self._filtered(k, msa_filter, node_ids)
         if query.mode == VectorStoreQueryMode.MMR:
             return self._mmr(query, question, k, msa_filter, node_ids, kwargs)
-        hits = self._store.retrieve(question, k=_ALL if node_ids else k, filter=msa_filter)
+        hits = self._store.retrieve(question, k=_ALL if node_ids else k, filter=msa_filter, **_fusion(query))
         return _result(hits, node_ids, k)
 
     async def aquery(self, query: VectorStoreQuery, **kwargs: Any) -> VectorStoreQueryResult:
@@ -186,7 +192,7 @@ class MSAVectorStore(BasePydanticVectorStore):
         if question is None or query.mode == VectorStoreQueryMode.MMR:
             return await self._store.run_async(self.query, query, **kwargs)
         node_ids = set(query.node_ids or ())
-        hits = await self._store.aretrieve(question, k=_ALL if node_ids else k, filter=msa_filter)
+        hits = await self._store.aretrieve(question, k=_ALL if node_ids else k, filter=msa_filter, **_fusion(query))
         return _result(hits, node_ids, k)
 
     def _filtered(self, k: int, msa_filter: Filter, node_ids: set[str]) -> VectorStoreQueryResult:
@@ -310,10 +316,11 @@ def _records(nodes: Sequence[BaseNode]) -> tuple[list[str], list[str], list[dict
 
 def _plan(query: VectorStoreQuery) -> tuple[str | None, int, Filter]:
     """(question or None for a filter-only query, k, msa filter); refuses what MSA cannot honour."""
-    if query.mode not in (VectorStoreQueryMode.DEFAULT, VectorStoreQueryMode.MMR):
+    if query.mode not in (VectorStoreQueryMode.DEFAULT, VectorStoreQueryMode.MMR,
+                          VectorStoreQueryMode.HYBRID):
         raise InvalidInputError(
             f"query mode {query.mode.value!r} is not supported by MSAVectorStore: MSA ranks by routing "
-            f"score; use vector_store_query_mode='default' or 'mmr'")
+            f"score; use vector_store_query_mode='default', 'mmr' or 'hybrid' (routing fused with BM25, alpha)")
     question = query.query_str if query.query_str and query.query_str.strip() else None
     if question is None and query.query_embedding is not None:
         raise InvalidInputError("MSAVectorStore routes the query text, but query_str is empty and only an "
@@ -322,6 +329,13 @@ def _plan(query: VectorStoreQuery) -> tuple[str | None, int, Filter]:
         raise InvalidInputError(f"similarity_top_k must be >= 1, got {query.similarity_top_k}")
     doc_filter = {REF_DOC_KEY: {"$in": list(query.doc_ids)}} if query.doc_ids else None
     return question, query.similarity_top_k, combine(to_msa_filter(query.filters), doc_filter)
+
+
+def _fusion(query: VectorStoreQuery) -> dict[str, Any]:
+    """retrieve() arguments of a query: fusion with BM25 in hybrid mode (alpha None: the model's default)."""
+    if query.mode == VectorStoreQueryMode.HYBRID:
+        return {"fusion": "bm25", "alpha": query.alpha}
+    return {}
 
 
 def _result(hits: list[RetrievedDocument], node_ids: set[str], k: int) -> VectorStoreQueryResult:

@@ -367,3 +367,15 @@ def test_demo(capsys):
     assert f"indexed {n_docs} documents" in out
     assert "hits@3" in out and "router was trained" in out
     print(out, file=sys.stderr)  # visible with -s
+
+
+def test_query_fusion_shows_both_sides(capsys, bank):
+    hits = query(capsys, bank, "--fusion", "bm25", "--alpha", "0", "-k", "4")
+    assert hits[0]["id"] == "lighthouse" and hits[0]["lexical_score"] > 0  # BM25 only: the passage it names
+    assert all({"latent_score", "lexical_score"} <= set(h) for h in hits)
+    code, out, err = run(capsys, "query", bank, "lighthouse", "--fusion", "bm25")
+    assert code == 0 and "routing" in out and "BM25" in out, err
+    code, _, err = run(capsys, "query", bank, "lighthouse", "--fusion", "bm25", "--alpha", "2")
+    assert code == 2 and "alpha" in err
+    code, _, err = run(capsys, "query", bank, "lighthouse", "--alpha", "0.5")
+    assert code == 2 and "fusion" in err

@@ -219,6 +219,25 @@ def test_bm25(dataset):
     assert len(hits) == 2 and hits[1][0][0] == "light"
 
 
+def test_dense_bm25_fusion_equals_each_side_at_the_ends(dataset):
+    pytest.importorskip("faiss")
+    from msa_integrations.compare.retrievers import DenseBM25Fusion, DenseFaiss, top_hits
+
+    ids = [d.id for d in dataset.corpus]
+    questions = [q.question for q in dataset.queries]
+    dense, bm25 = DenseFaiss(ToyEmbedder(), show_progress=False), BM25()
+    dense.index(dataset.corpus)
+    bm25.index(dataset.corpus)
+    k = len(dataset.corpus)
+    for alpha, side in ((1.0, dense), (0.0, bm25)):
+        fused = DenseBM25Fusion(alpha=alpha, dense=dense)
+        fused.index(dataset.corpus)  # reuses the indexed dense side
+        expected = [[d for d, _ in row] for row in top_hits(side.all_scores(questions), ids, k)]
+        assert [[d for d, _ in row] for row in fused.search(questions, k)] == expected
+    run = evaluate(dataset, [DenseBM25Fusion(alpha=0.5, dense=DenseFaiss(ToyEmbedder(), show_progress=False))], FAST)
+    assert run.retrievers["minilm+bm25"]["hit@1"] == 1.0
+
+
 class ToyEmbedder:
     """Bag of hashed words, L2-normalised: enough to exercise DenseFaiss without a model."""
 

@@ -172,6 +172,27 @@ def test_as_retriever_search_types(vs):
     assert [d.id for d in cut.invoke("ferry")] == [rel[0][0].id]
 
 
+def test_fusion_through_search_kwargs_and_the_retriever(vs):
+    q = "Who built the lighthouse?"
+    for alpha in (0.0, 0.5, 1.0):
+        hits = vs.store.retrieve(q, k=3, fusion="bm25", alpha=alpha)
+        docs = vs.as_retriever(search_kwargs={"k": 3, "fusion": "bm25", "alpha": alpha}).invoke(q)
+        assert [d.id for d in docs] == [h.id for h in hits]
+        assert [d.metadata["latent_score"] for d in docs] == pytest.approx([h.latent_score for h in hits])
+        assert [d.metadata["lexical_score"] for d in docs] == pytest.approx([h.lexical_score for h in hits])
+        pairs = vs.similarity_search_with_score(q, k=3, fusion="bm25", alpha=alpha)
+        assert [s for _, s in pairs] == pytest.approx([h.score for h in hits])  # the fused score
+        retrieved = MSARetriever(store=vs, k=3, fusion="bm25", alpha=alpha).invoke(q)
+        assert [d.id for d in retrieved] == [h.id for h in hits]
+        assert [d.metadata["score"] for d in retrieved] == pytest.approx([h.score for h in hits])
+    plain = vs.similarity_search(q, k=5)
+    assert "latent_score" not in plain[0].metadata  # no fusion: no side scores
+    fused = vs.similarity_search(q, k=5, fusion="bm25", alpha=1.0)
+    assert [d.id for d in fused] == [d.id for d in plain]
+    per_call = MSARetriever(store=vs, k=1).invoke("lighthouse 1887", fusion="bm25", alpha=0.0)
+    assert [d.id for d in per_call] == ["light"]
+
+
 def test_mmr_prefers_diversity(tiny):
     texts = TEXTS + [TEXTS[0]]  # an exact duplicate of the lighthouse document
     vs = MSAVectorStore.from_texts(texts, ids=IDS + ["light-copy"], model=tiny)

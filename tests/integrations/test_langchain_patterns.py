@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
-from msa_core.inference.generate import build_prompt
 
 from msa_core import MSAConfig, MSAModel
+from msa_core.inference.generate import build_prompt
 from msa_integrations.langchain import ChatMSA, MSAVectorStore
 
 TEXTS = ["The lighthouse was built in 1887 by Ada Quist.", "Ferries leave the harbour at seven.",

@@ -207,6 +207,22 @@ def test_retrieval_matches_the_engine(index, store):
     assert [n.score for n in nodes] == pytest.approx([h.relevance_score for h in hits])
 
 
+def test_hybrid_mode_fuses_routing_with_bm25(index, store):
+    q = "Who built the lighthouse of Velmora?"
+    for alpha in (0.0, 0.4, 1.0):
+        nodes = index.as_retriever(similarity_top_k=3, vector_store_query_mode="hybrid", alpha=alpha).retrieve(q)
+        hits = store.store.retrieve(q, k=3, fusion="bm25", alpha=alpha)
+        assert [n.node.node_id for n in nodes] == [h.id for h in hits]
+        assert [n.msa_latent_score for n in nodes] == pytest.approx([h.latent_score for h in hits])
+        assert [n.msa_lexical_score for n in nodes] == pytest.approx([h.lexical_score for h in hits])
+        assert "msa_lexical_score" not in nodes[0].node.metadata  # the node stays as stored (its hash)
+    plain = index.as_retriever(similarity_top_k=4).retrieve(q)
+    latent_only = index.as_retriever(similarity_top_k=4, vector_store_query_mode="hybrid", alpha=1.0).retrieve(q)
+    assert [n.node.node_id for n in latent_only] == [n.node.node_id for n in plain]
+    bm25_only = index.as_retriever(similarity_top_k=1, vector_store_query_mode="hybrid", alpha=0.0).retrieve(q)
+    assert ref_ids(bm25_only) == ["light"]
+
+
 def test_filters_apply_before_routing(index, store):
     ranked = index.as_retriever(similarity_top_k=4).retrieve("lighthouse")
     last = ranked[-1].node.metadata["topic"]  # ranks last, yet must come first once filtered

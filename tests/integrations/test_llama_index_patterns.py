@@ -26,9 +26,9 @@ from llama_index.core.node_parser import SentenceSplitter
 from llama_index.core.retrievers import QueryFusionRetriever
 from llama_index.core.schema import NodeWithScore, QueryBundle
 from llama_index.core.vector_stores.types import MetadataFilter, MetadataFilters, VectorStoreQuery
-from msa_core.routing.mmr import document_vectors, mmr_select
 
 from msa_core import MSAConfig, MSAModel
+from msa_core.routing.mmr import document_vectors, mmr_select
 from msa_integrations.llama_index import MSAPlaceholderEmbedding, MSARetriever, MSAVectorStore
 
 DOCS = [

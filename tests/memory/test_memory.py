@@ -276,7 +276,8 @@ def test_save_load_round_trip(tmp_path, dtype):
     b.add(make_encoded(doc("a", [2], {"k": [1, {"n": None}], "é": "ü"}), doc("b", [1, 2], text="xyz")))
     folder = b.save(tmp_path / "bank")
     assert folder.name == "v000001" and current_version(tmp_path / "bank") == "v000001"
-    assert sorted(p.name for p in folder.iterdir()) == ["docstore.json", "manifest.json", "tensors.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["docstore.json", "lexical.json", "manifest.json",
+                                                        "tensors.safetensors"]
     loaded = MemoryBank.load(tmp_path / "bank")
     assert_banks_equal(b, loaded)
     assert loaded.k_bar.dtype == {"float16": torch.float16, "float32": torch.float32,
@@ -291,7 +292,7 @@ def test_manifest_contents(tmp_path, bank):
     assert m["counts"] == {"documents": 3, "parts": 5, "chunks": 9, "tokens": bank.info()["tokens"]}
     assert m["layers"] == LAYERS and m["kv_heads"] == H and m["head_dim"] == D
     assert m["config"] == bank.config.model_dump() and m["model_name"] == "tiny"
-    for name in ("docstore.json", "tensors.safetensors"):
+    for name in ("docstore.json", "tensors.safetensors", "lexical.json"):
         assert m["files"][name]["size"] == (folder / name).stat().st_size
         assert len(m["files"][name]["sha256"]) == 64
 

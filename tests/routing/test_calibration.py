@@ -8,10 +8,10 @@ import math
 
 import pytest
 import torch
-from msa_core.routing.scores import relevance
 
 from msa_core import InvalidInputError, MSAConfig, MSAModel
 from msa_core.routing.calibration import calibrated, fit_calibration, load_sidecar, sidecar_path
+from msa_core.routing.scores import relevance
 
 DOCS = ["The lighthouse was built in 1887 by Ada Quist.", "Ferries leave the harbour at seven.",
         "Paris is the capital of France.", "Memory sparse attention routes a question."]
@@ -75,7 +75,6 @@ def test_thresholds_on_the_default_model_mean_something():
     """score_threshold=0.5 (carried over from FAISS/Chroma) keeps the answer to a real question and drops
     everything for questions the bank knows nothing about (with the fixed (s+1)/2 map most of it passed)."""
     from msa_core.memory.corpus import DEMO_CORPUS_PATH, read_corpus
-
     from msa_integrations.langchain import MSAVectorStore
 
     records = read_corpus(DEMO_CORPUS_PATH)
