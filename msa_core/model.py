@@ -27,6 +27,7 @@ from .inference.encode import encode_parts, split_documents
 from .inference.engine import Engine
 from .inference.generate import (
     Generation,
+    HookFactory,
     MemoryRouter,
     Message,
     Prompt,
@@ -446,40 +447,37 @@ class MSAModel:
                                  pad_id=self.tokenizer.pad_token_id or 0)
             return [Answer(text, "hybrid", [d.id for d in h], [d.score for d in h], reason)
                     for text, h, reason in zip(out.texts, hits, out.finish_reasons)]
-        memory = None
-        if bank is not None and len(bank):
-            self.check_bank(bank)
-            allowed = bank.row_mask(filter)
-
-            def memory(routing: torch.Tensor, positions: torch.Tensor) -> MemoryRouter:
-                return MemoryRouter(bank, self.router, self.config.routing, routing, allowed=allowed, top_k=k,
-                                    positions=positions)
-
+        memory = self._memory_hook(bank, filter, k)
         out = generate_batch(self.backbone, self.tokenizer, [build_prompt(self.tokenizer, q) for q in questions],
                              params, memory=memory, position_offset=self.position_offset(k) if memory else 0,
                              pad_id=self.tokenizer.pad_token_id or 0, eos_ids=self.eos_ids)
-        return [Answer(text, "latent", *self._used_documents(bank, out.router, row)[:2], reason,
-                       self._used_documents(bank, out.router, row)[2])
-                for row, (text, reason) in enumerate(zip(out.texts, out.finish_reasons))]
+        used = [self._used_documents(bank, out.router, row) for row in range(len(questions))]
+        return [Answer(text, "latent", ids, scores, reason, per_layer)
+                for text, reason, (ids, scores, per_layer) in zip(out.texts, out.finish_reasons, used)]
 
     def generate(self, message: str, bank: MemoryBank | None = None, **kw: Any) -> str:
         """Latent generation for a chat message; plain generation without a bank."""
         return self.answer(message, bank, mode="latent", **kw).text
+
+    def _memory_hook(self, bank: MemoryBank | None, filter: Filter, k: int) -> HookFactory | None:
+        """The memory hook factory of a latent answer over `bank` (None without documents: plain generation)."""
+        if bank is None or not len(bank):
+            return None
+        self.check_bank(bank)
+        allowed = bank.row_mask(filter)
+
+        def memory(routing: torch.Tensor, positions: torch.Tensor) -> MemoryRouter:
+            return MemoryRouter(bank, self.router, self.config.routing, routing, allowed=allowed, top_k=k,
+                                positions=positions)
+
+        return memory
 
     def _latent(self, question: str | Sequence[Message], bank: MemoryBank | None, k: int, filter: Filter,
                 params: SamplingParams) -> AnswerStream:
         if self.reference is not None:
             return self._latent_reference(question, bank, k, filter, params)
         prompt = build_prompt(self.tokenizer, question)
-        memory = None
-        if bank is not None and len(bank):
-            self.check_bank(bank)
-            allowed = bank.row_mask(filter)
-
-            def memory(routing: torch.Tensor, positions: torch.Tensor) -> MemoryRouter:
-                return MemoryRouter(bank, self.router, self.config.routing, routing, allowed=allowed, top_k=k,
-                                    positions=positions)
-
+        memory = self._memory_hook(bank, filter, k)
         gen = Generation(self.backbone, self.tokenizer, prompt, params, memory=memory,
                          position_offset=self.position_offset(k) if memory else 0, eos_ids=self.eos_ids)
 

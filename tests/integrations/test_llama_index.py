@@ -213,9 +213,10 @@ def test_hybrid_mode_fuses_routing_with_bm25(index, store):
         nodes = index.as_retriever(similarity_top_k=3, vector_store_query_mode="hybrid", alpha=alpha).retrieve(q)
         hits = store.store.retrieve(q, k=3, fusion="bm25", alpha=alpha)
         assert [n.node.node_id for n in nodes] == [h.id for h in hits]
-        assert [n.msa_latent_score for n in nodes] == pytest.approx([h.latent_score for h in hits])
-        assert [n.msa_lexical_score for n in nodes] == pytest.approx([h.lexical_score for h in hits])
-        assert "msa_lexical_score" not in nodes[0].node.metadata  # the node stays as stored (its hash)
+        assert [n.score for n in nodes] == pytest.approx([h.relevance_score for h in hits])
+        # the index's retriever hands back plain NodeWithScores: the nodes stay as stored (their hash covers
+        # metadata), so each side's score is only on MSARetriever's MSANodeWithScore (test_nodes_carry...)
+        assert "msa_lexical_score" not in nodes[0].node.metadata
     plain = index.as_retriever(similarity_top_k=4).retrieve(q)
     latent_only = index.as_retriever(similarity_top_k=4, vector_store_query_mode="hybrid", alpha=1.0).retrieve(q)
     assert [n.node.node_id for n in latent_only] == [n.node.node_id for n in plain]
@@ -275,7 +276,7 @@ def test_query_restrictions_and_refusals(index, store):
     res = store.query(VectorStoreQuery(query_str="harbour", similarity_top_k=1,
                                        node_ids=[by_ref["paris"], by_ref["light"]]))
     assert len(res.ids) == 1 and res.ids[0] in (by_ref["paris"], by_ref["light"])
-    with pytest.raises(InvalidInputError, match="'sparse' is not supported.*'default' or 'mmr'"):
+    with pytest.raises(InvalidInputError, match="'sparse' is not supported.*'default', 'mmr' or 'hybrid'"):
         store.query(VectorStoreQuery(query_str="x", mode=VectorStoreQueryMode.SPARSE))
     with pytest.raises(InvalidInputError, match="query_str is empty"):
         store.query(VectorStoreQuery(query_embedding=[1.0], similarity_top_k=2))
@@ -469,3 +470,13 @@ def test_chat_errors_name_the_problem(store):
     with pytest.raises(InvalidInputError, match="role 'tool'"):
         llm.chat([ChatMessage(role="tool", content="x"), ChatMessage(role="user", content="y")])
 
+
+def test_nodes_carry_each_sides_score_in_a_fusion(store):
+    from msa_integrations.llama_index.nodes import hit_to_node
+
+    q = "Who built the lighthouse of Velmora?"
+    hits = store.store.retrieve(q, k=3, fusion="bm25", alpha=0.4)
+    nodes = [hit_to_node(h) for h in hits]
+    assert [n.msa_latent_score for n in nodes] == pytest.approx([h.latent_score for h in hits])
+    assert [n.msa_lexical_score for n in nodes] == pytest.approx([h.lexical_score for h in hits])
+    assert all(n.msa_score == h.score for n, h in zip(nodes, hits))
