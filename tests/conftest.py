@@ -52,3 +52,17 @@ def tiny_msa_dir(tmp_path_factory: pytest.TempPathFactory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    """A forkserver multiprocessing context for tests that run (and kill) bank writers in child processes.
+    The forkserver imports torch and msa once; each child is a fork of it. (Not a tests/ helper module:
+    Python 3.11's forkserver does not see tests/ on sys.path and would skip it silently.)"""
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        pytest.skip("needs the forkserver start method (POSIX)")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["msa_core.memory"])
+    return context

@@ -10,7 +10,6 @@ folder. Children fork from a forkserver that imported torch once, so a trial cos
 from __future__ import annotations
 
 import json
-import multiprocessing
 import random
 import shutil
 import statistics
@@ -31,17 +30,6 @@ from msa_core.memory.persist import CURRENT, DOCSTORE, MANIFEST, TENSORS
 TRIALS = 20
 SEED = 20260101
 OP_SEED = 7  # seed of the documents the operation writes
-
-
-@pytest.fixture(scope="module")
-def ctx():
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        pytest.skip("needs the forkserver start method (POSIX)")
-    context = multiprocessing.get_context("forkserver")
-    # The forkserver imports torch and msa once; each child is a fork of it. (Not crash_child itself:
-    # Python 3.11's forkserver does not see tests/ on sys.path and would skip it silently.)
-    context.set_forkserver_preload(["msa_core.memory"])
-    return context
 
 
 @pytest.fixture(scope="module")

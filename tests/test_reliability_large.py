@@ -8,8 +8,6 @@ read-only, so its pages are page cache, not the process's data); kv="same" (all 
 
 from __future__ import annotations
 
-import multiprocessing
-
 import crash_child
 import procs_child
 import pytest
@@ -18,15 +16,6 @@ import torch
 from msa_core.memory.encoded import EncodedDocuments
 
 CHUNKS_PER_DOC, DOCS = 2048, 128  # 262,144 chunks: 32 MiB per tensor in float16
-
-
-@pytest.fixture(scope="module")
-def ctx():
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        pytest.skip("needs the forkserver start method (POSIX)")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["msa_core.memory"])
-    return context
 
 
 @pytest.fixture(scope="module")

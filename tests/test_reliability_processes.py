@@ -6,7 +6,6 @@ leaves the bank locked. Also the CLI race of issue 24: two `msa add` at once on 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import subprocess
 import sys
@@ -23,15 +22,6 @@ from msa_core.memory.locking import LOCK_NAME, BankLockedError, bank_lock
 from msa_core.store import BankConflictError, MemoryStore
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def ctx():
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        pytest.skip("needs the forkserver start method (POSIX)")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["msa_core.memory"])
-    return context
 
 
 def start(ctx, target, *args):
