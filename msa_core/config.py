@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import InvalidInputError
 
 HeadReduce = Literal["mean", "max"]
-QueryReduce = Literal["max", "mean", "last"]
+# colbert: late interaction (each token's best chunk of a document, then the mean over tokens; routing/scores.py)
+QueryReduce = Literal["max", "mean", "last", "colbert"]
 ChunkReduce = Literal["max", "mean"]
 # cosine: the paper; scaled_dot: q.k/sqrt(D), the reference inference for INFONCE_DECOUPLE (spec §2.3);
 # scaled_cosine: cosine/sqrt(D), the reference without decouple_router for INFONCE (spec §9): same ranking.
@@ -22,6 +23,11 @@ Profile = Literal["default", "reference"]
 LayerAggregate = Literal["mean", "max"]
 FusionMethod = Literal["minmax", "zscore", "rrf"]
 StorageDtype = Literal["float32", "float16", "bfloat16"]
+
+
+# The routing settings a router is trained with: a trained router file records them (training/run.py), and a
+# model loading it scores the same way unless its config sets them (checkpoints/loading.py).
+TRAINED_SCORING = ("head_reduce", "query_reduce", "chunk_reduce", "normalization")
 
 
 class _Strict(BaseModel):
@@ -87,6 +93,13 @@ class RoutingConfig(_Strict):
         if any(i < 0 for i in v):
             raise ValueError(f"routing layer indices must be >= 0, got {v}")
         return sorted(set(v))
+
+    @model_validator(mode="after")
+    def _kernel_computes_reduction(self) -> "RoutingConfig":
+        if self.kernel == "triton" and self.query_reduce == "colbert":
+            raise ValueError("kernel='triton' computes Eq. 2 only; query_reduce='colbert' needs kernel 'auto' or "
+                             "'reference'")
+        return self
 
     @field_validator("position_offset")
     @classmethod

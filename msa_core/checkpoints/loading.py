@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..config import MSAConfig
+from ..config import TRAINED_SCORING, MSAConfig, RoutingConfig
 from ..decoder.backbone import Backbone, load_backbone
 from ..errors import ModelLoadError
 from ..routing.calibration import load_sidecar
@@ -78,6 +78,7 @@ def make_router(backbone: Backbone, cfg: MSAConfig,
         # answers: README, Training routers), so hybrid answers keep the base weights of the layers it changes.
         generator = base_view(backbone, delta_layers(loaded.backbone_delta))
         merge(backbone, loaded.backbone_delta, loaded.delta_scale)
+    cfg = _trained_scoring(cfg, loaded.extra.get("routing"))
     if cfg.routing.relevance_calibration is None:  # a calibration shipped beside the router file, if any
         fitted = load_sidecar(router, loaded.fingerprint())
         if fitted is not None:
@@ -88,6 +89,17 @@ def make_router(backbone: Backbone, cfg: MSAConfig,
         raise ModelLoadError(f"router {router} covers layers {loaded.layers}, the config asks for "
                              f"{cfg.routing.layers}; leave routing.layers unset to use the router's")
     return loaded, cfg, generator
+
+
+def _trained_scoring(cfg: MSAConfig, recorded: Any) -> MSAConfig:
+    """The scoring a router file records it was trained with (TRAINED_SCORING), where the config names none."""
+    if not isinstance(recorded, dict):
+        return cfg  # routers saved before 0.4 record nothing: they were all trained with the defaults
+    update = {k: recorded[k] for k in TRAINED_SCORING if k in recorded and k not in cfg.routing.model_fields_set}
+    if not update:
+        return cfg
+    routing = RoutingConfig.model_validate({**cfg.routing.model_dump(exclude_unset=True), **update})
+    return cfg.model_copy(update={"routing": routing})
 
 
 def declared_eos_ids(tokenizer: Any, hf_cfg: Any, path: Path) -> list[int]:

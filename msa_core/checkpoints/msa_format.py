@@ -211,6 +211,9 @@ def msa_config_for(config: MSAConfig, layers: Sequence[int], num_layers: int, de
     """msa_config describing our settings, keeping every other key of `previous` (training weights ...)."""
     out = read_msa_config(previous)
     r = config.routing
+    if r.query_reduce not in _CHOICES["query_reduce_method"]:
+        raise InvalidInputError(f"the MSA format knows query_reduce {_CHOICES['query_reduce_method']}, not "
+                                f"{r.query_reduce!r} (msa's own routing v2): save the router file instead")
     out.update({
         "router_layer_idx": format_router_layers(layers, num_layers, (previous or {}).get("router_layer_idx")),
         "decouple_router": bool(decouple_router),

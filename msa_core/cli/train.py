@@ -33,8 +33,13 @@ def cmd_train_router(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise InvalidInputError(f"bad training setting: {exc}") from exc
     overrides: dict[str, Any] = {}
+    routing: dict[str, Any] = {}
     if args.layers:
-        overrides["routing"] = {"layers": [int(x) for x in args.layers.split(",")]}
+        routing["layers"] = [int(x) for x in args.layers.split(",")]
+    if args.query_reduce:
+        routing["query_reduce"] = args.query_reduce
+    if routing:
+        overrides["routing"] = routing
     from ..model import MSAModel
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -65,6 +70,10 @@ def register(command: Any) -> None:
     p.add_argument("--model", default="default", help="'default' or a local Llama/Qwen2/Qwen3 folder")
     p.add_argument("--router", default=None, help="starting router: native (default), random, or a .safetensors file")
     p.add_argument("--layers", help="routing layers to train, comma-separated (default: the upper half)")
+    p.add_argument("--query-reduce", choices=("max", "mean", "last", "colbert"),
+                   help="how question tokens meet a document's chunks in training and, recorded in the router file, "
+                   "at retrieval: max (paper Eq. 2, the default), or colbert (each token's best chunk, then the mean "
+                   "over tokens)")
     p.add_argument("--max-layers", type=positive_int, help="keep the best N layers, chosen on held-out data")
     p.add_argument("--steps", type=positive_int, help="optimizer steps (default: 1500)")
     p.add_argument("--batch-size", type=positive_int, help="questions per step (default: 256)")

@@ -21,7 +21,7 @@ from ..decoder.backbone import Backbone, Memory
 from ..errors import InvalidInputError, check_text
 from ..memory.bank import MemoryBank
 from ..routing.projectors import RouterProjectors
-from ..routing.scores import reduce_to_docs, score_chunks, select_top_k
+from ..routing.scores import document_scores, select_top_k
 from .engine import Engine, Session
 
 # Tensors derived from a bank state (inverse key norms; K̄_R and the chunk index copied to a GPU for a bank
@@ -238,8 +238,8 @@ class MemoryRouter:
         GPU for a bank in CPU memory (K̄_R copied there once, `_routing_on`); the CPU only for kernel='triton'
         (Triton's interpreter)."""
         cfg, kr = self.cfg, self.bank.kr_bar
-        if cfg.kernel == "reference" or cfg.head_reduce != "mean":
-            return None
+        if cfg.kernel == "reference" or cfg.head_reduce != "mean" or cfg.query_reduce == "colbert":
+            return None  # the Triton kernels compute Eq. 2 only
         if kr.is_cuda:
             return kr.device
         if q.is_cuda:
@@ -268,9 +268,9 @@ class MemoryRouter:
                 normalization=cfg.normalization, query_reduce=cfg.query_reduce, chunk_reduce=cfg.chunk_reduce,
                 backend=cfg.kernel, key_inv_norms=None if inv is None else inv[li], validate=self._validate_once(),
                 exact=cfg.exact_scores)
-        chunk_scores = score_chunks(q, self.routing_mask, bank.kr_bar[li], head_reduce=cfg.head_reduce,
-                                    query_reduce=cfg.query_reduce, normalization=cfg.normalization)
-        return reduce_to_docs(chunk_scores, bank.chunk_doc, bank.num_parts, chunk_reduce=cfg.chunk_reduce)
+        return document_scores(q, self.routing_mask, bank.kr_bar[li], bank.chunk_doc, bank.num_parts,
+                               head_reduce=cfg.head_reduce, query_reduce=cfg.query_reduce,
+                               chunk_reduce=cfg.chunk_reduce, normalization=cfg.normalization)
 
     def _routing_queries(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         if getattr(self.router, "needs_positions", False):

@@ -1,10 +1,11 @@
 """Routing scores of MSA (paper Eq. 2, spec §2.3), the plain-PyTorch reference.
 
 A question's routing queries are scored against every pooled routing key (`score_chunks`), chunk
-scores become document scores (`reduce_to_docs`), and each row keeps its best documents
-(`select_top_k`); a retriever's single ranking aggregates the routing layers (`aggregate_layers`) and
+scores become document scores (`reduce_to_docs`), or, in ColBERT order, each question token keeps its
+best chunk of each document and the tokens are averaged (`late_interaction_scores`); `document_scores`
+picks the order the config names. Each row keeps its best documents (`select_top_k`); a retriever's single ranking aggregates the routing layers (`aggregate_layers`) and
 `relevance` maps a score to [0, 1]. The Triton kernels (msa_core/kernels) are tested against these
-functions, so they favour clarity and bounded memory over speed. Imports only config and errors.
+functions, so they favour clarity and bounded memory over speed. Imports only config, errors, calibration.
 """
 
 from __future__ import annotations
@@ -108,28 +109,110 @@ def score_chunks(
     scaled_cosine: cosine times 1/sqrt(D) (the reference without decouple_router, spec §9).
     Chunks are processed `chunk_block` at a time so memory does not grow with the bank.
     """
-    _check_choice("head_reduce", head_reduce, ("mean", "max"))
+    if query_reduce == "colbert":
+        raise InvalidInputError("query_reduce='colbert' ranks documents, not chunks: use document_scores")
     _check_choice("query_reduce", query_reduce, ("max", "mean", "last"))
+    q, token_mask, k = _prepared(q, token_mask, kr_bar, head_reduce, normalization, chunk_block,
+                                 last_only=query_reduce == "last")
+    out = torch.empty(q.shape[0], k.shape[0], dtype=torch.float32, device=q.device)
+    for start in range(0, k.shape[0], chunk_block):
+        s = _token_head_scores(q, k[start : start + chunk_block], head_reduce)
+        out[:, start : start + chunk_block] = _reduce_tokens(s, token_mask, query_reduce)
+    return out
+
+
+def _prepared(q: Tensor, token_mask: Tensor, kr_bar: Tensor, head_reduce: str, normalization: str,
+              chunk_block: int, *, last_only: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Checked float32 inputs of the token-chunk scores: q [B, T', Hkv, G, D] normalised and scaled as
+    `normalization` says, the token mask on q's device, k [C, Hkv, D]."""
+    _check_choice("head_reduce", head_reduce, ("mean", "max"))
     _check_choice("normalization", normalization, ("cosine", "scaled_dot", "scaled_cosine"))
     _check_score_inputs(q, token_mask, kr_bar, chunk_block)
-    b, _, h, d = q.shape
+    h, d = q.shape[2], q.shape[3]
     hkv = kr_bar.shape[1]
     token_mask = token_mask.to(q.device)
     q = q.float()
     k = kr_bar.to(device=q.device, dtype=torch.float32)
-    if query_reduce == "last":
+    if last_only:
         q, token_mask = _last_valid_token(q, token_mask)
     if normalization in ("cosine", "scaled_cosine"):
         q = F.normalize(q, dim=-1, eps=NORM_EPS)
         k = F.normalize(k, dim=-1, eps=NORM_EPS)
     if normalization in ("scaled_dot", "scaled_cosine"):
         q = q * (1.0 / math.sqrt(d))  # scaling q once is cheaper than scaling every score
-    q = q.unflatten(2, (hkv, h // hkv))  # [B, T, Hkv, G, D]
-    out = torch.empty(b, k.shape[0], dtype=torch.float32, device=q.device)
+    return q.unflatten(2, (hkv, h // hkv)), token_mask, k  # q: [B, T, Hkv, G, D]
+
+
+def late_interaction_scores(
+    q: Tensor,
+    token_mask: Tensor,
+    kr_bar: Tensor,
+    chunk_doc: Tensor,
+    num_docs: int,
+    *,
+    head_reduce: HeadReduce,
+    normalization: Normalization,
+    chunk_block: int = 16384,
+) -> Tensor:
+    """Document scores [B, N] in ColBERT order (query_reduce='colbert'): for each routing token its best
+    chunk of the document, then the mean over the row's routing tokens.
+
+    Eq. 2 takes the max over tokens, then over chunks, so one (token, chunk) pair decides a document; here
+    every question token votes, so a document that matches each named thing beats one that matches a
+    single topical word. Same inputs as `score_chunks` + `reduce_to_docs`; a document without chunks
+    scores -inf. Memory: [B, T, N] floats besides one [B, T, chunk_block] block; time: the Eq. 2 scores
+    plus one pass over them per chunk slot (a document's j-th chunk), not a scatter with atomics.
+    """
+    q, token_mask, k = _prepared(q, token_mask, kr_bar, head_reduce, normalization, chunk_block, last_only=False)
+    _check_doc_map(chunk_doc, k.shape[0], num_docs)
+    b, t = token_mask.shape
+    chunk_doc = chunk_doc.to(device=q.device, dtype=torch.long)
+    best = torch.full((b, t, num_docs), float("-inf"), device=q.device)
     for start in range(0, k.shape[0], chunk_block):
-        s = _token_head_scores(q, k[start : start + chunk_block], head_reduce)
-        out[:, start : start + chunk_block] = _reduce_tokens(s, token_mask, query_reduce)
-    return out
+        s = _token_head_scores(q, k[start : start + chunk_block], head_reduce)  # [B, T, c]
+        for chunks, docs in _chunk_slots(chunk_doc[start : start + chunk_block]):
+            # each document at most once per slot: a gather, a max and a copy, no atomics
+            best.index_copy_(2, docs, torch.maximum(best.index_select(2, docs), s.index_select(2, chunks)))
+    m = token_mask.unsqueeze(-1)
+    summed = best.masked_fill(~m, 0.0).sum(dim=1)  # a chunkless document stays -inf
+    return summed / token_mask.sum(dim=1, keepdim=True).to(summed.dtype)
+
+
+def _chunk_slots(chunk_doc: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """(chunk positions, their documents) for slot j = each document's j-th chunk (in any order of chunk_doc).
+
+    Documents hold a few chunks, so a handful of slots cover every chunk."""
+    order = torch.sort(chunk_doc, stable=True).indices
+    docs = chunk_doc[order]
+    starts = torch.ones_like(docs, dtype=torch.bool)
+    starts[1:] = docs[1:] != docs[:-1]
+    first = torch.cummax(torch.where(starts, torch.arange(len(docs), device=docs.device), 0), dim=0).values
+    rank = torch.arange(len(docs), device=docs.device) - first  # j of each sorted chunk
+    slots = int(rank.max()) + 1 if len(docs) else 0
+    return [(order[rank == j], docs[rank == j]) for j in range(slots)]
+
+
+def document_scores(
+    q: Tensor,
+    token_mask: Tensor,
+    kr_bar: Tensor,
+    chunk_doc: Tensor,
+    num_docs: int,
+    *,
+    head_reduce: HeadReduce,
+    query_reduce: QueryReduce,
+    chunk_reduce: ChunkReduce,
+    normalization: Normalization,
+) -> Tensor:
+    """Document scores [B, N] of one routing layer, as the routing config says: Eq. 2 (`score_chunks`
+    then `reduce_to_docs`), or ColBERT order for query_reduce='colbert' (`late_interaction_scores`,
+    chunk_reduce unused). Training and retrieval both rank with this function."""
+    if query_reduce == "colbert":
+        return late_interaction_scores(q, token_mask, kr_bar, chunk_doc, num_docs, head_reduce=head_reduce,
+                                       normalization=normalization)
+    chunks = score_chunks(q, token_mask, kr_bar, head_reduce=head_reduce, query_reduce=query_reduce,
+                          normalization=normalization)
+    return reduce_to_docs(chunks, chunk_doc, num_docs, chunk_reduce=chunk_reduce)
 
 
 def reduce_to_docs(
@@ -149,13 +232,7 @@ def reduce_to_docs(
             f"chunk_scores must be [B, C] and chunk_doc [C], "
             f"got {tuple(chunk_scores.shape)} and {tuple(chunk_doc.shape)}"
         )
-    if num_docs < 0:
-        raise InvalidInputError(f"num_docs must be >= 0, got {num_docs}")
-    if chunk_doc.numel() and (int(chunk_doc.min()) < 0 or int(chunk_doc.max()) >= num_docs):
-        raise InvalidInputError(
-            f"chunk_doc values must lie in [0, {num_docs}), "
-            f"got [{int(chunk_doc.min())}, {int(chunk_doc.max())}]"
-        )
+    _check_doc_map(chunk_doc, chunk_scores.shape[1], num_docs)
     scores = chunk_scores.float()
     b = scores.shape[0]
     index = chunk_doc.to(device=scores.device, dtype=torch.long).expand(b, -1)
@@ -167,6 +244,18 @@ def reduce_to_docs(
     )
     has_chunk = torch.bincount(chunk_doc.long(), minlength=num_docs).to(scores.device) > 0
     return means.masked_fill(~has_chunk, float("-inf"))
+
+
+def _check_doc_map(chunk_doc: Tensor, num_chunks: int, num_docs: int) -> None:
+    if chunk_doc.dim() != 1 or chunk_doc.shape[0] != num_chunks:
+        raise InvalidInputError(f"chunk_doc must be [C] with C = {num_chunks} chunks, got {tuple(chunk_doc.shape)}")
+    if num_docs < 0:
+        raise InvalidInputError(f"num_docs must be >= 0, got {num_docs}")
+    if chunk_doc.numel() and (int(chunk_doc.min()) < 0 or int(chunk_doc.max()) >= num_docs):
+        raise InvalidInputError(
+            f"chunk_doc values must lie in [0, {num_docs}), "
+            f"got [{int(chunk_doc.min())}, {int(chunk_doc.max())}]"
+        )
 
 
 def select_top_k(

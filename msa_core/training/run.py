@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..config import TRAINED_SCORING
 from ..routing.projectors import RouterProjectors
 from .cache import RaggedStates, cache_documents, cache_queries
 from .data import TrainingSet
@@ -134,7 +135,9 @@ def save_trained_router(router: RouterProjectors, out: str | Path, model: Any, c
                         else model.generator.fingerprint())
     summary = {"final": report.final, "steps": report.steps, "seconds": report.seconds, "device": report.device,
                "data": [Path(d).name for d in data], "config": config.model_dump()}
-    half.save(out, base_fingerprint, extra={"training": summary})
+    routing = model.config.routing
+    scoring = {k: getattr(routing, k) for k in TRAINED_SCORING}
+    half.save(out, base_fingerprint, extra={"training": summary, "routing": scoring})
     out.with_suffix(".md").write_text(model_card(report, config, data, model.name))
     return out
 

@@ -1,5 +1,5 @@
 """Train router projectors (W_QR, W_KR) with the backbone frozen: the paper's decoupled InfoNCE (Eq. 5)
-over per-layer document scores (Eq. 2, the same `score_chunks`/`reduce_to_docs` retrieval uses).
+over per-layer document scores (Eq. 2 or ColBERT order: the same `document_scores` retrieval uses).
 
     report = train_router(model, ["train/squad.jsonl"], "router.safetensors", TrainConfig(steps=2000))
 
@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..config import RoutingConfig
 from ..errors import InvalidInputError
 from ..routing.projectors import RouterProjectors
-from ..routing.scores import reduce_to_docs, score_chunks
+from ..routing.scores import document_scores
 from .cache import RaggedStates
 from .data import TrainingSet
 
@@ -136,9 +136,9 @@ def layer_doc_scores(router: RouterProjectors, layer: int, q_x: torch.Tensor, q_
     Differentiable in the router's weights; the same functions rank documents at retrieval time."""
     q = router.project_queries(layer, q_x)
     k = router.project_keys(layer, d_x)
-    chunks = score_chunks(q, q_mask, k, head_reduce=cfg.head_reduce, query_reduce=cfg.query_reduce,
-                          normalization=cfg.normalization)
-    return reduce_to_docs(chunks, chunk_doc, n_docs, chunk_reduce=cfg.chunk_reduce)
+    return document_scores(q, q_mask, k, chunk_doc, n_docs, head_reduce=cfg.head_reduce,
+                           query_reduce=cfg.query_reduce, chunk_reduce=cfg.chunk_reduce,
+                           normalization=cfg.normalization)
 
 
 @torch.no_grad()
@@ -157,9 +157,9 @@ def corpus_scores(router: RouterProjectors, layers: Sequence[int], queries: Ragg
         per_layer = []
         for layer in layers:
             q = router.project_queries(layer, q_x[:, :, column[layer]])
-            chunks = score_chunks(q, q_mask, keys[layer], head_reduce=cfg.head_reduce,
-                                  query_reduce=cfg.query_reduce, normalization=cfg.normalization)
-            per_layer.append(reduce_to_docs(chunks, chunk_doc, len(documents), chunk_reduce=cfg.chunk_reduce))
+            per_layer.append(document_scores(q, q_mask, keys[layer], chunk_doc, len(documents),
+                                             head_reduce=cfg.head_reduce, query_reduce=cfg.query_reduce,
+                                             chunk_reduce=cfg.chunk_reduce, normalization=cfg.normalization))
         yield rows, torch.stack(per_layer)
 
 

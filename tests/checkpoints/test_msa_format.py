@@ -243,6 +243,15 @@ def test_our_llama_model_with_a_router_saves_in_msa_format(tiny_model_dir, tmp_p
     assert [h.score for h in again.retrieve(QUESTION, bank, k=4)] == scores
 
 
+def test_colbert_routing_is_not_written_as_the_msa_format(tiny_model_dir, tmp_path):
+    """The MSA format (the authors' code) knows Eq. 2 only: a model routing in ColBERT order says so."""
+    cfg = MSAConfig(routing={"layers": [2, 3], "query_reduce": "colbert"}, encode={"chunk_size": 8})
+    model = MSAModel.from_pretrained(tiny_model_dir("llama"), router="random", config=cfg, device="cpu")
+    with pytest.raises(InvalidInputError, match="colbert"):
+        model.save_pretrained(tmp_path / "late-msa")
+    assert not (tmp_path / "late-msa" / "config.json").exists()
+
+
 def test_sharded_save_loads_back(tiny_msa_dir, tmp_path):
     from msa_core.checkpoints.msa_save import save_msa
 

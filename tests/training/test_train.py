@@ -161,10 +161,12 @@ def test_cached_document_states_give_the_banks_routing_keys(fp32_model, tiny_mod
         torch.testing.assert_close(keys, bank.kr_bar[li], atol=1e-5, rtol=1e-4)
 
 
-def test_training_scores_equal_retrieval_scores(tiny_model_dir):
+@pytest.mark.parametrize("query_reduce", ["max", "colbert"])
+def test_training_scores_equal_retrieval_scores(tiny_model_dir, query_reduce):
     """layer_doc_scores on cached states == the per-layer scores `retrieve` reports (the loss trains
-    exactly what retrieval ranks by)."""
-    cfg = MSAConfig.model_validate({"encode": {"storage_dtype": "float32", "chunk_size": 16}})
+    exactly what retrieval ranks by), for Eq. 2 and for routing v2's ColBERT order."""
+    cfg = MSAConfig.model_validate({"encode": {"storage_dtype": "float32", "chunk_size": 16},
+                                    "routing": {"query_reduce": query_reduce}})
     model = MSAModel.from_pretrained(str(tiny_model_dir("llama")), router="random", config=cfg)
     bank = model.index(_DOCS, ids=[str(i) for i in range(len(_DOCS))])
     docs, qs = _states(model)
@@ -320,6 +322,24 @@ def test_cli_trains_a_router_the_engine_loads(keyword_model_dir, keyword_data, t
     model = MSAModel.from_pretrained(str(keyword_model_dir), router=out)
     assert model.router.fingerprint() == RouterProjectors.load(out).fingerprint()
     assert "held-out recall@1/5/10" in capsys.readouterr().err
+
+
+def test_a_router_trained_in_colbert_order_is_loaded_in_colbert_order(keyword_model_dir, keyword_data, tmp_path):
+    """The router file records the scoring it was trained with; a model loading it scores that way unless its
+    config says otherwise."""
+    out = tmp_path / "late.safetensors"
+    code = main(["train-router", str(keyword_data), "--model", str(keyword_model_dir), "--out", str(out),
+                 "--steps", "5", "--batch-size", "16", "--heldout", "0.2", "--bm25-depth", "5",
+                 "--query-reduce", "colbert", "--no-progress"])
+    assert code == 0
+    assert RouterProjectors.load(out).extra["routing"]["query_reduce"] == "colbert"
+    assert MSAModel.from_pretrained(str(keyword_model_dir), router=out).config.routing.query_reduce == "colbert"
+    asked = MSAModel.from_pretrained(str(keyword_model_dir), router=out, config={"routing": {"query_reduce": "max"}})
+    assert asked.config.routing.query_reduce == "max"
+    plain = tmp_path / "plain.safetensors"
+    assert main(["train-router", str(keyword_data), "--model", str(keyword_model_dir), "--out", str(plain),
+                 "--steps", "2", "--batch-size", "16", "--heldout", "0.2", "--bm25-depth", "5", "--no-progress"]) == 0
+    assert MSAModel.from_pretrained(str(keyword_model_dir), router=plain).config.routing.query_reduce == "max"
 
 
 def test_model_card_discloses_synthetic_questions():
