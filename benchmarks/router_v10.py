@@ -51,6 +51,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arm", action="append", required=True, help="NAME=ROUTER[:QUERY_REDUCE]")
     ap.add_argument("--hotpotqa", help="HotpotQA-100 folder (reported only)")
+    ap.add_argument("--dev-set", action="append", default=[], metavar="NAME=FOLDER",
+                    help="a held-out training source as a retrieval set (benchmarks/source_as_eval_set.py)")
+    ap.add_argument("--skip-niah", action="store_true", help="no NIAH sets at all (CPU spot checks)")
     ap.add_argument("--niah-dir", default="niah_sets", help="where the NIAH sets are generated")
     ap.add_argument("--skip-niah1m", action="store_true")
     ap.add_argument("--dev-niah-tokens", type=int, default=256_000, help="size of the dev NIAH (smoke runs: less)")
@@ -61,12 +64,15 @@ def main() -> None:
     sets = {}
     for name, spec in (("dev_niah_256k", NIAHSpec(tokens=args.dev_niah_tokens, task="single", queries=100, seed=1)),
                        ("niah1m_reported_only", NIAHSpec(tokens=1_000_000, task="single", queries=100, seed=0))):
-        if name.startswith("niah1m") and args.skip_niah1m:
+        if args.skip_niah or (name.startswith("niah1m") and args.skip_niah1m):
             continue
         folder = Path(args.niah_dir) / name
         if not (folder / "queries.jsonl").is_file():
             generate_niah(spec, folder, overwrite=True)
         sets[name] = load_dataset(str(folder))
+    for item in args.dev_set:
+        name, _, folder = item.partition("=")
+        sets[name] = load_dataset(folder)
     if args.hotpotqa:
         sets["hotpotqa100_reported_only"] = load_dataset(args.hotpotqa)
 

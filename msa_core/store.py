@@ -2,8 +2,9 @@
 
 The LangChain and LlamaIndex adapters (and any server) wrap a MemoryStore instead of touching
 MSAModel and MemoryBank directly. Every operation holds one lock, so a reader never sees a half-applied
-update; the async methods run the same work on a single worker thread, so the event loop never blocks
-on the model.
+update; the async methods run the same work on a single worker thread (answers on a pool, so that
+concurrent ones can meet), so the event loop never blocks on the model. Greedy answers asked at the same time
+with the same options are generated as one batch (inference/batcher.py).
 
 Several processes. A store loaded from a folder (`MemoryStore.load(path)`) follows it: before each
 operation it looks at the folder's CURRENT and, when another process saved a newer version and this store
@@ -16,6 +17,7 @@ of processes can write one bank and no document is lost.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from .errors import BankError, InvalidInputError
+from .inference.batcher import AnswerBatcher, batch_key
 from .memory.bank import MemoryBank
 from .memory.filters import Filter
 from .memory.locking import bank_lock
@@ -46,6 +49,15 @@ def shared_default_model() -> MSAModel:
         return _DEFAULT_MODEL
 
 
+_ANSWER_THREADS = 16  # concurrent aanswer calls that can meet in one batch
+_BATCH_OPTIONS = frozenset(inspect.signature(MSAModel.answer_batch).parameters) - {"self", "questions", "bank"}
+
+
+def _answer_batch_key(options: dict[str, Any]) -> Any:
+    """Options answer_batch takes (others, e.g. interleave's, answer alone), greedy ones only (batch_key)."""
+    return batch_key(options) if set(options) <= _BATCH_OPTIONS else None
+
+
 class MemoryStore:
     def __init__(self, model: MSAModel | None = None, bank: MemoryBank | None = None) -> None:
         self.model = model or shared_default_model()
@@ -53,6 +65,9 @@ class MemoryStore:
         self.model.check_bank(self.bank)
         self._lock = threading.RLock()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="msa-store")
+        # answers from several threads (or aanswer calls) that arrive together run as one batch
+        self._batcher = AnswerBatcher(self._answer_rows, key=_answer_batch_key)
+        self._answer_pool = ThreadPoolExecutor(max_workers=_ANSWER_THREADS, thread_name_prefix="msa-answer")
         self.path: Path | None = None  # the folder this store follows (set by load)
         self.write_through = False
         self._version: str | None = None  # the version of `path` the bank holds; None: unknown
@@ -92,9 +107,16 @@ class MemoryStore:
             return self.model.retrieve(question, self.bank, k, filter=filter, **kw)
 
     def answer(self, question: str, **kw: Any) -> Answer:
+        """The model's answer from this store's bank. Greedy calls made at the same time from several threads
+        with the same options are generated as one batch (inference/batcher.py), with the same answers."""
+        return self._batcher.submit(question, kw)
+
+    def _answer_rows(self, questions: list[Any], options: dict[str, Any]) -> list[Answer]:
         with self._lock:
             self.reload_if_newer()
-            return self.model.answer(question, self.bank, **kw)
+            if len(questions) == 1:
+                return [self.model.answer(questions[0], self.bank, **options)]
+            return self.model.answer_batch(questions, self.bank, **options)
 
     def stream_answer(self, question: str, **kw: Any) -> "LockedAnswerStream":
         """Text pieces; the lock is held until the stream ends, so the bank cannot change mid-answer.
@@ -195,7 +217,8 @@ class MemoryStore:
         return await self._run(self.retrieve, *args, **kw)
 
     async def aanswer(self, question: str, **kw: Any) -> Answer:
-        return await self._run(self.answer, question, **kw)
+        # not on the one worker: concurrent aanswer calls must meet in the batcher
+        return await asyncio.get_running_loop().run_in_executor(self._answer_pool, partial(self.answer, question, **kw))
 
     def astream_answer(self, question: str, **kw: Any) -> "AsyncAnswerStream":
         """`async for piece in store.astream_answer(q)`; `.result` holds the Answer afterwards."""

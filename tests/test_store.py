@@ -71,3 +71,36 @@ def test_threads_share_one_store(store):
     for t in threads:
         t.join()
     assert not errors and len(store) == 9
+
+
+def test_concurrent_answers_are_generated_as_one_batch_with_the_same_answers(store):
+    questions = ["Who built the lighthouse?", "When do ferries leave?", "Where is Paris?", "Who?"]
+    alone = [store.answer(q, max_new_tokens=6, k=2) for q in questions]
+    store._batcher.wait_s = 0.05  # a wide window, so the threads surely meet
+    before = len(store._batcher.batches)
+    got = [None] * len(questions)
+    start = threading.Barrier(len(questions))
+
+    def work(i):
+        start.wait()
+        got[i] = store.answer(questions[i], max_new_tokens=6, k=2)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(questions))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert max(store._batcher.batches[before:]) > 1
+    assert [a.text for a in got] == [a.text for a in alone]
+    assert [a.doc_ids for a in got] == [a.doc_ids for a in alone]
+
+
+def test_concurrent_aanswer_calls_meet_in_a_batch(store):
+    store._batcher.wait_s = 0.05
+
+    async def work():
+        return await asyncio.gather(*[store.aanswer(q, max_new_tokens=4) for q in ("Who?", "When?", "Where?")])
+
+    before = len(store._batcher.batches)
+    answers = asyncio.run(work())
+    assert len(answers) == 3 and max(store._batcher.batches[before:]) > 1

@@ -292,6 +292,20 @@ def test_chat_astream_and_ainvoke(vs):
     assert chunks[-1].chunk_position == "last" and chunks[-1].response_metadata["doc_ids"]
 
 
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_chat_batch_generates_together_and_equals_invoke(vs, asynchronous):
+    """chat.batch / abatch: LangChain's concurrent invokes meet in the store's batcher (one answer_batch)."""
+    chat = ChatMSA(store=vs, max_new_tokens=5, k=2)
+    questions = ["Who built the lighthouse?", "Where do ferries go?", "What is Paris?"]
+    alone = [chat.invoke(q) for q in questions]
+    vs.store._batcher.wait_s = 0.05
+    before = len(vs.store._batcher.batches)
+    msgs = asyncio.run(chat.abatch(questions)) if asynchronous else chat.batch(questions)
+    assert max(vs.store._batcher.batches[before:]) > 1
+    assert [m.content for m in msgs] == [m.content for m in alone]
+    assert [m.response_metadata["doc_ids"] for m in msgs] == [m.response_metadata["doc_ids"] for m in alone]
+
+
 def test_chat_hybrid_and_plain_generation(vs, tiny):
     hybrid = ChatMSA(store=vs, mode="hybrid", k=2, max_new_tokens=4).invoke("ferries")
     assert hybrid.response_metadata["mode"] == "hybrid" and len(hybrid.response_metadata["doc_ids"]) == 2
