@@ -131,12 +131,14 @@ class RotaryEmbedding(torch.nn.Module):
         self.spec = spec
         # A plain attribute, not a buffer: model.to(bfloat16) must not round the frequencies.
         self.inv_freq, self.attention_scaling = inverse_frequencies(spec)
+        # One copy per device, never replaced: a captured CUDA graph keeps reading the copy it saw.
+        self._inv_freq_on: dict[torch.device, torch.Tensor] = {self.inv_freq.device: self.inv_freq}
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B, T] -> (cos, sin) [B, T, dim] in `dtype`."""
-        if self.inv_freq.device != positions.device:
-            self.inv_freq = self.inv_freq.to(positions.device)
-        inv_freq = self.inv_freq
+        inv_freq = self._inv_freq_on.get(positions.device)
+        if inv_freq is None:
+            inv_freq = self._inv_freq_on[positions.device] = self.inv_freq.to(positions.device)
         if self.spec.rope_type == "dynamic":
             seq_len = int(positions.max().item()) + 1 if positions.numel() else 1
             inv_freq = inverse_frequencies(self.spec, seq_len)[0].to(positions.device)

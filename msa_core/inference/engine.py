@@ -284,7 +284,7 @@ class QueryForward:
         key = (b, bucket)
         if key not in self._graphs:
             self._graphs[key] = self._capture(ids, positions, valid)
-        inputs, graph, outputs = self._graphs[key]
+        inputs, graph, outputs, _scratch = self._graphs[key]
         for buf, value in zip(inputs, (ids, positions, valid)):
             buf.copy_(value)
         graph.replay()
@@ -305,7 +305,9 @@ class QueryForward:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             outputs = self.forward(*inputs, scratch)
-        return inputs, graph, outputs
+        # The graph reads and writes the scratch cache's memory: it must live as long as the graph, or the
+        # allocator hands that memory to other tensors and each replay corrupts them (and reads garbage).
+        return inputs, graph, outputs, scratch
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
                 scratch: StaticCache) -> dict[int, torch.Tensor]:

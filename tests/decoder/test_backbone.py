@@ -102,3 +102,16 @@ def test_fingerprint_is_stable_and_sensitive(tiny_model_dir):
     with torch.no_grad():
         b.layers[0].mlp.up_proj.weight[0, 0] += 1.0
     assert a.fingerprint() != b.fingerprint()
+
+
+def test_rope_keeps_one_frequency_table_per_device():
+    """A call on another device must not replace the table a captured CUDA graph reads (engine.QueryForward)."""
+    from msa_core.decoder.rope import RopeSpec, RotaryEmbedding
+
+    rope = RotaryEmbedding(RopeSpec(rope_type="default", theta=10000.0, dim=8))
+    positions = torch.arange(4)[None]
+    cos, _ = rope(positions, torch.float32)
+    table = rope._inv_freq_on[positions.device]
+    rope(positions.to("meta"), torch.float32)
+    again, _ = rope(positions, torch.float32)
+    assert rope._inv_freq_on[positions.device] is table and torch.equal(cos, again)
