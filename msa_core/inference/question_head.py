@@ -46,6 +46,7 @@ class HeadCache:
 
     def __init__(self, entries: int = 4) -> None:
         self.entries = entries
+        self.enabled = True  # False: every split leaves the prompts whole (the baseline of benchmarks/tests)
         self._lock = threading.Lock()  # retrieve may run on several threads
         self._store: OrderedDict[tuple, HeadKV] = OrderedDict()
 
@@ -57,7 +58,7 @@ class HeadCache:
         """(prompts cut to their routing tokens, the RoPE position of their first token, the shared head's
         K/V or None when it is empty) for a query forward that stops at `last_layer`; the prompts unchanged,
         `offset` and None when they do not share one head (each prompt: an `inference.generate.Prompt`)."""
-        if not prompts or any(True not in p.routing for p in prompts):
+        if not self.enabled or not prompts or any(True not in p.routing for p in prompts):
             return list(prompts), offset, None
         spans = [_span(p.routing) for p in prompts]
         head = tuple(prompts[0].ids[: spans[0][0]])
