@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from msa_core import MSAModel, __version__  # noqa: E402
+from msa_core import MSAModel, __version__
 
 DATA = Path(os.environ.get("MSA_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -234,8 +234,8 @@ def retrieve_ab(models: dict, banks: dict, queries: list, k: int = 5) -> dict:
 
 def niah_ab(models: dict, tokens: int, n_queries: int) -> dict:
     """NIAH top-5 (multikey, RULER's needles in Paul Graham's essays) for both paths."""
-    from msa_integrations.compare.niah import NIAHSpec, generate_niah
     from msa_integrations.compare.metrics import recall_at_k
+    from msa_integrations.compare.niah import NIAHSpec, generate_niah
 
     data = generate_niah(NIAHSpec(tokens=tokens, task="multikey", queries=n_queries, seed=0),
                          tokenizer=models["fp32"].tokenizer)

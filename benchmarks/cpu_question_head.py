@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from msa_core import MSAModel, __version__  # noqa: E402
-from msa_core.inference.generate import engine_for  # noqa: E402
+from msa_core import MSAModel, __version__
+from msa_core.inference.generate import engine_for
 
 DATA = Path(os.environ.get("MSA_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
