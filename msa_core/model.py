@@ -167,6 +167,8 @@ class MSAModel:
         .safetensors file.
         profile: "default" or "reference"; None takes the config's, else "reference" for MSA-format
         checkpoints and "default" for the others.
+        dtype: None is bfloat16 on a GPU and, on a CPU, bfloat16 where it multiplies bf16 natively (AVX-512 BF16,
+        AMX), else float32 (decoder/cpu_precision.py); torch.float32 is the exact path. Banks work with either.
         """
         from .checkpoints.defaults import resolve_model_path
         from .checkpoints.loading import load_parts

@@ -8,6 +8,9 @@ import sys
 # without an NVIDIA GPU, ask for the interpreter before anything else is imported.
 if not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Unit tests compare against fp32 references: they run the exact fp32 CPU path unless a test asks for
+# another dtype (tests/decoder/test_cpu_precision.py covers the bf16 default of CPUs with native bf16).
+os.environ.setdefault("MSA_CPU_DTYPE", "float32")
 from pathlib import Path
 
 import pytest

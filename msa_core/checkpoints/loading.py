@@ -15,6 +15,7 @@ import torch
 
 from ..config import TRAINED_SCORING, MSAConfig, RoutingConfig
 from ..decoder.backbone import Backbone, load_backbone
+from ..decoder.cpu_precision import default_cpu_dtype
 from ..errors import ModelLoadError
 from ..routing.calibration import load_sidecar
 from ..routing.projectors import RouterProjectors
@@ -124,7 +125,8 @@ def load_parts(path: Path, *, router: str | Path | None = None, config: MSAConfi
                profile: str | None = None, device: str | torch.device | None = None,
                dtype: torch.dtype | None = None, name: str = "") -> ModelParts:
     """The parts of a plain Llama/Qwen2/Qwen3 checkpoint folder (`name` "default": the embedded model, with its
-    trained router unless `router` says otherwise)."""
+    trained router unless `router` says otherwise). dtype None: bfloat16 on a GPU; on a CPU bfloat16 where it
+    multiplies bf16 natively (AVX-512 BF16 / AMX), else float32 (decoder/cpu_precision.py)."""
     from transformers import AutoTokenizer
 
     from .defaults import default_router_path
@@ -135,10 +137,18 @@ def load_parts(path: Path, *, router: str | Path | None = None, config: MSAConfi
     if router is None and name == "default":
         router = default_router_path()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    backbone, hf_cfg = load_backbone(path, dtype=dtype, device=device)
+    on_cpu = device.type == "cpu"
+    dtype = dtype or (default_cpu_dtype() if on_cpu else torch.bfloat16)
+    # On a CPU the weights load (and a router's backbone delta merges) in fp32 and the backbone is cast
+    # afterwards; the router stays fp32 there, so routing scores keep fp32 accuracy (decoder/cpu_precision.py).
+    backbone, hf_cfg = load_backbone(path, dtype=torch.float32 if on_cpu else dtype, device=device)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     projectors, cfg, generator = make_router(backbone, cfg, router)
-    return ModelParts(backbone, tokenizer, projectors.to(device=device, dtype=dtype), cfg, name=name,
+    projectors = projectors.to(device=device, dtype=torch.float32 if on_cpu else dtype)
+    if on_cpu and dtype != torch.float32:
+        backbone.to(dtype)
+        if generator is not None:
+            generator.to(dtype)
+    return ModelParts(backbone, tokenizer, projectors, cfg, name=name,
                       eos_ids=declared_eos_ids(tokenizer, hf_cfg, path), generator=generator, hf_config=hf_cfg,
                       router_source=str(router) if router is not None else "native")

@@ -268,13 +268,17 @@ class Backbone(nn.Module):
         capture: CaptureHook | None = None,
         last_layer: int | None = None,
         causal: bool = True,
+        hooks_only_in_last: bool = False,
     ) -> torch.Tensor:
         """Run layers 0..last_layer (default all) over tokens at explicit RoPE positions.
 
         valid [B, T] marks real tokens (None: all real, right padding allowed without a cache);
         caches receive each layer's K/V; memory_hook may return memory for a layer;
         capture sees each layer's normed input, keys and values (encoding);
-        causal=False lets the block's tokens see each other both ways (reference parity only).
+        causal=False lets the block's tokens see each other both ways (reference parity only);
+        hooks_only_in_last=True stops last_layer after its memory hook and capture (its K/V projection),
+        for callers that need nothing else from it (encoding, scoring-only retrieval): the returned
+        hidden states are then those entering last_layer.
         """
         h = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, h.dtype)
@@ -282,6 +286,11 @@ class Backbone(nn.Module):
         for i, layer in enumerate(self.layers[: stop + 1]):
             x = layer.input_layernorm(h)
             memory = memory_hook(i, x) if memory_hook is not None else None
+            if hooks_only_in_last and i == stop:
+                if capture is not None:
+                    _, k, v = layer.self_attn.project(x, cos, sin)
+                    capture(i, x, k, v)
+                break
             cap = (lambda k, v, i=i, x=x: capture(i, x, k, v)) if capture is not None else None
             cache = caches[i] if caches is not None else None
             h = h + layer.self_attn(x, cos, sin, valid, cache, memory, cap, causal)

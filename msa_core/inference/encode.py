@@ -9,6 +9,7 @@ routing keys follow by linearity (mean(W x) = W mean(x)).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..config import EncodeConfig
 from ..decoder.backbone import Backbone
+from ..decoder.cpu_precision import dtype_name
 from ..errors import InvalidInputError
 from ..memory.encoded import EncodedDocuments
 from ..routing.projectors import RouterProjectors
@@ -118,12 +120,15 @@ def encode_parts(backbone: Backbone, router: RouterProjectors, layers: list[int]
     """Pooled memory of `parts`, in the order given."""
     if not parts:
         raise InvalidInputError("nothing to encode: the list of documents is empty")
-    p, dev = config.chunk_size, backbone.device
+    p, dev, started = config.chunk_size, backbone.device, time.perf_counter()
     lengths = [len(part.token_ids) for part in parts]
     n_chunks = [-(-n // p) for n in lengths]
     pooled: dict[int, tuple[list, list, list]] = {}  # part index -> per-layer k, v, kr
     batches = plan_batches(lengths, config.batch_size, config.max_tokens_per_batch)
-    bar = tqdm(total=sum(lengths), unit="tok", desc="encoding", disable=_no_bar(show_progress_bar, len(parts)))
+    # smoothing=0: rate and time left are the average since the start, so the first batch already gives
+    # an estimate and later short batches do not swing it.
+    bar = tqdm(total=sum(lengths), unit="tok", unit_scale=True, desc="encoding", smoothing=0,
+               disable=_no_bar(show_progress_bar, len(parts), sum(lengths)))
     for batch in batches:
         t = lengths[batch[0]]
         ids = torch.full((len(batch), t), pad_id, dtype=torch.long)
@@ -132,7 +137,8 @@ def encode_parts(backbone: Backbone, router: RouterProjectors, layers: list[int]
         lens = torch.tensor([lengths[i] for i in batch], device=dev)
         pooler = _Pooler(layers, lens, p)
         ids = ids.to(dev)
-        backbone(ids, torch.arange(t, device=dev).expand_as(ids), capture=pooler, last_layer=max(layers))
+        backbone(ids, torch.arange(t, device=dev).expand_as(ids), capture=pooler, last_layer=max(layers),
+                 hooks_only_in_last=True)
         kr = {l: _routing_keys(router, l, pooler) for l in layers}  # W_KR·mean(x), whole batch
         for row, i in enumerate(batch):
             c = n_chunks[i]
@@ -153,6 +159,7 @@ def encode_parts(backbone: Backbone, router: RouterProjectors, layers: list[int]
         ids=[x.id for x in parts], parent_ids=[x.parent_id for x in parts], texts=[x.text for x in parts],
         metadatas=[x.metadata for x in parts], n_tokens=lengths, n_chunks=n_chunks, layers=list(layers),
         k_bar=stack(0), v_bar=stack(1), kr_bar=stack(2), part_index=[x.part_index for x in parts],
+        encode_seconds=time.perf_counter() - started, compute_dtype=dtype_name(backbone.dtype),
     )
 
 
@@ -164,6 +171,6 @@ def _routing_keys(router: RouterProjectors, layer: int, pooler: _Pooler) -> torc
     return router.project_keys(layer, pooler.x[layer]).float()
 
 
-def _no_bar(show: bool | None, n: int) -> bool:
-    """tqdm's `disable`: show for long jobs unless told otherwise."""
-    return not show if show is not None else n < 64
+def _no_bar(show: bool | None, n: int, tokens: int) -> bool:
+    """tqdm's `disable`: show for long jobs (many documents or many tokens) unless told otherwise."""
+    return not show if show is not None else n < 64 and tokens < 16384

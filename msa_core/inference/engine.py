@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..decoder.backbone import Attention, Backbone, Memory, MemoryHook
+from .question_head import HeadCache, HeadKV
 
 LOCAL_BUCKET = 128  # token slots are allocated in multiples of this
 MIN_MEMORY_BUCKET = 16  # memory widths are rounded up to a power of two, at least this
@@ -142,6 +143,7 @@ class Engine:
         self._graphs: dict[tuple, DecodeGraph] = {}
         self._compiled_step = None
         self._query_forwards: dict[tuple, QueryForward] = {}
+        self.question_heads = HeadCache()  # K/V of the prompt head the query forward's questions share
 
     def query_forward(self, router: Any, layers: list[int]) -> QueryForward:
         """The routing-query forward of a router, made once per (router, layers). Keyed by the router's id:
@@ -263,24 +265,27 @@ class Engine:
 class QueryForward:
     """The question's forward to the last routing layer, keeping each routing layer's routing queries: what
     `retrieve` scores (routing on the question's own states: no memory is attended to). Prompts are
-    left-padded to a length bucket; on a GPU each (batch, bucket) is captured once as a CUDA graph."""
+    left-padded to a length bucket; on a GPU each (batch, bucket) is captured once as a CUDA graph. Without
+    graphs the rows may continue a prompt head whose K/V are given (question_head.py)."""
 
     def __init__(self, engine: Engine, router: Any, layers: list[int]) -> None:
         self.engine, self.router, self.layers = engine, router, sorted(layers)  # (holds the router: see query_forward)
         self.with_positions = getattr(router, "needs_positions", False)
         self._graphs: dict[tuple[int, int], tuple] = {}
 
-    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Routing queries {layer: [B, T, H, D]} (T: the bucket; rows left-padded, `valid` marks tokens)."""
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
+                 head: HeadKV | None = None) -> dict[int, torch.Tensor]:
+        """Routing queries {layer: [B, T, H, D]} (T: the bucket; rows left-padded, `valid` marks tokens);
+        `head`: K/V every row sees in front of its tokens (eager only: a head is never captured)."""
         b, t = ids.shape
-        bucket = local_bucket(t) if self.engine.use_graphs else t
+        if head is not None or not self.engine.use_graphs:
+            return self.forward(ids, positions, valid, self._scratch(b, t, head), head)
+        bucket = local_bucket(t)
         if bucket > t:  # more left padding: padded slots are masked, so real tokens see the same keys
             pad = bucket - t
             ids = F.pad(ids, (pad, 0))
             positions = F.pad(positions, (pad, 0))
             valid = F.pad(valid, (pad, 0))
-        if not self.engine.use_graphs:
-            return self.forward(ids, positions, valid, self._scratch(b, bucket))
         key = (b, bucket)
         if key not in self._graphs:
             self._graphs[key] = self._capture(ids, positions, valid)
@@ -290,9 +295,12 @@ class QueryForward:
         graph.replay()
         return {layer: q.clone() for layer, q in outputs.items()}
 
-    def _scratch(self, batch: int, slots: int) -> StaticCache:
+    def _scratch(self, batch: int, slots: int, head: HeadKV | None = None) -> StaticCache:
         a, bb = self.engine.backbone.args, self.engine.backbone
-        return StaticCache(batch, a.kv_heads, a.head_dim, 0, slots, bb.dtype, bb.device)
+        width = head.k[0].shape[2] if head is not None and head.k else 0
+        scratch = StaticCache(batch, a.kv_heads, a.head_dim, width, slots, bb.dtype, bb.device)
+        scratch.valid[:, :width] = True  # the head's slots, refilled per layer by `forward`
+        return scratch
 
     def _capture(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> tuple:
         inputs = (ids.clone(), positions.clone(), valid.clone())
@@ -310,8 +318,8 @@ class QueryForward:
         return inputs, graph, outputs, scratch
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
-                scratch: StaticCache) -> dict[int, torch.Tensor]:
-        """Every layer attends through one scratch cache (its keys are not kept)."""
+                scratch: StaticCache, head: HeadKV | None = None) -> dict[int, torch.Tensor]:
+        """Every layer attends through one scratch cache (its keys are not kept), behind the head's K/V."""
         bb = self.engine.backbone
         h = bb.embed_tokens(ids)
         cos, sin = bb.rotary(positions, h.dtype)
@@ -325,6 +333,9 @@ class QueryForward:
                               else self.router.project_queries(i, x))
             if i == last:
                 break
+            if head is not None and scratch.memory_slots:
+                scratch.k[:, :, :scratch.memory_slots] = head.k[i]
+                scratch.v[:, :, :scratch.memory_slots] = head.v[i]
             h = h + cached_attention(layer.self_attn, x, cos, sin, scratch, slots, valid)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return queries

@@ -349,7 +349,7 @@ def routed_prefill(backbone: Backbone, prompts: Sequence[Prompt], *, offset: int
     positions = query_positions(valid, offset)
     memory = hook(routing, positions) if hook is not None else None
     if score_only:
-        backbone(ids, positions, valid=valid, memory_hook=memory, last_layer=last_layer)
+        backbone(ids, positions, valid=valid, memory_hook=memory, last_layer=last_layer, hooks_only_in_last=True)
         if memory is not None:
             memory.finish()
         return Prefilled(None, None, memory, positions)
@@ -362,10 +362,15 @@ def routed_prefill(backbone: Backbone, prompts: Sequence[Prompt], *, offset: int
 def route_questions(backbone: Backbone, prompts: Sequence[Prompt], hook: MemoryRouter, *, offset: int,
                     pad_id: int = 0) -> MemoryRouter:
     """Retrieval's routing on the question's own states: the engine's query forward (a CUDA graph per
-    length bucket on a GPU) gives every routing layer's queries, then the hook scores them all at once."""
+    length bucket on a GPU) gives every routing layer's queries, then the hook scores them all at once.
+    Without graphs it runs over the question tokens only, behind the template head's cached K/V."""
+    engine, head = engine_for(backbone), None
+    forward = engine.query_forward(hook.router, list(hook.layer_pos))
+    if not engine.use_graphs:  # a captured graph replays whole prompts; eager, the head comes from a cache
+        prompts, offset, head = engine.question_heads.split(backbone, prompts, offset, forward.layers[-1])
     ids, valid, routing = left_pad(prompts, pad_id, backbone.device)
     positions = query_positions(valid, offset)
-    queries = engine_for(backbone).query_forward(hook.router, list(hook.layer_pos))(ids, positions, valid)
+    queries = forward(ids, positions, valid, head)
     pad = next(iter(queries.values())).shape[1] - routing.shape[1]
     hook.routing_mask = torch.nn.functional.pad(routing, (pad, 0))
     hook.score_queries(queries)

@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from ..config import MSAConfig
 from ..errors import BankMismatchError, CorruptBankError, InvalidInputError
 from . import persist
+from .build_stats import BuildStats
 from .encoded import EncodedDocuments
 from .filters import Filter, compile_filter
 from .lexical import LexicalCache
@@ -84,6 +85,7 @@ class MemoryBank:
         empty = torch.empty(len(layers), 0, kv_heads, head_dim, dtype=self._dtype)
         self._state = build_state((), {n: empty for n in TENSOR_NAMES}, self._device)
         self._lexical = LexicalCache()  # BM25 over the rows' text (lexical.py), built for the current rows
+        self._build = BuildStats()  # encoding speed of the documents added so far (manifest "build")
 
     # ---- read-only state -------------------------------------------------------------------
     @property
@@ -331,6 +333,7 @@ class MemoryBank:
         state = self._state
         tensors = {n: bank._copy_home(n, getattr(state, n)) for n in TENSOR_NAMES}
         bank._state = build_state(state.parts, tensors, bank._device)
+        bank._build = self._build.copy()
         return bank
 
     def _empty_like(self, device: torch.device, kv: str) -> MemoryBank:
@@ -376,6 +379,7 @@ class MemoryBank:
                                 out=self._pinned_out(n, kept_tensors[n].shape[1] + new_tensors[n].shape[1]))
                    for n in TENSOR_NAMES}
         self._state = build_state(kept_parts + new_parts, tensors, self._device)
+        self._build.record(sum(encoded.n_tokens), encoded.encode_seconds, encoded.compute_dtype)
         return parents
 
     def delete(self, ids: Iterable[str]) -> int:
@@ -478,6 +482,7 @@ class MemoryBank:
             "kv_tier": self._kv_tier,
             "kv_device": str(self.kv_device),
             "kv_pinned": self._kv_pinned,
+            **self._build.info(),
         }
 
     def check_compatible(self, backbone_fingerprint: str, router_fingerprint: str) -> None:
@@ -517,6 +522,7 @@ class MemoryBank:
                 "chunks": int(state.k_bar.shape[1]),
                 "tokens": sum(p.n_tokens for p in state.parts),
             },
+            "build": self._build.to_dict(),
         }
 
     @classmethod
@@ -565,6 +571,7 @@ class MemoryBank:
             bank._kv_file = vdir / TENSORS if kv == "disk" else None
         bank._state = build_state(parts, tensors, bank._device)
         bank._lexical = LexicalCache.read(vdir, manifest, parts)
+        bank._build = BuildStats.from_dict(manifest.get("build"))
         persist.check_counts(bank, manifest, vdir / MANIFEST)
         return bank
 

@@ -27,6 +27,8 @@ class EncodedDocuments:
     v_bar: torch.Tensor  # pooled values
     kr_bar: torch.Tensor  # pooled routing keys (W_KR applied to the pooled normed hidden state)
     part_index: list[int] = field(default_factory=list)  # index of each part within its parent
+    encode_seconds: float = 0.0  # time the backbone forwards and pooling took (bank build statistics)
+    compute_dtype: str = ""  # the backbone dtype that encoded them ('float32', 'bfloat16', ...)
 
     def __post_init__(self) -> None:
         n = len(self.ids)

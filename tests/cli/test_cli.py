@@ -116,6 +116,7 @@ def test_index_info_query(capsys, tmp_path, corpus, model):
     assert {"documents", "tokens", "chunks", "bytes", "parts", "model_name", "chunk_size"} <= meta.keys()
     assert meta["documents"] == 4 and meta["chunk_size"] == 8
     assert meta["model_name"] == str(model.resolve())  # later commands need no --model
+    assert meta["encode_tokens_per_s"] > 0 and meta["encode_dtypes"] == ["float32"]  # the build's speed
     code, out, _ = run(capsys, "info", path)
     assert code == 0 and "documents:" in out
 

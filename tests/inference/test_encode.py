@@ -128,3 +128,19 @@ def test_progress_bar_reports_tokens(tiny_model_dir, capsys):
     parts = [DocumentPart(p.id, p.parent_id, 0, p.text, p.token_ids, {}) for p in _parts(tok, TEXTS)]
     encode_parts(backbone, router, layers, parts, EncodeConfig(chunk_size=4), show_progress_bar=True)
     assert "encoding" in capsys.readouterr().err
+
+
+def test_progress_shows_rate_and_time_left_from_the_first_batch(tiny_model_dir, capsys):
+    import re
+
+    from msa_core import MSAConfig, MSAModel
+
+    cfg = MSAConfig(routing={"top_k": 2, "layers": [1, 2]}, encode={"chunk_size": 4, "batch_size": 2})
+    model = MSAModel.from_pretrained(tiny_model_dir("qwen3"), config=cfg, device="cpu", dtype=torch.float32)
+    texts = [f"Document {i} tells of the harbour, the ferries and the lighthouse, number {i}." for i in range(12)]
+    model.index(texts, show_progress_bar=True)
+    lines = [s for s in capsys.readouterr().err.replace("\r", "\n").splitlines() if s.startswith("encoding")]
+    done = [s for s in lines if (m := re.search(r"\|\s*([\d.]+)k?/", s)) and float(m.group(1)) > 0]
+    assert done, lines
+    # e.g. "encoding:  40%|####      | 216/543 [00:00<00:01, 262tok/s]": rate and time left, no "?"
+    assert re.search(r"\[\d\d:\d\d<\d\d:\d\d, [\d.]+k?tok/s\]", done[0]), done[0]
