@@ -1,6 +1,8 @@
 """The default model's behaviour on the demo corpus is pinned: retrieval (ids and scores) and greedy answers
 in latent, hybrid and (reference profile) interleave mode, as recorded by `python tests/pins.py` on msa 0.3.0
-before the layout change (tests/data/demo_pins.json). A refactor must not move them."""
+before the layout change (tests/data/demo_pins.json). A refactor must not move them. Re-recorded once, on purpose,
+when router v10 shipped (new routing projectors: every ranking moved; the greedy answers did not, but for one
+reference-profile hybrid answer whose prompt holds different documents)."""
 
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ They are imported on first use, so `import msa_core` stays fast.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,12 +39,21 @@ LEXICAL_FORMAT = "msa-lexical-index"
 SETTINGS: dict[str, Any] = {"method": "lucene", "k1": 1.5, "b": 0.75, "stemmer": "english", "stopwords": "en"}
 
 
+def import_bm25s() -> Any:
+    """bm25s, imported so that it cannot take the GPU: bm25s imports JAX when JAX is installed, and JAX's first
+    use preallocates 75% of the GPU's memory (seen on an H200: router training ran out of memory). Unless the
+    user set it, JAX then allocates on demand."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import bm25s
+
+    return bm25s
+
+
 def tokenize(texts: Sequence[str], settings: dict[str, Any] = SETTINGS) -> list[list[str]]:
     """Stemmed word tokens of each text (stop words removed), as the index and its queries see them."""
     if not texts:
         return []
-    import bm25s
-
+    bm25s = import_bm25s()
     stemmer = _stemmer(settings["stemmer"])
     return bm25s.tokenize(list(texts), stopwords=settings["stopwords"], stemmer=stemmer, return_ids=False,
                           show_progress=False)
@@ -79,8 +89,7 @@ class LexicalIndex:
 
     def _index(self) -> Any:
         if self._bm25 is None:
-            import bm25s
-
+            bm25s = import_bm25s()
             s = self.settings
             bm25 = bm25s.BM25(k1=s["k1"], b=s["b"], method=s["method"])
             if any(self.tokens):  # bm25s cannot index a corpus without a single token

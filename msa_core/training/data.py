@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InvalidInputError
+from ..memory.lexical import import_bm25s
 
 # RULER's needle sentence and question (the NIAH generator in msa_integrations.compare writes its sets with them)
 NEEDLE = "One of the special magic {type} for {key} is: {value}."
@@ -102,7 +103,7 @@ class TrainingSet:
     def mine_bm25_negatives(self, depth: int = 30, show_progress_bar: bool = False) -> None:
         """For every query, the BM25 top-`depth` documents that are not its positives, best first."""
         try:
-            import bm25s
+            bm25s = import_bm25s()
         except ImportError as e:
             raise InvalidInputError("BM25 hard negatives need bm25s: pip install bm25s "
                                     "(or train with bm25_negatives=0)") from e
