@@ -53,6 +53,12 @@ def _ids(hits) -> list[str]:
     return [h.id for h in hits]
 
 
+def _recorder():
+    """A hybrid generator that records its prompts and answers "ok"."""
+    prompts: list[str] = []
+    return prompts, lambda prompt: prompts.append(prompt) or "ok"
+
+
 # ---- latent answers ---------------------------------------------------------------------------------------
 
 def test_alpha_one_equals_the_plain_latent_answer_where_layers_agree(tiny_model_dir):
@@ -176,16 +182,14 @@ def test_reference_profile_latent_answer_attends_to_the_fused_top_k(tiny_msa_dir
 def test_hybrid_answer_puts_the_fused_top_k_text_in_the_prompt(model, bank):
     for alpha in (0.0, 0.5, 1.0):
         for q in QUESTIONS:
-            prompts: list[str] = []
-            answer = model.answer(q, bank, mode="hybrid", k=K, fusion="bm25", alpha=alpha,
-                                  generator=lambda p: prompts.append(p) or "ok")
+            prompts, generator = _recorder()
+            answer = model.answer(q, bank, mode="hybrid", k=K, fusion="bm25", alpha=alpha, generator=generator)
             hits = model.retrieve(q, bank, k=K, fusion="bm25", alpha=alpha)
             assert prompts == [hybrid_text(q, [h.text for h in hits])]
             assert answer.doc_ids == _ids(hits) and answer.scores == pytest.approx([h.score for h in hits])
             assert answer.fusion["lexical_scores"] == pytest.approx([h.lexical_score for h in hits])
-    prompts = []
-    model.answer("Velmora engineer Ada Quist", bank, mode="hybrid", k=1, fusion="bm25", alpha=0.0,
-                 generator=lambda p: prompts.append(p) or "ok")
+    prompts, generator = _recorder()
+    model.answer("Velmora engineer Ada Quist", bank, mode="hybrid", k=1, fusion="bm25", alpha=0.0, generator=generator)
     assert DOCS["light"] in prompts[0] and all(DOCS[d] not in prompts[0] for d in DOCS if d != "light")
 
 

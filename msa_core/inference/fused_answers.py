@@ -72,7 +72,6 @@ class FusedTopK:
         return mask
 
 
-
 def fused_top_k(model: Retriever, questions: Sequence[str], bank: MemoryBank | None, k: int, filter: Filter,
                 alpha: float | None, routing: RoutingConfig) -> FusedTopK | None:
     """The fused selection of each question's latent answer; None without fusion or documents."""
