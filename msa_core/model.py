@@ -408,8 +408,7 @@ class MSAModel:
         routes again, at most `max_rounds` times, then answers (spec §3); Answer.rounds lists the
         documents of each round. max_new_tokens bounds each generation segment; `stop` does not apply;
         bidirectional_injection=True feeds the re-prompt without a causal mask, as the reference does.
-        fusion="bm25" (latent, hybrid): the documents are the fused top-k of routing and BM25 (alpha as in
-        retrieve); a latent answer attends to that one selection in every routing layer (inference/fused_answers.py).
+        fusion="bm25" (latent, hybrid): the documents are retrieve(fusion="bm25", alpha=alpha)'s top-k (fused_answers).
         """
         params = self._sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 stop=list(stop or []), seed=seed)
@@ -497,9 +496,9 @@ class MSAModel:
             gen = self.reference.latent(last_user_text(question), bank, k, allowed, params)[0]
         else:
             memory = self._memory_hook(bank, allowed, k)
-            gen = Generation(self.backbone, self.tokenizer, build_prompt(self.tokenizer, question), params,
-                             memory=memory, position_offset=self.position_offset(k) if memory else 0,
-                             eos_ids=self.eos_ids)
+            prompt = build_prompt(self.tokenizer, question)
+            gen = Generation(self.backbone, self.tokenizer, prompt, params, memory=memory,
+                             position_offset=self.position_offset(k) if memory else 0, eos_ids=self.eos_ids)
 
         def finish(text: str) -> Answer:
             ids, scores, per_layer = self._used_documents(bank, gen.router)
