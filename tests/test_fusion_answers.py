@@ -53,6 +53,10 @@ def _ids(hits) -> list[str]:
     return [h.id for h in hits]
 
 
+def _approx_record(record: dict) -> dict:
+    return {key: pytest.approx(v) if key.endswith("_scores") else v for key, v in record.items()}
+
+
 def _recorder():
     """A hybrid generator that records its prompts and answers "ok"."""
     prompts: list[str] = []
@@ -152,8 +156,8 @@ def test_stream_and_batch_equal_one_answer(model, bank):
     stream = model.stream_answer(QUESTIONS[0], bank, **kw)
     assert "".join(stream) == alone[0].text and stream.result.doc_ids == alone[0].doc_ids
     for got, want in zip(model.answer_batch(QUESTIONS, bank, **kw), alone):
-        assert (got.text, got.doc_ids, got.layer_selections, got.fusion) == \
-            (want.text, want.doc_ids, want.layer_selections, want.fusion)
+        assert (got.text, got.doc_ids, got.layer_selections) == (want.text, want.doc_ids, want.layer_selections)
+        assert got.fusion == _approx_record(want.fusion)  # batched scoring may differ in the last bits
 
 
 def test_without_documents_a_fused_answer_is_plain_generation(model):
@@ -197,7 +201,7 @@ def test_hybrid_batch_with_fusion_equals_one_at_a_time(model, bank):
     kw = {"mode": "hybrid", "k": K, "max_new_tokens": 6, "fusion": "bm25", "alpha": 0.0}
     for got, q in zip(model.answer_batch(QUESTIONS, bank, **kw), QUESTIONS):
         want = model.answer(q, bank, **kw)
-        assert (got.text, got.doc_ids, got.fusion) == (want.text, want.doc_ids, want.fusion)
+        assert (got.text, got.doc_ids) == (want.text, want.doc_ids) and got.fusion == _approx_record(want.fusion)
         assert got.doc_ids == _bm25_top(bank, q, K)
 
 
