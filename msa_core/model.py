@@ -25,6 +25,7 @@ from .decoder.backbone import Backbone
 from .errors import InvalidInputError, ModelLoadError, check_text
 from .inference.encode import encode_parts, split_documents
 from .inference.engine import Engine
+from .inference.fused_answers import FusedTopK, annotate, answer_fusion, fused_top_k, fusion_kwargs, fusion_record
 from .inference.generate import (
     Generation,
     HookFactory,
@@ -85,6 +86,7 @@ class Answer:
     layer_selections: dict[int, list[str]] = field(default_factory=dict)  # latent: per routing layer
     rounds: list[list[str]] | None = None  # interleave: the documents injected in each round
     transcript: str | None = None  # interleave: the whole text the model read and wrote
+    fusion: dict[str, Any] | None = None  # fusion: alpha, method, each side's score per doc_ids entry
 
     def to_dict(self) -> dict[str, Any]:
         d = {"answer": self.text, "mode": self.mode, "doc_ids": self.doc_ids, "scores": self.scores,
@@ -94,6 +96,8 @@ class Answer:
             d["rounds"] = self.rounds
         if self.transcript is not None:
             d["transcript"] = self.transcript
+        if self.fusion is not None:
+            d["fusion"] = self.fusion
         return d
 
 
@@ -393,7 +397,8 @@ class MSAModel:
                       k: int | None = None, filter: Filter = None, generator: Generator | None = None,
                       max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                       stop: Sequence[str] | None = None, seed: int | None = None, max_rounds: int = 4,
-                      bidirectional_injection: bool = False) -> AnswerStream:
+                      bidirectional_injection: bool = False, fusion: str | None = None,
+                      alpha: float | None = None) -> AnswerStream:
         """Answer `question` (a string, or chat messages whose last user message routes) from `bank`,
         streaming text pieces.
 
@@ -405,16 +410,18 @@ class MSAModel:
         routes again, at most `max_rounds` times, then answers (spec §3); Answer.rounds lists the
         documents of each round. max_new_tokens bounds each generation segment; `stop` does not apply;
         bidirectional_injection=True feeds the re-prompt without a causal mask, as the reference does.
+        fusion="bm25" (latent, hybrid): the documents are retrieve(fusion="bm25", alpha=alpha)'s top-k (fused_answers).
         """
         params = self._sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 stop=list(stop or []), seed=seed)
         k = self.config.routing.top_k if k is None else k
         if k <= 0:
             raise InvalidInputError(f"k must be >= 1, got {k}")
+        alpha = answer_fusion(mode, fusion, alpha, self.config.routing)
         if mode == "latent":
-            return self._latent(question, bank, k, filter, params)
+            return self._latent(question, bank, k, filter, params, alpha)
         if mode == "hybrid":
-            return self._hybrid(question, bank, k, filter, generator, params)
+            return self._hybrid(question, bank, k, filter, generator, params, alpha)
         if mode == "interleave":
             return self._interleave(question, bank, k, filter, params, max_rounds, bidirectional_injection)
         raise InvalidInputError(f"mode must be 'latent', 'hybrid' or 'interleave', got {mode!r}")
@@ -426,7 +433,7 @@ class MSAModel:
     def answer_batch(self, questions: Sequence[str | Sequence[Message]], bank: MemoryBank | None = None, *,
                      mode: Mode = "latent", k: int | None = None, filter: Filter = None, max_new_tokens: int = 128,
                      temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] | None = None,
-                     seed: int | None = None) -> list[Answer]:
+                     seed: int | None = None, fusion: str | None = None, alpha: float | None = None) -> list[Answer]:
         """Answers to several questions, generated as one batch (latent: each row routes on its own; hybrid:
         one batched retrieve, then the prompts with their documents). Equal to answering each alone; the
         reference profile and interleave answer one at a time."""
@@ -438,35 +445,44 @@ class MSAModel:
             return []
         if self.reference is not None or mode not in ("latent", "hybrid") or k <= 0:
             return [self.answer(q, bank, mode=mode, k=k, filter=filter, max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_p=top_p, stop=stop, seed=seed) for q in questions]
+                                temperature=temperature, top_p=top_p, stop=stop, seed=seed, fusion=fusion,
+                                alpha=alpha) for q in questions]
+        alpha = answer_fusion(mode, fusion, alpha, self.config.routing)
         if mode == "hybrid":
             if bank is None:
                 raise InvalidInputError("hybrid mode needs a memory bank to retrieve from")
             texts = [last_user_text(q) for q in questions]
-            hits = self.retrieve(texts, bank, k=k, filter=filter)
+            hits = self.retrieve(texts, bank, k=k, filter=filter, **fusion_kwargs(alpha))
             prompts = [self._hybrid_prompt(q, t, h) for q, t, h in zip(questions, texts, hits)]
             out = generate_batch(self.generator, self.tokenizer, prompts, params, eos_ids=self.eos_ids,
                                  pad_id=self.tokenizer.pad_token_id or 0)
-            return [Answer(text, "hybrid", [d.id for d in h], [d.score for d in h], reason)
+            return [Answer(text, "hybrid", [d.id for d in h], [d.score for d in h], reason,
+                           fusion=fusion_record(alpha, h, self.config.routing))
                     for text, h, reason in zip(out.texts, hits, out.finish_reasons)]
-        memory = self._memory_hook(bank, filter, k)
+        fused = fused_top_k(self, [last_user_text(q) for q in questions], bank, k, filter, alpha, self.config.routing)
+        memory = self._memory_hook(bank, self._allowed(bank, filter, fused), k)
         out = generate_batch(self.backbone, self.tokenizer, [build_prompt(self.tokenizer, q) for q in questions],
                              params, memory=memory, position_offset=self.position_offset(k) if memory else 0,
                              pad_id=self.tokenizer.pad_token_id or 0, eos_ids=self.eos_ids)
         used = [self._used_documents(bank, out.router, row) for row in range(len(questions))]
-        return [Answer(text, "latent", ids, scores, reason, per_layer)
-                for text, reason, (ids, scores, per_layer) in zip(out.texts, out.finish_reasons, used)]
+        return [annotate(Answer(text, "latent", ids, scores, reason, layers), fused, row)
+                for row, (text, reason, (ids, scores, layers)) in enumerate(zip(out.texts, out.finish_reasons, used))]
 
     def generate(self, message: str, bank: MemoryBank | None = None, **kw: Any) -> str:
         """Latent generation for a chat message; plain generation without a bank."""
         return self.answer(message, bank, mode="latent", **kw).text
 
-    def _memory_hook(self, bank: MemoryBank | None, filter: Filter, k: int) -> HookFactory | None:
-        """The memory hook factory of a latent answer over `bank` (None without documents: plain generation)."""
+    def _allowed(self, bank: MemoryBank | None, filter: Filter, fused: FusedTopK | None) -> torch.Tensor | None:
+        """The rows a latent answer routes among (None without documents): the filter's, or each row's fused top-k."""
         if bank is None or not len(bank):
             return None
         self.check_bank(bank)
-        allowed = bank.row_mask(filter)
+        return bank.row_mask(filter) if fused is None else fused.allowed()
+
+    def _memory_hook(self, bank: MemoryBank, allowed: torch.Tensor | None, k: int) -> HookFactory | None:
+        """The memory hook factory of a latent answer over `bank` (None without documents: plain generation)."""
+        if allowed is None:
+            return None
 
         def memory(routing: torch.Tensor, positions: torch.Tensor) -> MemoryRouter:
             return MemoryRouter(bank, self.router, self.config.routing, routing, allowed=allowed, top_k=k,
@@ -475,32 +491,20 @@ class MSAModel:
         return memory
 
     def _latent(self, question: str | Sequence[Message], bank: MemoryBank | None, k: int, filter: Filter,
-                params: SamplingParams) -> AnswerStream:
+                params: SamplingParams, alpha: float | None = None) -> AnswerStream:
+        fused = fused_top_k(self, [last_user_text(question)], bank, k, filter, alpha, self.config.routing)
+        allowed = self._allowed(bank, filter, fused)
         if self.reference is not None:
-            return self._latent_reference(question, bank, k, filter, params)
-        prompt = build_prompt(self.tokenizer, question)
-        memory = self._memory_hook(bank, filter, k)
-        gen = Generation(self.backbone, self.tokenizer, prompt, params, memory=memory,
-                         position_offset=self.position_offset(k) if memory else 0, eos_ids=self.eos_ids)
+            gen = self.reference.latent(last_user_text(question), bank, k, allowed, params)[0]
+        else:
+            memory = self._memory_hook(bank, allowed, k)
+            prompt = build_prompt(self.tokenizer, question)
+            gen = Generation(self.backbone, self.tokenizer, prompt, params, memory=memory,
+                             position_offset=self.position_offset(k) if memory else 0, eos_ids=self.eos_ids)
 
         def finish(text: str) -> Answer:
             ids, scores, per_layer = self._used_documents(bank, gen.router)
-            return Answer(text, "latent", ids, scores, gen.finish_reason, per_layer)
-
-        return AnswerStream(iter(gen), finish)
-
-    def _latent_reference(self, question: str | Sequence[Message], bank: MemoryBank | None, k: int,
-                          filter: Filter, params: SamplingParams) -> AnswerStream:
-        allowed = None
-        if bank is not None and len(bank):
-            self.check_bank(bank)
-            allowed = bank.row_mask(filter)
-        assert self.reference is not None
-        gen, _ = self.reference.latent(last_user_text(question), bank, k, allowed, params)
-
-        def finish(text: str) -> Answer:
-            ids, scores, per_layer = self._used_documents(bank, gen.router)
-            return Answer(text, "latent", ids, scores, gen.finish_reason, per_layer)
+            return annotate(Answer(text, "latent", ids, scores, gen.finish_reason, per_layer), fused, 0)
 
         return AnswerStream(iter(gen), finish)
 
@@ -567,11 +571,11 @@ class MSAModel:
         return [p for p, _ in ranked], [s for _, s in ranked], per_layer
 
     def _hybrid(self, question: str | Sequence[Message], bank: MemoryBank | None, k: int, filter: Filter,
-                generator: Generator | None, params: SamplingParams) -> AnswerStream:
+                generator: Generator | None, params: SamplingParams, alpha: float | None = None) -> AnswerStream:
         if bank is None:
             raise InvalidInputError("hybrid mode needs a memory bank to retrieve from")
         text = last_user_text(question)
-        hits = self.retrieve(text, bank, k=k, filter=filter)
+        hits = self.retrieve(text, bank, k=k, filter=filter, **fusion_kwargs(alpha))
         gen: Generation | None = None
         if generator is None:
             gen = Generation(self.generator, self.tokenizer, self._hybrid_prompt(question, text, hits), params,
@@ -583,7 +587,8 @@ class MSAModel:
 
         def finish(text: str) -> Answer:
             reason = gen.finish_reason if gen is not None else None
-            return Answer(text, "hybrid", [h.id for h in hits], [h.score for h in hits], reason)
+            return Answer(text, "hybrid", [h.id for h in hits], [h.score for h in hits], reason,
+                          fusion=fusion_record(alpha, hits, self.config.routing))
 
         return AnswerStream(pieces, finish)
 

@@ -17,6 +17,7 @@ from .common import (
     encode_summary,
     filter_option,
     float_in,
+    fusion_options,
     load_bank,
     load_model,
     load_model_and_bank,
@@ -138,7 +139,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
              if args.mode == "interleave" else {})
     stream = model.stream_answer(text, bank, mode=args.mode, k=args.k, filter=filt,
                                  max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                 top_p=args.top_p, seed=args.seed, **extra)
+                                 top_p=args.top_p, seed=args.seed, fusion=args.fusion, alpha=args.alpha, **extra)
     if args.json:
         out(json.dumps(stream.collect().to_dict(), ensure_ascii=False))
         return 0
@@ -149,7 +150,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
             print(f"  round {n}: {', '.join(docs) if docs else '(none known)'}", file=sys.stderr)
         return 0
     what = "attended to" if args.mode == "latent" else "put in the prompt"
-    say(f"documents {what} ({args.mode} mode), best first:")
+    fused = f", fused with BM25 at alpha {answer.fusion['alpha']:g}" if answer.fusion else ""
+    say(f"documents {what} ({args.mode} mode{fused}), best first:")
     for line in describe_used(bank, answer) or ["  (none)"]:
         print(line, file=sys.stderr)
     return 0
@@ -196,10 +198,7 @@ def register(command: Any) -> None:
     p.add_argument("-k", type=positive_int, default=5, help="documents to return (default: 5)")
     filter_option(p)
     p.add_argument("--json", action="store_true", help="print a JSON list of {id, score, title, text, metadata}")
-    p.add_argument("--fusion", choices=("bm25",), default=None,
-                   help="bm25: rank by routing fused with the bank's BM25 index (scores: fused, then each side)")
-    p.add_argument("--alpha", type=float, default=None, help="with --fusion: weight of routing, 1 routing only, 0 "
-                   "BM25 only (default: the model's routing.fusion_alpha)")
+    fusion_options(p, "rank (scores: fused, then each side)")
     model_options(p, new=False)
 
     p = command("ask", cmd_ask, "Answer a question from the bank, streaming the answer.")
@@ -219,5 +218,6 @@ def register(command: Any) -> None:
     p.add_argument("--top-p", type=float_in(0.0, 1.0, low_open=True), default=1.0, help="default: 1")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     filter_option(p)
+    fusion_options(p, "latent and hybrid modes pick the top-k (one selection for every routing layer)")
     p.add_argument("--json", action="store_true", help="print one JSON object {answer, mode, doc_ids, scores, ...}")
     model_options(p, new=False)

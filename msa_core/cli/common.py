@@ -247,6 +247,13 @@ def filter_option(p: argparse.ArgumentParser) -> None:
                         "key=in:a,b,c; v is read as JSON when it parses (numbers, true/false), else as text")
 
 
+def fusion_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--fusion", choices=("bm25",), default=None,
+                   help=f"bm25: {what} by routing fused with the bank's BM25 index")
+    p.add_argument("--alpha", type=float, default=None, help="with --fusion: weight of routing, 1 routing only, 0 "
+                   "BM25 only (default: the model's routing.fusion_alpha)")
+
+
 def lock_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lock-timeout", type=float_in(0.0, 1e9), default=None, metavar="SECONDS",
                    help="wait at most this long for another process writing the bank (default: "

@@ -3,6 +3,8 @@
 latent (default): the routing layers attend to the pooled K/V of the documents each layer picks
 from the store's bank; without a store, or with an empty bank, it is plain generation.
 hybrid: the best documents by routing score go, as text, into the prompt of the same backbone.
+fusion="bm25" (alpha: 1 routing only, 0 BM25 only): both modes use the top-k of routing fused with the
+bank's BM25 index; latent routing layers all attend to that one selection (MSAModel.answer(fusion=...)).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from msa_core.store import MemoryStore
 from .engine import as_memory_store, make_store
 
 # Per-call overrides accepted by invoke/stream (e.g. `chat.invoke(msgs, k=4, mode="hybrid")`).
-_CALL_OPTIONS = ("max_new_tokens", "temperature", "top_p", "k", "mode", "seed", "filter")
+_CALL_OPTIONS = ("max_new_tokens", "temperature", "top_p", "k", "mode", "seed", "filter", "fusion", "alpha")
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool", "function": "tool"}
 _TEXT_BLOCKS = ("text", "reasoning")
 
@@ -55,6 +57,10 @@ class ChatMSA(BaseChatModel):
     seed: int | None = None
     stop: list[str] | None = None
     filter: Any = Field(default=None, description="Metadata filter applied before routing.")
+    fusion: str | None = Field(default=None, description="'bm25': the documents are the top-k of routing fused "
+                               "with the bank's BM25 index.")
+    alpha: float | None = Field(default=None, description="Fusion weight of routing (1) against BM25 (0); None: "
+                                "the model's routing.fusion_alpha.")
     streaming: bool = Field(default=False, description="invoke() goes through the token stream.")
 
     model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
@@ -120,7 +126,8 @@ class ChatMSA(BaseChatModel):
             call["max_new_tokens"] = kwargs["max_tokens"]
         options = {"mode": self.mode, "k": self.k, "max_new_tokens": self.max_new_tokens,
                    "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
-                   "filter": self.filter, "stop": stop if stop is not None else self.stop, **call}
+                   "filter": self.filter, "stop": stop if stop is not None else self.stop,
+                   "fusion": self.fusion, "alpha": self.alpha, **call}
         if options["mode"] == "hybrid" and options["k"] is None:
             options["k"] = 4  # a prompt of 16 documents (the latent default) would swamp a small model
         return options
@@ -139,6 +146,8 @@ class ChatMSA(BaseChatModel):
                                 "doc_ids": list(answer.doc_ids), "scores": list(answer.scores)}
         if answer.layer_selections:
             meta["layer_selections"] = {str(layer): ids for layer, ids in answer.layer_selections.items()}
+        if answer.fusion is not None:
+            meta["fusion"] = answer.fusion
         return meta
 
     def _result(self, conversation: list[dict[str, str]], answer: Answer) -> ChatResult:

@@ -10,7 +10,7 @@ from llama_index.core.base.llms.types import ChatMessage, MessageRole
 from msa_core.errors import InvalidInputError
 
 # Per-call overrides accepted by complete/chat (and their stream/async twins).
-GENERATION_KEYS = ("k", "max_new_tokens", "temperature", "top_p", "seed", "stop")
+GENERATION_KEYS = ("k", "max_new_tokens", "temperature", "top_p", "seed", "stop", "fusion", "alpha")
 
 _ROLES = {
     MessageRole.SYSTEM: "system", MessageRole.DEVELOPER: "system", MessageRole.USER: "user",

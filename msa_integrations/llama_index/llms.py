@@ -53,6 +53,10 @@ class MSALLM(CustomLLM):
     seed: int | None = Field(default=None, description="Sampling seed, for reproducible sampling.")
     stop: list[str] = Field(default_factory=list, description="Generation stops before any of these strings.")
     use_memory: bool = Field(default=True, description="Latent mode over the store's bank; False: plain.")
+    fusion: str | None = Field(default=None, description="'bm25': attend to the top-k of routing fused with the "
+                               "bank's BM25 index (one selection for every routing layer).")
+    alpha: float | None = Field(default=None, description="Fusion weight of routing (1) against BM25 (0); None: the "
+                                "model's routing.fusion_alpha.")
 
     _store: MemoryStore = PrivateAttr()
     _plain: MemoryStore = PrivateAttr()

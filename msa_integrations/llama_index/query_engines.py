@@ -3,6 +3,7 @@
     engine = MSAQueryEngine(store)                 # or an MSAVectorStore / VectorStoreIndex over one
     response = engine.query("Who keeps the lighthouse?")
     response.response, response.source_nodes      # answer; documents attended to, best first
+    MSAQueryEngine(store, fusion="bm25", alpha=0.5) # attend to the top-k of routing fused with BM25
 
 Hybrid mode needs no class of ours: `RetrieverQueryEngine.from_args(MSARetriever(store), llm=any_llm)`.
 """
@@ -42,6 +43,10 @@ class MSAQueryEngine(CustomQueryEngine):
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
     streaming: bool = False
+    fusion: str | None = Field(default=None, description="'bm25': attend to the top-k of routing fused with the "
+                               "bank's BM25 index (one selection for every routing layer).")
+    alpha: float | None = Field(default=None, description="Fusion weight of routing (1) against BM25 (0); None: the "
+                                "model's routing.fusion_alpha.")
 
     _store: MemoryStore = PrivateAttr()
     _filter: Any = PrivateAttr(default=None)
@@ -97,5 +102,6 @@ class MSAQueryEngine(CustomQueryEngine):
 
 
 def _metadata(answer: Answer) -> dict[str, Any]:
-    return {"mode": answer.mode, "doc_ids": list(answer.doc_ids), "scores": list(answer.scores),
+    meta = {"mode": answer.mode, "doc_ids": list(answer.doc_ids), "scores": list(answer.scores),
             "finish_reason": answer.finish_reason}
+    return meta if answer.fusion is None else {**meta, "fusion": answer.fusion}

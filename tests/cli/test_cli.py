@@ -380,3 +380,21 @@ def test_query_fusion_shows_both_sides(capsys, bank):
     assert code == 2 and "alpha" in err
     code, _, err = run(capsys, "query", bank, "lighthouse", "--alpha", "0.5")
     assert code == 2 and "fusion" in err
+
+
+@pytest.mark.parametrize("mode", ["latent", "hybrid"])
+def test_ask_fusion_uses_the_fused_top_k(capsys, bank, mode):
+    hits = query(capsys, bank, "--fusion", "bm25", "--alpha", "0", "-k", "2")
+    code, out, err = run(capsys, "ask", bank, "Who built the lighthouse?", "--mode", mode, "-k", "2",
+                         "--max-new-tokens", "3", "--fusion", "bm25", "--alpha", "0", "--json")
+    assert code == 0, err
+    answer = json.loads(out)
+    assert answer["doc_ids"] == [h["id"] for h in hits] and answer["fusion"]["alpha"] == 0.0
+    assert answer["fusion"]["lexical_scores"] == pytest.approx([h["lexical_score"] for h in hits])
+    for selected in answer["layer_selections"].values():  # latent: every routing layer, the same two
+        assert sorted(selected) == sorted(answer["doc_ids"])
+    code, out, err = run(capsys, "ask", bank, "Who built the lighthouse?", "--mode", mode, "-k", "2",
+                         "--max-new-tokens", "3", "--fusion", "bm25", "--alpha", "0")
+    assert code == 0 and "fused with BM25 at alpha 0" in err, err
+    code, _, err = run(capsys, "ask", bank, "lighthouse", "--mode", mode, "--fusion", "bm25", "--alpha", "-1")
+    assert code == 2 and "alpha" in err

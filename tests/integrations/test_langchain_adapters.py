@@ -18,7 +18,7 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.vectorstores import VectorStoreRetriever
 from langchain_tests.unit_tests import ChatModelUnitTests
 
-from msa_core import MSAConfig, MSAModel
+from msa_core import InvalidInputError, MSAConfig, MSAModel
 from msa_core.store import MemoryStore
 from msa_integrations.langchain import ChatMSA, MSARetriever, MSAVectorStore, build_rag_chain, format_docs
 from msa_integrations.langchain.chat_models import to_conversation
@@ -321,6 +321,22 @@ def test_chat_hybrid_and_plain_generation(vs, tiny):
         stopped = chat.invoke("hello", **kw)
         assert stopped.response_metadata["finish_reason"] == "stop"
         assert cut not in stopped.content and free.startswith(stopped.content)
+
+
+def test_chat_fusion_answers_from_the_fused_top_k(vs, tiny):
+    bank = vs.store.bank
+    for mode in ("latent", "hybrid"):
+        hits = tiny.retrieve("Ada Quist engineer", bank, k=2, fusion="bm25", alpha=0.0)
+        meta = ChatMSA(store=vs, mode=mode, k=2, max_new_tokens=3, fusion="bm25", alpha=0.0).invoke(
+            "Ada Quist engineer").response_metadata
+        assert meta["doc_ids"] == [h.id for h in hits] and meta["fusion"]["alpha"] == 0.0
+        per_call = ChatMSA(store=vs, mode=mode, k=2, max_new_tokens=3).invoke(
+            "Ada Quist engineer", fusion="bm25", alpha=0.0).response_metadata
+        assert per_call["doc_ids"] == meta["doc_ids"]
+    assert set(meta["doc_ids"]) == {"light", "pier"}  # the two passages naming her
+    assert "fusion" not in ChatMSA(store=vs, k=2, max_new_tokens=3).invoke("Ada Quist").response_metadata
+    with pytest.raises(InvalidInputError, match="alpha"):
+        ChatMSA(store=vs, max_new_tokens=3, fusion="bm25", alpha=2.0).invoke("Ada Quist")
 
 
 def test_messages_map_to_chat_roles():

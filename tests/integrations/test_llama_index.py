@@ -392,6 +392,23 @@ def test_latent_engine_sources_are_the_routed_documents(index, store):
     assert ref_ids(only_ml.query("anything").source_nodes) == ["msa"]
 
 
+def test_latent_engine_and_llm_answer_from_the_fused_top_k(index, store):
+    q = "Who built the lighthouse?"
+    hits = store.store.retrieve(q, k=2, fusion="bm25", alpha=0.0)
+    response = MSAQueryEngine(store, max_new_tokens=3, k=2, fusion="bm25", alpha=0.0).query(q)
+    answer = store.store.answer(q, k=2, max_new_tokens=3, fusion="bm25", alpha=0.0)
+    assert response.response == answer.text and response.metadata["doc_ids"] == [h.id for h in hits] != []
+    assert [n.node.node_id for n in response.source_nodes] == answer.doc_ids
+    assert response.metadata["fusion"]["alpha"] == 0.0
+    llm = MSALLM(store, max_new_tokens=3, k=2)
+    done = llm.complete(q, fusion="bm25", alpha=0.0)
+    assert done.text == answer.text and done.additional_kwargs["doc_ids"] == answer.doc_ids
+    assert done.raw["fusion"]["alpha"] == 0.0
+    assert MSALLM(store, max_new_tokens=3, k=2, fusion="bm25", alpha=0.0).complete(q).text == answer.text
+    with pytest.raises(InvalidInputError, match="alpha"):
+        llm.complete(q, fusion="bm25", alpha=3.0)
+
+
 def test_latent_engine_streams(store, index):
     engine = MSAQueryEngine(store, max_new_tokens=4, streaming=True)
     response = engine.query("Who built the lighthouse?")
