@@ -42,7 +42,7 @@ def test_default_model_is_smollm2_and_loads_fast_once_converted(model):
     assert model.layers == shipped.layers and model.router.fingerprint() == shipped.fingerprint()
     assert shipped.backbone_delta and model.backbone_fingerprint != base.backbone_fingerprint
     assert model.generator is not model.backbone  # hybrid answers keep the base weights
-    assert model.router.init_mode.startswith("tuned")
+    assert "tuned" in model.router.init_mode  # v10: projectors trained further on v8's tuned backbone
     assert model.load_seconds < 5.0, f"loading the cached default model took {model.load_seconds:.1f} s"
 
 
