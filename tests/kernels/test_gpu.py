@@ -16,7 +16,9 @@ DOCS = [f"Document {i}: the {w} of Velmora was built in {1800 + 7 * i} by {n}." 
 
 
 def _pair(path):
-    cfg = MSAConfig(routing={"top_k": 3}, encode={"chunk_size": 8, "storage_dtype": "float32"})
+    # exact_scores: the GPU routing kernel's default scores an fp32 bank in one TF32 pass (~1e-3 from the fp32
+    # reference, see RoutingConfig.exact_scores); parity with the CPU needs the exact passes.
+    cfg = MSAConfig(routing={"top_k": 3, "exact_scores": True}, encode={"chunk_size": 8, "storage_dtype": "float32"})
     cpu = MSAModel.from_pretrained(path, config=cfg, device="cpu", dtype=torch.float32)
     gpu = MSAModel.from_pretrained(path, config=cfg, device="cuda", dtype=torch.float32)
     return cpu, gpu
