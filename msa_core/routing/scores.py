@@ -173,9 +173,7 @@ def late_interaction_scores(
         for chunks, docs in _chunk_slots(chunk_doc[start : start + chunk_block]):
             # each document at most once per slot: a gather, a max and a copy, no atomics
             best.index_copy_(2, docs, torch.maximum(best.index_select(2, docs), s.index_select(2, chunks)))
-    m = token_mask.unsqueeze(-1)
-    summed = best.masked_fill(~m, 0.0).sum(dim=1)  # a chunkless document stays -inf
-    return summed / token_mask.sum(dim=1, keepdim=True).to(summed.dtype)
+    return _reduce_tokens(best, token_mask, "mean")  # a chunkless document stays -inf
 
 
 def _chunk_slots(chunk_doc: Tensor) -> list[tuple[Tensor, Tensor]]:
