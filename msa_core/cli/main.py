@@ -36,7 +36,8 @@ from . import bank_commands, demo, migrate, train
 ENTRY_POINT_GROUP = "msa_core.commands"
 # Commands other distributions provide, and how to get them when they are missing.
 KNOWN_PLUGINS = {"compare": "msa_integrations (pip install 'msa[compare]')",
-                 "niah": "msa_integrations (pip install 'msa[compare]')"}
+                 "niah": "msa_integrations (pip install 'msa[compare]')",
+                 "distill-data": "msa_integrations (pip install 'msa[compare]')"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -101,7 +101,9 @@ class TrainingSet:
         return self.subset(train), self.subset(held)
 
     def mine_bm25_negatives(self, depth: int = 30, show_progress_bar: bool = False) -> None:
-        """For every query, the BM25 top-`depth` documents that are not its positives, best first."""
+        """For every query, the BM25 top-`depth` documents that are not its positives, best first. A query
+        whose file gave negatives (a teacher's, denoised) keeps those alone: BM25 would bring back the
+        false negatives the teacher left out."""
         try:
             bm25s = import_bm25s()
         except ImportError as e:
@@ -117,7 +119,7 @@ class TrainingSet:
                                  backend_selection="numpy")
         for q, row in enumerate(hits.tolist()):
             pos = set(self.positives[q])
-            self.mined_negatives[q] = [d for d in row if d not in pos][:depth]
+            self.mined_negatives[q] = [] if self.given_negatives[q] else [d for d in row if d not in pos][:depth]
 
 
 _WORD = re.compile(r"^[a-z]{4,10}$")
@@ -279,8 +281,9 @@ def load_pairs(paths: Iterable[str | Path], *, title_rate: float = 0.5,
             if not isinstance(positive, str) or not positive.strip():
                 raise InvalidInputError(f"{where}: 'positive' must be a non-empty string")
             negs = rec.get("negatives") or []
-            if not isinstance(negs, list) or not all(isinstance(n, str) and n.strip() for n in negs):
-                raise InvalidInputError(f"{where}: 'negatives' must be a list of non-empty strings")
+            if not isinstance(negs, list) or not all(_negative_ok(n) for n in negs):
+                raise InvalidInputError(f"{where}: 'negatives' must be a list of non-empty strings or of "
+                                        "{\"text\": ..., \"title\": ...} objects")
             source = str(rec.get("source") or path.stem)
             key = (source, query)
             if key not in query_row:
@@ -297,8 +300,8 @@ def load_pairs(paths: Iterable[str | Path], *, title_rate: float = 0.5,
             d = row_of(render_document(positive, title, title_rate))
             if d not in positives[q]:
                 positives[q].append(d)
-            for n in negs:
-                nd = row_of(n)
+            for n in negs:  # a titled negative is rendered as a positive is, so titles tell nothing apart
+                nd = row_of(n if isinstance(n, str) else render_document(n["text"], n.get("title"), title_rate))
                 if nd not in negatives[q]:
                     negatives[q].append(nd)
     if not queries:
@@ -306,6 +309,13 @@ def load_pairs(paths: Iterable[str | Path], *, title_rate: float = 0.5,
     for q in range(len(queries)):  # a document that is a positive of this query is never its negative
         negatives[q] = [d for d in negatives[q] if d not in positives[q]]
     return TrainingSet(documents, queries, positives, negatives, sources)
+
+
+def _negative_ok(n: object) -> bool:
+    if isinstance(n, str):
+        return bool(n.strip())
+    return (isinstance(n, dict) and isinstance(n.get("text"), str) and bool(n["text"].strip())
+            and isinstance(n.get("title"), (str, type(None))))
 
 
 def _read_jsonl(path: Path):

@@ -279,7 +279,31 @@ def test_load_pairs_groups_documents_and_queries(tmp_path):
     assert titled.documents[0] == "T\ndoc A"
 
 
+def test_titled_negatives_are_rendered_as_positives_are(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in [
+        {"query": "q1", "positive": "doc A", "title": "TA", "negatives": [{"title": "TB", "text": "doc B"}]},
+        {"query": "q2", "positive": "doc B", "title": "TB"},
+    ]) + "\n")
+    for rate, b in ((1.0, "TB\ndoc B"), (0.0, "doc B")):
+        data = load_pairs([f], title_rate=rate)
+        assert [data.documents[d] for d in data.given_negatives[0]] == [b]
+        assert data.given_negatives[0] == data.positives[1]  # one document row, whether negative or positive
+
+
+def test_bm25_mining_leaves_questions_with_given_negatives_alone(tmp_path):
+    rows = _keyword_pairs(tmp_path / "p.jsonl", n=40)
+    rows[0]["negatives"] = [rows[1]["positive"]]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    data = load_pairs([tmp_path / "p.jsonl"])
+    data.mine_bm25_negatives(depth=5)
+    q = data.queries.index(rows[0]["query"])
+    assert data.mined_negatives[q] == [] and len(data.given_negatives[q]) == 1
+    assert all(data.mined_negatives[i] for i in range(len(data)) if i != q)
+
+
 @pytest.mark.parametrize("line, message", [
+    ('{"query": "q", "positive": "p", "negatives": [{"title": "t"}]}', "d.jsonl:2: 'negatives'"),
     ("not json", "d.jsonl:2: not valid JSON"),
     ('{"query": "", "positive": "x"}', "d.jsonl:2: 'query'"),
     ('{"query": "q"}', "d.jsonl:2: 'positive'"),
