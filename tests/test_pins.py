@@ -1,8 +1,9 @@
 """The default model's behaviour on the demo corpus is pinned: retrieval (ids and scores) and greedy answers
 in latent, hybrid and (reference profile) interleave mode, as recorded by `python tests/pins.py` on msa 0.3.0
-before the layout change (tests/data/demo_pins.json). A refactor must not move them. Re-recorded once, on purpose,
-when router v10 shipped (new routing projectors: every ranking moved; the greedy answers did not, but for one
-reference-profile hybrid answer whose prompt holds different documents)."""
+before the layout change (tests/data/demo_pins.json). A refactor must not move them. Re-recorded on purpose when
+router v10 shipped and again when v11 shipped (new routing projectors: rankings moved; with v11 the gold documents
+stay at rank 1, and the first question's 12-token hybrid answers changed because their prompts hold a different
+third document; at 48 tokens the default profile's answer still names the keeper)."""
 
 from __future__ import annotations
 
