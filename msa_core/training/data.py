@@ -25,14 +25,15 @@ NEEDLE = "One of the special magic {type} for {key} is: {value}."
 QUESTION = "What is the special magic {type} for {key} mentioned in the provided text?"
 
 
-def _stable_hash(text: str) -> int:
+def stable_hash(text: str) -> int:
+    """A hash of text that is the same on every run and machine (Python's hash() is salted per process)."""
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
 
 
 def render_document(text: str, title: str | None, title_rate: float) -> str:
     """The document as it is encoded: "title\\ntext" (as the A/B harness indexes passages) for a
     stable `title_rate` share of titled documents, so the router sees documents with and without."""
-    if title and title.strip() and (_stable_hash(text) % 1000) < title_rate * 1000:
+    if title and title.strip() and (stable_hash(text) % 1000) < title_rate * 1000:
         return f"{title.strip()}\n{text}"
     return text
 
@@ -91,7 +92,7 @@ class TrainingSet:
             raise InvalidInputError(f"held-out sources {sorted(unknown)} are not in the data; sources are "
                                     f"{sorted(set(self.sources))}")
         held_docs = {d for d, text in enumerate(self.documents)
-                     if (_stable_hash(text) % 100_000) < heldout_fraction * 100_000}
+                     if (stable_hash(text) % 100_000) < heldout_fraction * 100_000}
         by_source = set(heldout_sources)
         held = [q for q in range(len(self)) if self.positives[q][0] in held_docs or self.sources[q] in by_source]
         held_docs |= {d for q in held for d in self.positives[q]}

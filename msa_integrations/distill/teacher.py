@@ -16,17 +16,18 @@ construction, so the dev split measures the teacher too.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from msa_core.errors import InvalidInputError
+from msa_core.training.data import stable_hash
 
 from ..compare.dataset import Document, Query, write_dataset
 from .questions import Passage, PseudoQuestion, make_questions
@@ -73,8 +74,7 @@ def _normal(text: str) -> str:
 
 def is_dev(passage: Passage, fraction: float) -> bool:
     """A stable share of passages, by a hash of the title: the same split on every run and machine."""
-    h = int.from_bytes(hashlib.blake2b(passage.title.encode("utf-8"), digest_size=8).digest(), "big")
-    return h % 100_000 < fraction * 100_000
+    return stable_hash(passage.title) % 100_000 < fraction * 100_000
 
 
 def teacher_label(questions: Sequence[PseudoQuestion], passages: Sequence[Passage], teacher: Any, *,
@@ -89,8 +89,7 @@ def teacher_label(questions: Sequence[PseudoQuestion], passages: Sequence[Passag
             ranked = [doc for doc, _ in hits]
             ranks = tuple(ranked.index(d) if d in ranked else None for d in q.positives)
             last = max((r for r in ranks if r is not None), default=len(ranked))
-            below = [d for d in ranked[last + 1:] if d not in q.positives][:negatives]
-            out.append(Labelled(q, ranks, tuple(below)))
+            out.append(Labelled(q, ranks, tuple(ranked[last + 1:last + 1 + negatives])))
         if progress:
             progress(min(start + batch, len(questions)), len(questions))
     return out
@@ -115,10 +114,11 @@ def build_distill_set(corpus: str | os.PathLike[str], out: str | os.PathLike[str
     teacher = teacher if teacher is not None else default_teacher()
     passages = read_passages(corpus)
     reserved = {_normal(p.text) for path in exclude for p in read_passages(path)}
-    dropped = [p.id for p in passages if _normal(p.text) in reserved]
-    passages = [p for p in passages if _normal(p.text) not in reserved]
-    dev = [p for p in passages if is_dev(p, dev_fraction)]
-    train = [p for p in passages if not is_dev(p, dev_fraction)]
+    dropped = {p.id for p in passages if _normal(p.text) in reserved}
+    passages = [p for p in passages if p.id not in dropped]
+    held = {p.id for p in passages if is_dev(p, dev_fraction)}
+    dev = [p for p in passages if p.id in held]
+    train = [p for p in passages if p.id not in held]
     train_q = make_questions(train, seed=seed)
     dev_q = make_questions(dev, seed=seed + 1)
     labelled = teacher_label(train_q + dev_q, passages, teacher, depth=depth,
@@ -140,7 +140,7 @@ def build_distill_set(corpus: str | os.PathLike[str], out: str | os.PathLike[str
                   [Query(f"d{i:05d}", q.text, q.positives, extra={"type": q.kind}) for i, q in enumerate(dev_q)])
     dev_hits = labelled[len(train_q):]
     summary = {
-        "corpus": str(corpus), "passages": len(passages), "excluded": dropped,
+        "corpus": str(corpus), "passages": len(passages), "excluded": sorted(dropped),
         "train_passages": len(train), "dev_passages": len(dev),
         "train_questions_generated": len(train_q), "train_questions_kept": len(kept),
         "kept_by_kind": _count(x.question.kind for x in kept),
@@ -158,10 +158,7 @@ def build_distill_set(corpus: str | os.PathLike[str], out: str | os.PathLike[str
 
 
 def _count(items) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for k in items:
-        counts[k] = counts.get(k, 0) + 1
-    return dict(sorted(counts.items()))
+    return dict(sorted(Counter(items).items()))
 
 
 def _recall(labelled: Sequence[Labelled], k: int) -> float:
