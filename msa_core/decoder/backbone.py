@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelLoadError
+from .packed import Packs, packing_wanted
 from .rope import RopeSpec, RotaryEmbedding, apply_rotary
 
 SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3")
@@ -162,6 +163,8 @@ def attention_mask(valid_keys: torch.Tensor, first_query_slot: int, num_queries:
 
 
 class Attention(nn.Module):
+    packs = Packs(enabled=False)  # the backbone's own (packed.py) once it owns the layer
+
     def __init__(self, a: BackboneArgs) -> None:
         super().__init__()
         self.num_heads, self.kv_heads, self.head_dim = a.num_heads, a.kv_heads, a.head_dim
@@ -177,9 +180,10 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [B, T, hidden] -> q [B, H, T, D], k and v [B, kv, T, D] (q and k rotated)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
+        q, k, v = self.packs.apply(self, "qkv", (self.q_proj, self.k_proj, self.v_proj), x)
+        q = q.reshape(b, t, self.num_heads, self.head_dim)
+        k = k.reshape(b, t, self.kv_heads, self.head_dim)
+        v = v.reshape(b, t, self.kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -207,10 +211,17 @@ class Attention(nn.Module):
             keys, values, valid_keys = cache.view()
             mask = attention_mask(valid_keys, first, t, causal)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return self.output(out)
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs [B, H, T, D] through o_proj: [B, T, hidden]."""
+        b, _, t, _ = out.shape
+        return self.packs.apply(self, "o", (self.o_proj,), out.transpose(1, 2).reshape(b, t, -1))[0]
 
 
 class MLP(nn.Module):
+    packs = Packs(enabled=False)
+
     def __init__(self, a: BackboneArgs) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
@@ -218,7 +229,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.packs.apply(self, "gate_up", (self.gate_proj, self.up_proj), x)
+        return self.packs.apply(self, "down", (self.down_proj,), F.silu(gate) * up)[0]
 
 
 class DecoderLayer(nn.Module):
@@ -243,6 +255,11 @@ class Backbone(nn.Module):
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(args.rope)
+        # CPU bf16 inference: fused, prepacked projections (packed.py), for backbones small enough to pack
+        weight_bytes = 2 * sum(p.numel() for p in self.parameters())
+        self.packs = Packs(enabled=packing_wanted(weight_bytes))
+        for layer in self.layers:
+            layer.self_attn.packs = layer.mlp.packs = self.packs
 
     @property
     def dtype(self) -> torch.dtype:

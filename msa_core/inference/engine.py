@@ -100,7 +100,7 @@ def cached_attention(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: t
     block's last (causal=False: the reference's bidirectional injection); always its own slot, so a
     padding query never has a fully masked row.
     """
-    b, t, _ = x.shape
+    t = x.shape[1]
     q, k, v = attn.project(x, cos, sin)
     cache.update(slots, k, v, valid)
     index = cache.local_index
@@ -108,8 +108,7 @@ def cached_attention(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: t
     sees = (index[None, :] < 0) | (index[None, :] <= upto[:, None])  # [T, S]
     own = index[None, :] == slots[:, None]
     mask = ((sees[None] & cache.valid[:, None, :]) | own[None])[:, None]  # [B, 1, T, S]
-    out = grouped_attention(q, cache.k, cache.v, mask)
-    return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+    return attn.output(grouped_attention(q, cache.k, cache.v, mask))
 
 
 @dataclass
