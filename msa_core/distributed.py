@@ -40,13 +40,12 @@ from .decoder.backbone import Memory
 from .errors import InvalidInputError, check_text
 from .inference.generate import (
     Generation,
-    LayerRouting,
-    MemoryRouter,
     Message,
     SamplingParams,
     build_prompt,
     routed_prefill,
 )
+from .inference.memory_router import LayerRouting, MemoryRouter
 from .memory.bank import MemoryBank
 from .memory.filters import Filter
 from .memory.persist import MANIFEST, TENSORS, read_version

@@ -29,7 +29,6 @@ from .inference.fused_answers import FusedTopK, annotate, answer_fusion, fused_t
 from .inference.generate import (
     Generation,
     HookFactory,
-    MemoryRouter,
     Message,
     Prompt,
     SamplingParams,
@@ -42,6 +41,7 @@ from .inference.generate import (
     routed_prefill,
     with_last_user,
 )
+from .inference.memory_router import MemoryRouter
 from .memory.bank import MemoryBank
 from .memory.filters import Filter
 from .memory.records import check_documents
@@ -558,15 +558,15 @@ class MSAModel:
         if bank is None or router is None or not router.routings:
             return [], [], {}
         docstore = bank.docstore
-        per_layer = {layer: list(dict.fromkeys(docstore[r].parent_id for r in rt.selected[row].tolist()))
-                     for layer, rt in router.routings.items()}
+        chosen = torch.stack([rt.selected[row] for rt in router.routings.values()])  # [L, k]
+        per_layer = {layer: list(dict.fromkeys(docstore[r].parent_id for r in rows))
+                     for layer, rows in zip(router.routings, chosen.tolist())}
         stacked = torch.stack([router.routings[layer].doc_scores[row] for layer in self.layers]).unsqueeze(1)
         total = aggregate_layers(stacked, self.config.routing.layer_aggregate)[0]
-        best: dict[str, float] = {}
-        for rows in (rt.selected[row].tolist() for rt in router.routings.values()):
-            for r in rows:
-                pid = docstore[r].parent_id
-                best[pid] = max(best.get(pid, float("-inf")), float(total[r]))
+        best: dict[str, float] = {}  # (a few reads from the device, not one per row)
+        for r, score in zip(chosen.flatten().tolist(), total[chosen.flatten()].tolist()):
+            pid = docstore[r].parent_id
+            best[pid] = max(best.get(pid, float("-inf")), score)
         ranked = sorted(best.items(), key=lambda kv: -kv[1])
         return [p for p, _ in ranked], [s for _, s in ranked], per_layer
 

@@ -58,6 +58,7 @@ class PackedLinear:
         biases = [m.bias for m in linears]
         self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
         self.source = _source_key(linears)
+        self.modules = tuple(linears)  # (held, so a module made later cannot pass for one of these)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
@@ -86,13 +87,15 @@ class Packs:
     def apply(self, owner: nn.Module, name: str, linears: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
         """The outputs of `linears` on x: one packed product when x is a bf16 CPU tensor outside autograd,
         else each module called as usual."""
-        if (self.enabled and x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled()
-                and _packable(linears)):
+        if self.enabled and x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled():
             key = (id(owner), name)
             pack = self._store.get(key)
-            if pack is None or pack.source != _source_key(linears):  # type: ignore[arg-type]
+            if (pack is not None and all(a is b for a, b in zip(pack.modules, linears))
+                    and pack.source == _source_key(linears)):  # type: ignore[arg-type]
+                return pack(x)  # the same modules holding the same weights as when packed
+            if _packable(linears):
                 pack = self._store[key] = PackedLinear(linears)  # type: ignore[arg-type]
-            return pack(x)
+                return pack(x)
         return [F.linear(x, m.weight, m.bias) if type(m) is nn.Linear else m(x) for m in linears]
 
     def __len__(self) -> int:

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from ..errors import InvalidInputError
 from .engine import Session
-from .generate import MemoryRouter, build_prompt, engine_for, routed_prefill
+from .generate import build_prompt, engine_for, routed_prefill
+from .memory_router import MemoryRouter
 from .protocols import ModelLike
 from .reference import question_segments, render_document
 

@@ -16,6 +16,7 @@ parity-tested against (tests/inference/test_engine.py).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,6 +143,8 @@ class Engine:
         self._graphs: dict[tuple, DecodeGraph] = {}
         self._compiled_step = None
         self._query_forwards: dict[tuple, QueryForward] = {}
+        self.capture_prefill = True  # routed prefills replayed from CUDA graphs where they can be (captured.py)
+        self.prefill_graphs: OrderedDict = OrderedDict()  # captured.PrefillGraph by shape and bank state
         self.question_heads = HeadCache()  # K/V of the prompt head the query forward's questions share
 
     def query_forward(self, router: Any, layers: list[int]) -> QueryForward:

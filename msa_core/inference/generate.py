@@ -2,56 +2,24 @@
 
 In a routing layer the question's normed hidden states become routing queries; the bank's pooled
 routing keys are scored (paper Eq. 2), each row keeps its top-k documents *for this layer*, and their
-pooled K/V are placed in front of the question's own keys. Lower layers see local context only.
+pooled K/V are placed in front of the question's own keys (memory_router.py; on a GPU the whole prefill
+replays from a CUDA graph, captured.py). Lower layers see local context only.
 Routing happens once, in the prefill; decode steps reuse the caches.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .. import kernels
-from ..config import RoutingConfig
-from ..decoder.backbone import Backbone, Memory
+from ..decoder.backbone import Backbone
 from ..errors import InvalidInputError, check_text
-from ..memory.bank import MemoryBank
-from ..routing.projectors import RouterProjectors
-from ..routing.scores import document_scores, select_top_k
+from .captured import capturable, captured_prefill
 from .engine import Engine, Session
-
-# Tensors derived from a bank state (inverse key norms; K̄_R and the chunk index copied to a GPU for a bank
-# held in CPU memory), keyed by (id of the state's kr_bar, what) and dropped when that kr_bar dies: every
-# mutation makes a new one. Not a WeakKeyDictionary: it would compare tensors with ==.
-_PER_STATE: dict[tuple[int, str], Any] = {}
-
-
-def _per_state(kr_bar: torch.Tensor, what: str, make: Callable[[], Any]) -> Any:
-    key = (id(kr_bar), what)
-    hit = _PER_STATE.get(key)
-    if hit is None:
-        hit = _PER_STATE[key] = make()
-        weakref.finalize(kr_bar, _PER_STATE.pop, key, None)
-    return hit
-
-
-def _key_inv_norms(kr_bar: torch.Tensor) -> torch.Tensor:
-    return _per_state(kr_bar, "inv_norms", lambda: kernels.inverse_key_norms(kr_bar))
-
-
-def _routing_on(bank: MemoryBank, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kr_bar, chunk_doc) of the bank on `device`: its own tensors when they live there, else copies made
-    once per bank state (a GPU model routing a bank in CPU memory gets the layout bank.to(device, kv="host")
-    would give), not once per question and layer."""
-    kr = bank.kr_bar
-    if kr.device == device:
-        return kr, bank.chunk_doc
-    return _per_state(kr, str(device), lambda: (kr.to(device), bank.chunk_doc.to(device)))
-
+from .memory_router import LayerRouting, MemoryRouter  # noqa: F401  (LayerRouting: re-exported for callers)
 
 _QUESTION_SLOT = "\u2063MSA_QUESTION\u2063"  # an invisible marker no real question contains
 
@@ -148,157 +116,6 @@ def left_pad(prompts: Sequence[Prompt], pad_id: int, device: torch.device):
     return ids.to(device), valid.to(device), routing.to(device)
 
 
-@dataclass
-class LayerRouting:
-    """What one routing layer decided for a batch."""
-
-    doc_scores: torch.Tensor  # [B, N] every part row's score (-inf where filtered out)
-    selected: torch.Tensor  # [B, k] part rows attended to, best first
-    selected_scores: torch.Tensor  # [B, k]
-
-
-class MemoryRouter:
-    """Memory hook for `Backbone.forward`: routes in routing layers, returns the chosen K/V."""
-
-    def __init__(self, bank: MemoryBank, router: RouterProjectors, cfg: RoutingConfig,
-                 routing_mask: torch.Tensor, *, allowed: torch.Tensor | None = None,
-                 top_k: int | None = None, attend: bool = True,
-                 positions: torch.Tensor | None = None) -> None:
-        self.bank, self.router, self.cfg = bank, router, cfg
-        self.routing_mask = routing_mask
-        # RoPE positions of the prompt: only routers whose queries are the attention's own rotated q
-        # (MSA checkpoints without decouple_router) need them.
-        self.positions = positions
-        self.allowed = allowed
-        self.top_k = top_k or cfg.top_k
-        self.attend = attend  # False: score only (retrieval of documents without generation)
-        self.layer_pos = {layer: i for i, layer in enumerate(bank.layers)}
-        self.routings: dict[int, LayerRouting] = {}
-        self.pending: dict[int, torch.Tensor] = {}  # layer -> routing queries awaiting `finish`
-        self._validated = False  # the kernels check the mask and chunk index once (a host sync), not per layer
-
-    def __call__(self, layer: int, x: torch.Tensor) -> Memory | None:
-        li = self.layer_pos.get(layer)
-        if li is None or len(self.bank) == 0:
-            return None
-        q = self._routing_queries(layer, x)
-        if not self.attend and self._route_device(q) is not None:
-            # scoring only: nothing this layer returns depends on the scores, so keep the queries and
-            # score every layer in one kernel launch in `finish` (one long read of K̄_R, not L short ones)
-            self.pending[layer] = q
-            return None
-        _, rows = self._record(layer, self._doc_scores(li, q))
-        if not self.attend or rows.shape[1] == 0:
-            return None
-        return self._gather(li, rows, x.device, x.dtype)
-
-    def score_queries(self, queries: dict[int, torch.Tensor]) -> None:
-        """Score routing queries computed elsewhere (the engine's query forward): every layer in one launch
-        where routing runs on a GPU, else layer by layer with the reference."""
-        if len(self.bank) == 0:
-            return
-        first = next(iter(queries.values()))
-        if self._route_device(first) is not None:
-            self.pending.update(queries)
-            self.finish()
-            return
-        for layer, q in queries.items():
-            self._record(layer, self._doc_scores(self.layer_pos[layer], q))
-
-    def finish(self) -> None:
-        """Score the layers a scoring-only pass deferred (see __call__); a no-op when none were."""
-        if not self.pending:
-            return
-        layers = sorted(self.pending)
-        lis = [self.layer_pos[layer] for layer in layers]
-        cfg, bank = self.cfg, self.bank
-        q = torch.stack([self.pending.pop(layer) for layer in layers])
-        kr_all, chunk_doc = _routing_on(bank, self._route_device(q))
-        whole = lis == list(range(kr_all.shape[0]))  # the usual case: no copy of the bank's keys
-        kr = kr_all if whole else kr_all[lis]
-        inv = self._inv_norms(kr_all)
-        scores = kernels.layer_routing_scores(
-            q.to(kr.device), self.routing_mask.to(kr.device), kr, chunk_doc, bank.num_parts,
-            normalization=cfg.normalization, query_reduce=cfg.query_reduce, chunk_reduce=cfg.chunk_reduce,
-            backend=cfg.kernel, key_inv_norms=inv if inv is None or whole else inv[lis],
-            validate=self._validate_once(), exact=cfg.exact_scores)
-        for layer, doc_scores in zip(layers, scores):
-            self._record(layer, doc_scores)
-
-    def _record(self, layer: int, doc_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mask filtered documents, keep this layer's top-k, remember the decision."""
-        if self.allowed is not None:
-            doc_scores = doc_scores.masked_fill(~self.allowed.to(doc_scores.device), float("-inf"))
-        values, rows = select_top_k(doc_scores, self.top_k, self.allowed)
-        self.routings[layer] = LayerRouting(doc_scores, rows, values)
-        return values, rows
-
-    def _route_device(self, q: torch.Tensor) -> torch.device | None:
-        """Where the Triton kernels score, or None for the PyTorch reference: the bank's GPU; the model's
-        GPU for a bank in CPU memory (K̄_R copied there once, `_routing_on`); the CPU only for kernel='triton'
-        (Triton's interpreter)."""
-        cfg, kr = self.cfg, self.bank.kr_bar
-        if cfg.kernel == "reference" or cfg.head_reduce != "mean" or cfg.query_reduce == "colbert":
-            return None  # the Triton kernels compute Eq. 2 only
-        if kr.is_cuda:
-            return kr.device
-        if q.is_cuda:
-            return q.device
-        return kr.device if cfg.kernel == "triton" else None
-
-    def _inv_norms(self, kr_all: torch.Tensor) -> torch.Tensor | None:
-        """Cached inverse key norms [L, C, Hkv] for cosine-type scoring; None for scaled_dot (no norms)."""
-        return _key_inv_norms(kr_all) if self.cfg.normalization != "scaled_dot" else None
-
-    def _validate_once(self) -> bool:
-        """True the first time: the routing mask and the bank's chunk index are the same in every layer."""
-        first, self._validated = not self._validated, True
-        return first
-
-    def _doc_scores(self, li: int, q: torch.Tensor) -> torch.Tensor:
-        """[B, N] document scores of routing-layer position li: the Triton kernel where routing runs on a GPU
-        (kernels.routing_scores, parity-tested against the reference), else router.py."""
-        cfg, bank = self.cfg, self.bank
-        device = self._route_device(q)
-        if device is not None:
-            kr_all, chunk_doc = _routing_on(bank, device)
-            inv = self._inv_norms(kr_all)
-            return kernels.routing_scores(
-                q.to(device), self.routing_mask.to(device), kr_all[li], chunk_doc, bank.num_parts,
-                normalization=cfg.normalization, query_reduce=cfg.query_reduce, chunk_reduce=cfg.chunk_reduce,
-                backend=cfg.kernel, key_inv_norms=None if inv is None else inv[li], validate=self._validate_once(),
-                exact=cfg.exact_scores)
-        return document_scores(q, self.routing_mask, bank.kr_bar[li], bank.chunk_doc, bank.num_parts,
-                               head_reduce=cfg.head_reduce, query_reduce=cfg.query_reduce,
-                               chunk_reduce=cfg.chunk_reduce, normalization=cfg.normalization)
-
-    def _routing_queries(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        if getattr(self.router, "needs_positions", False):
-            if self.positions is None:
-                raise InvalidInputError("this router routes with the attention's rotated queries; "
-                                        "pass the prompt positions to MemoryRouter")
-            return self.router.project_queries(layer, x, self.positions)
-        return self.router.project_queries(layer, x)
-
-    def _gather(self, li: int, rows: torch.Tensor, device: torch.device, dtype: torch.dtype) -> Memory:
-        """Pooled K/V of each row's chosen documents, right-padded to the longest row. Only those chunks
-        move (bank.gather_kv: one copy per tier, through pinned memory from a host tier to a GPU)."""
-        chunk_lists = [self.bank.chunks_of(r) for r in rows]
-        counts = [len(c) for c in chunk_lists]
-        k_all, v_all = self.bank.gather_kv(li, torch.cat(chunk_lists), device, dtype)  # [sum(counts), kv, D]
-        b, m = rows.shape[0], max(counts)
-        k = torch.zeros(b, self.bank.kv_heads, m, self.bank.head_dim, dtype=dtype, device=device)
-        v = torch.zeros_like(k)
-        valid = torch.zeros(b, m, dtype=torch.bool, device=device)
-        start = 0
-        for row, n in enumerate(counts):
-            k[row, :, :n] = k_all[start:start + n].transpose(0, 1)
-            v[row, :, :n] = v_all[start:start + n].transpose(0, 1)
-            valid[row, :n] = True
-            start += n
-        return Memory(k, v, valid)
-
-
 def query_positions(valid: torch.Tensor, offset: int) -> torch.Tensor:
     """RoPE positions of left-padded prompts: offset, offset+1, ... over real tokens."""
     return offset + (valid.long().cumsum(1) - 1).clamp(min=0)
@@ -353,8 +170,12 @@ def routed_prefill(backbone: Backbone, prompts: Sequence[Prompt], *, offset: int
         if memory is not None:
             memory.finish()
         return Prefilled(None, None, memory, positions)
-    logits, session = engine_for(backbone).prefill(ids, positions, valid, memory_hook=memory,
-                                                   extra_tokens=extra_capacity)
+    engine = engine_for(backbone)
+    if memory is not None and capturable(engine, memory):
+        done = captured_prefill(engine, memory, ids, positions, valid, routing, extra_capacity)
+        if done is not None:
+            return Prefilled(*done, memory, positions)
+    logits, session = engine.prefill(ids, positions, valid, memory_hook=memory, extra_tokens=extra_capacity)
     return Prefilled(logits, session, memory, positions)
 
 

@@ -25,7 +25,8 @@ import torch
 
 from ..errors import InvalidInputError
 from ..memory.bank import MemoryBank
-from .generate import LayerRouting, Prefilled, Prompt, SamplingParams, extend, sample_next
+from .generate import Prefilled, Prompt, SamplingParams, extend, sample_next
+from .memory_router import LayerRouting
 from .protocols import ModelLike
 from .reference import Segment, question_segments
 

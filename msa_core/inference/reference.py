@@ -24,7 +24,8 @@ from ..decoder.backbone import Memory
 from ..errors import InvalidInputError
 from ..memory.bank import MemoryBank
 from .encode import DocumentPart
-from .generate import Generation, MemoryRouter, Prefilled, Prompt, SamplingParams, routed_prefill
+from .generate import Generation, Prefilled, Prompt, SamplingParams, routed_prefill
+from .memory_router import MemoryRouter
 from .protocols import ModelLike
 
 TEMPLATE_HEAD = "<|im_start|>user\n"

@@ -279,12 +279,18 @@ def select_top_k(
     b, n = doc_scores.shape
     allowed_bn = _allowed_mask(allowed, b, n, doc_scores.device)
     k_eff = min(k, int(allowed_bn.sum(dim=1).min()) if b else 0)
+    return ranked_top_k(doc_scores, allowed_bn, k_eff)
+
+
+def ranked_top_k(doc_scores: Tensor, allowed: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """select_top_k's order without its checks or host syncs (a captured prefill's routing): allowed [B, N],
+    k at most the fewest allowed documents of any row."""
     # Two stable sorts = lexicographic order (allowed first, then score desc, then index asc),
     # so a disallowed document cannot slip in by tying with an allowed -inf one.
     by_score = torch.sort(doc_scores, dim=1, descending=True, stable=True).indices
-    flags = allowed_bn.gather(1, by_score)
+    flags = allowed.gather(1, by_score)
     by_allowed = torch.sort((~flags).to(torch.uint8), dim=1, stable=True).indices
-    indices = by_score.gather(1, by_allowed)[:, :k_eff]
+    indices = by_score.gather(1, by_allowed)[:, :k]
     return doc_scores.gather(1, indices), indices
 
 

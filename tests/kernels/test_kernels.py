@@ -436,15 +436,15 @@ def test_routing_copies_are_made_once_per_bank_state(tiny_model_dir):
     import gc
 
     from msa_core import MSAConfig, MSAModel
-    from msa_core.inference.generate import _PER_STATE as _ROUTING_COPIES
-    from msa_core.inference.generate import _routing_on
+    from msa_core.inference.memory_router import PER_STATE as _ROUTING_COPIES
+    from msa_core.inference.memory_router import routing_on
 
     model = MSAModel.from_pretrained(tiny_model_dir("llama"), config=MSAConfig(encode={"chunk_size": 4}),
                                      router="random", device="cpu")
     bank = model.index(["one document about ships", "another about trains", "a third about tea"])
-    own = _routing_on(bank, bank.device)
+    own = routing_on(bank, bank.device)
     assert own[0] is bank.kr_bar and own[1] is bank.chunk_doc  # where they live: no copy
-    first, again = _routing_on(bank, torch.device("meta")), _routing_on(bank, torch.device("meta"))
+    first, again = routing_on(bank, torch.device("meta")), routing_on(bank, torch.device("meta"))
     assert first[0] is again[0] and first[0].device.type == "meta" and first[0].shape == bank.kr_bar.shape
     key = (id(bank.kr_bar), "meta")
     assert key in _ROUTING_COPIES
@@ -457,7 +457,7 @@ def test_routing_copies_are_made_once_per_bank_state(tiny_model_dir):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_gpu_model_routes_a_cpu_bank_through_the_kernel(tiny_model_dir):
     from msa_core import MSAConfig, MSAModel
-    from msa_core.inference.generate import _PER_STATE as _ROUTING_COPIES
+    from msa_core.inference.memory_router import PER_STATE as _ROUTING_COPIES
 
     cfg = MSAConfig(routing={"top_k": 3, "exact_scores": True}, encode={"chunk_size": 4})
     model = MSAModel.from_pretrained(tiny_model_dir("llama"), config=cfg, router="random", device="cuda")
