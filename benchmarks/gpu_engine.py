@@ -275,6 +275,9 @@ def main() -> None:
     texts = texts[:8]
     bank = model.new_bank()
     model.add(bank, texts, ids=[f"d{i}" for i in range(8)], show_progress_bar=False)
+    if dev.type == "cuda":  # every bank tensor on the GPU, the tier whose routed prefill replays from a graph
+        bank = bank.to(dev)
+    out["bank_tier"] = f"{bank.device.type}, kv={bank.kv_tier}"
 
     # decode, batch 1 and 16: CUDA graphs, then (--compile) graphs of the torch.compile'd step
     for variant in ("graph", "compiled") if args.compile else ("graph",):

@@ -25,10 +25,9 @@ import torch.nn.functional as F
 
 from ..decoder.backbone import Memory
 from ..routing.scores import ranked_top_k
-from .engine import Engine, Session, local_bucket, memory_bucket
+from .engine import Engine, Session, local_bucket, memory_bucket, prompt_bucket
 from .memory_router import LayerRouting, MemoryRouter, per_state
 
-PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this (padding is masked, positions unchanged)
 MAX_GRAPHS = 8  # captured prefills kept per engine (least recently used dropped)
 
 
@@ -150,7 +149,7 @@ def captured_prefill(engine: Engine, hook: MemoryRouter, ids: torch.Tensor, posi
     static = static_router(hook, b)
     if static is None:
         return None
-    pad = -(-t // PROMPT_BUCKET) * PROMPT_BUCKET - t
+    pad = prompt_bucket(t) - t
     if pad:  # more left padding: masked keys, positions of real tokens unchanged
         ids, positions, valid, routing = (F.pad(x, (pad, 0)) for x in (ids, positions, valid, routing))
     cfg, bank = hook.cfg, hook.bank

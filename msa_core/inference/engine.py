@@ -27,6 +27,7 @@ from ..decoder.backbone import Attention, Backbone, Memory, MemoryHook
 from .question_head import HeadCache, HeadKV
 
 LOCAL_BUCKET = 128  # token slots are allocated in multiples of this
+PROMPT_BUCKET = 64  # captured question forwards and prefills: prompts left-padded to a multiple of this
 MIN_MEMORY_BUCKET = 16  # memory widths are rounded up to a power of two, at least this
 
 
@@ -39,6 +40,10 @@ def memory_bucket(width: int) -> int:
 
 def local_bucket(tokens: int) -> int:
     return -(-tokens // LOCAL_BUCKET) * LOCAL_BUCKET
+
+
+def prompt_bucket(tokens: int) -> int:
+    return -(-tokens // PROMPT_BUCKET) * PROMPT_BUCKET
 
 
 class StaticCache:
@@ -282,7 +287,7 @@ class QueryForward:
         b, t = ids.shape
         if head is not None or not self.engine.use_graphs:
             return self.forward(ids, positions, valid, self._scratch(b, t, head), head)
-        bucket = local_bucket(t)
+        bucket = prompt_bucket(t)
         if bucket > t:  # more left padding: padded slots are masked, so real tokens see the same keys
             pad = bucket - t
             ids = F.pad(ids, (pad, 0))

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from msa_core.config import MSAConfig
-from msa_core.inference.captured import PROMPT_BUCKET, memory_width, static_router
-from msa_core.inference.engine import Engine, memory_bucket
+from msa_core.inference.captured import memory_width, static_router
+from msa_core.inference.engine import PROMPT_BUCKET, Engine, memory_bucket
 from msa_core.inference.generate import build_prompt, engine_for, left_pad, query_positions, routed_prefill
 from msa_core.inference.memory_router import MemoryRouter
 from msa_core.model import MSAModel
