@@ -41,10 +41,8 @@ def split_documents(tokenizer: Any, texts: Sequence[str], ids: Sequence[str],
                     metadatas: Sequence[dict[str, Any]], max_doc_tokens: int) -> list[DocumentPart]:
     """Tokenize documents; those longer than max_doc_tokens become parts '<id>#<n>' of one parent."""
     parts: list[DocumentPart] = []
-    # one batch call: a fast tokenizer spreads it over the CPU cores
-    encs = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True) if texts else None
-    for i, (text, doc_id, meta) in enumerate(zip(texts, ids, metadatas)):
-        tokens, offsets = encs["input_ids"][i], encs["offset_mapping"][i]
+    encs = _token_ids_and_offsets(tokenizer, list(texts)) if texts else []
+    for (tokens, offsets), text, doc_id, meta in zip(encs, texts, ids, metadatas):
         if not tokens:
             raise InvalidInputError(f"document {doc_id!r} has no tokens; remove it or give it text")
         if len(tokens) <= max_doc_tokens:
@@ -58,6 +56,18 @@ def split_documents(tokenizer: Any, texts: Sequence[str], ids: Sequence[str],
             parts.append(DocumentPart(f"{doc_id}#{n}", doc_id, n, text[char_start:char_end],
                                       list(tokens[start:end]), meta))
     return parts
+
+
+def _token_ids_and_offsets(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """(ids, character offsets) of each text without special tokens, in one batch call. A fast tokenizer's
+    Rust backend is called directly (what `tokenizer(...)` calls, without building Python dicts of every
+    token's offsets: on 512-token documents most of the tokenizing time), so ids and offsets are the same."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if (getattr(tokenizer, "is_fast", False) and backend is not None and hasattr(backend, "encode_batch")
+            and backend.truncation is None and backend.padding is None):  # else __call__ configures them
+        return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+    encs = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return list(zip(encs["input_ids"], encs["offset_mapping"]))
 
 
 def plan_batches(lengths: Sequence[int], batch_size: int, max_tokens: int) -> list[list[int]]:
@@ -86,13 +96,15 @@ def pool_chunks(x: torch.Tensor, lengths: torch.Tensor, chunk_size: int) -> torc
     b, t = x.shape[:2]
     n_chunks = -(-t // chunk_size)
     pad = n_chunks * chunk_size - t
-    real = (torch.arange(t, device=x.device)[None, :] < lengths[:, None]).to(torch.float32)
-    x = x.float() * real.view(b, t, *([1] * (x.dim() - 2)))
+    real = torch.arange(t, device=x.device)[None, :] < lengths[:, None]
+    # Padding zeroed in x's own dtype (exact), then summed with float32 accumulation: x is never copied
+    # to float32 whole (at MSA-4B shapes a float32 copy of every routing layer's hidden states).
+    x = x * real.view(b, t, *([1] * (x.dim() - 2))).to(x.dtype)
     if pad:
         x = torch.cat([x, x.new_zeros(b, pad, *x.shape[2:])], dim=1)
         real = torch.cat([real, real.new_zeros(b, pad)], dim=1)
-    sums = x.view(b, n_chunks, chunk_size, *x.shape[2:]).sum(2)
-    counts = real.view(b, n_chunks, chunk_size).sum(2).clamp(min=1)
+    sums = x.view(b, n_chunks, chunk_size, *x.shape[2:]).sum(2, dtype=torch.float32)
+    counts = real.view(b, n_chunks, chunk_size).sum(2, dtype=torch.float32).clamp(min=1)
     return sums / counts.view(b, n_chunks, *([1] * (x.dim() - 2)))
 
 

@@ -48,6 +48,32 @@ def test_pool_chunks_matches_naive_mean():
             assert torch.allclose(out[b, c], seg.mean(0), atol=1e-6)  # tail averaged over its real length
 
 
+def test_pool_chunks_in_bf16_accumulates_in_float32():
+    torch.manual_seed(0)
+    x = torch.randn(2, 130, 3, 8).bfloat16() + 40.0  # large offsets: bf16 accumulation would drift
+    lengths = torch.tensor([130, 70])
+    got = pool_chunks(x, lengths, 64)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, pool_chunks(x.float(), lengths, 64), rtol=1e-6, atol=1e-5)
+
+
+def test_backend_tokenizing_equals_the_tokenizer_call(tiny_model_dir):
+    from msa_core.inference.encode import _token_ids_and_offsets
+
+    _, _, tok, _, _ = _setup(tiny_model_dir)
+    texts = [*TEXTS, "Ünïcödé  spaces\tand\nlines", " leading space"]
+    assert tok.is_fast and tok.backend_tokenizer.truncation is None  # the backend path is the one tested
+    want = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+    got = _token_ids_and_offsets(tok, texts)
+    assert [list(ids) for ids, _ in got] == want["input_ids"]
+    assert [[tuple(o) for o in offs] for _, offs in got] == [[tuple(o) for o in offs] for offs in want["offset_mapping"]]
+    tok.backend_tokenizer.enable_truncation(5)  # a backend set up to truncate: the tokenizer call decides
+    try:
+        assert [list(ids) for ids, _ in _token_ids_and_offsets(tok, texts)] == want["input_ids"]
+    finally:
+        tok.backend_tokenizer.no_truncation()
+
+
 def test_plan_batches_respects_limits():
     lengths = [5, 300, 17, 64, 64, 9, 1, 120]
     batches = plan_batches(lengths, batch_size=3, max_tokens=256)
