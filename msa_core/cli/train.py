@@ -26,6 +26,7 @@ def cmd_train_router(args: argparse.Namespace) -> int:
               "pair_questions": args.pair_questions,
               "tune_from_layer": args.tune_from_layer, "lora_rank": args.lora_rank, "adapter_lr": args.adapter_lr,
               "lm_weight": args.lm_weight, "recompute": args.recompute or None,
+              "teacher_weight": args.teacher_weight, "teacher_tau": args.teacher_tau,
               "checkpoint_every": args.checkpoint_every,
               "heldout_sources": args.heldout_sources.split(",") if args.heldout_sources else None}
     try:
@@ -104,6 +105,9 @@ def register(command: Any) -> None:
                    "activations in the backward pass (about a third slower, far less memory)")
     p.add_argument("--precondition", choices=("none", "standardize", "whiten"),
                    help="train on conditioned states and fold the map into the saved router (default: standardize)")
+    p.add_argument("--teacher-weight", type=float, help="weight of the listwise distillation loss on questions whose "
+                   "lines carry teacher scores (msa distill-data writes them; default: 0, none)")
+    p.add_argument("--teacher-tau", type=float, help="temperature of the teacher's softmax (default: 0.05)")
     p.add_argument("--seed", type=int, help="default: 0")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--checkpoint-dir", metavar="DIR", help="write checkpoints here (step-N/ and LATEST)")

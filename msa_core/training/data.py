@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import re
 import uuid
@@ -48,6 +49,7 @@ class TrainingSet:
     given_negatives: list[list[int]]  # per query: negatives from the data file
     sources: list[str]  # per query: the source tag (file's `source` field, else the file name)
     mined_negatives: list[list[int]] = field(default_factory=list)  # per query: ranked hard negatives
+    teacher: list[dict[int, float]] = field(default_factory=list)  # per query: a teacher's score per document
 
     def __post_init__(self) -> None:
         n = len(self.queries)
@@ -55,6 +57,8 @@ class TrainingSet:
             raise InvalidInputError("TrainingSet: queries, positives, negatives and sources differ in length")
         if not self.mined_negatives:
             self.mined_negatives = [[] for _ in range(n)]
+        if not self.teacher:
+            self.teacher = [{} for _ in range(n)]
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -77,6 +81,7 @@ class TrainingSet:
             given_negatives=[[new[d] for d in self.given_negatives[q]] for q in query_rows],
             sources=[self.sources[q] for q in query_rows],
             mined_negatives=[[new[d] for d in self.mined_negatives[q]] for q in query_rows],
+            teacher=[{new[d]: t for d, t in self.teacher[q].items()} for q in query_rows],
         )
 
     def split(self, heldout_fraction: float, heldout_sources: Sequence[str] = ()
@@ -165,6 +170,7 @@ def add_needle_pairs(data: TrainingSet, n: int, *, doc_words: int = 300, seed: i
         data.positives.append([len(data.documents) - 1])
         data.given_negatives.append([])
         data.mined_negatives.append([])
+        data.teacher.append({})
         data.sources.append("needles")
 
 
@@ -202,6 +208,7 @@ def add_span_pairs(data: TrainingSet, n: int, *, min_words: int = 6, max_words: 
         data.positives.append([d])
         data.given_negatives.append([])
         data.mined_negatives.append([])
+        data.teacher.append({})
         data.sources.append("spans")
         added += 1
 
@@ -243,13 +250,17 @@ def add_pair_questions(data: TrainingSet, n: int, *, seed: int = 2) -> None:
         data.positives.append([a, b])
         data.given_negatives.append([])
         data.mined_negatives.append([])
+        data.teacher.append({})
         data.sources.append("pairs")
         added += 1
 
 
 def load_pairs(paths: Iterable[str | Path], *, title_rate: float = 0.5,
                max_per_source: int | None = None) -> TrainingSet:
-    """Read JSONL files of {"query", "positive", "negatives"?, "title"?, "source"?}.
+    """Read JSONL files of {"query", "positive", "negatives"?, "title"?, "source"?, "teacher"?}.
+
+    "teacher": {"positive": float, "negatives": [float, ...]} gives a teacher retriever's scores of this line's
+    positive and negatives (msa distill-data writes them), for the trainer's distillation loss.
 
     Repeated documents become one row; a query repeated with different positives becomes one
     query with several. max_per_source caps the queries kept per source (the data mix), taking
@@ -262,6 +273,7 @@ def load_pairs(paths: Iterable[str | Path], *, title_rate: float = 0.5,
     positives: list[list[int]] = []
     negatives: list[list[int]] = []
     sources: list[str] = []
+    teacher: list[dict[int, float]] = []
     per_source: dict[str, int] = {}
 
     def row_of(text: str) -> int:
@@ -285,6 +297,7 @@ def load_pairs(paths: Iterable[str | Path], *, title_rate: float = 0.5,
             if not isinstance(negs, list) or not all(_negative_ok(n) for n in negs):
                 raise InvalidInputError(f"{where}: 'negatives' must be a list of non-empty strings or of "
                                         "{\"text\": ..., \"title\": ...} objects")
+            scores = _teacher_scores(rec.get("teacher"), len(negs), where)
             source = str(rec.get("source") or path.stem)
             key = (source, query)
             if key not in query_row:
@@ -296,20 +309,41 @@ def load_pairs(paths: Iterable[str | Path], *, title_rate: float = 0.5,
                 positives.append([])
                 negatives.append([])
                 sources.append(source)
+                teacher.append({})
             q = query_row[key]
             title = rec.get("title") if isinstance(rec.get("title"), str) else None
             d = row_of(render_document(positive, title, title_rate))
             if d not in positives[q]:
                 positives[q].append(d)
-            for n in negs:  # a titled negative is rendered as a positive is, so titles tell nothing apart
+            if scores:
+                teacher[q][d] = scores[0]
+            for i, n in enumerate(negs):  # a titled negative is rendered as a positive is, so titles tell nothing apart
                 nd = row_of(n if isinstance(n, str) else render_document(n["text"], n.get("title"), title_rate))
                 if nd not in negatives[q]:
                     negatives[q].append(nd)
+                if scores:
+                    teacher[q][nd] = scores[1 + i]
     if not queries:
         raise InvalidInputError(f"no (query, positive) pairs found in {', '.join(map(str, paths))}")
     for q in range(len(queries)):  # a document that is a positive of this query is never its negative
         negatives[q] = [d for d in negatives[q] if d not in positives[q]]
-    return TrainingSet(documents, queries, positives, negatives, sources)
+    return TrainingSet(documents, queries, positives, negatives, sources, teacher=teacher)
+
+
+def _teacher_scores(rec: object, n_negatives: int, where: str) -> list[float] | None:
+    """[positive's score, each negative's score] of a line's "teacher" field, or None without one."""
+    if rec is None:
+        return None
+    ok = (isinstance(rec, dict) and _finite(rec.get("positive")) and isinstance(rec.get("negatives"), list)
+          and len(rec["negatives"]) == n_negatives and all(_finite(x) for x in rec["negatives"]))
+    if not ok:
+        raise InvalidInputError(f"{where}: 'teacher' must be {{\"positive\": number, \"negatives\": [number, ...]}} "
+                                f"with one finite score per negative ({n_negatives})")
+    return [float(rec["positive"]), *map(float, rec["negatives"])]
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _negative_ok(n: object) -> bool:

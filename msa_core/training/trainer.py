@@ -55,6 +55,22 @@ def decoupled_infonce(scores: torch.Tensor, positive: torch.Tensor, tau: float =
     return per_pair[positive].mean()
 
 
+def teacher_kl(scores: torch.Tensor, teacher: torch.Tensor, tau: float, teacher_tau: float) -> torch.Tensor | None:
+    """Listwise distillation: the mean over rows of KL(p_teacher || p_student), each a softmax over the row's
+    teacher-scored documents only (teacher [B, N], -inf where unscored) at its own temperature; rows with
+    fewer than two scored documents are skipped (None when no row has two)."""
+    scored = torch.isfinite(teacher)
+    rows = scored.sum(dim=1) >= 2
+    if not rows.any():
+        return None
+    scored, teacher, scores = scored[rows], teacher[rows], scores[rows].float()
+    log_student = torch.log_softmax((scores / tau).masked_fill(~scored, float("-inf")), dim=1)
+    log_teacher = torch.log_softmax(teacher / teacher_tau, dim=1)
+    p_teacher = log_teacher.exp()
+    per_doc = torch.where(scored, p_teacher * (log_teacher - log_student), torch.zeros_like(log_student))
+    return per_doc.sum(dim=1).mean()
+
+
 class TrainConfig(BaseModel):
     """Router training settings. Defaults suit the embedded 135M backbone on one GPU."""
 
@@ -73,6 +89,10 @@ class TrainConfig(BaseModel):
                                  description="Fractions of the steps after which the router mines negatives.")
     aggregate_weight: float = Field(default=0.0, ge=0,
                                     description="Weight of the loss on the layer-aggregated score.")
+    teacher_weight: float = Field(default=0.0, ge=0, description="Weight of the listwise distillation loss "
+                                  "(teacher_kl) on questions whose data carries teacher scores; 0: none.")
+    teacher_tau: float = Field(default=0.05, gt=0, description="Temperature of the teacher's softmax over a "
+                               "question's scored documents (teacher_kl).")
     eval_every: int = Field(default=250, ge=1)
     heldout_fraction: float = Field(default=0.02, ge=0, lt=1)
     heldout_sources: list[str] = Field(default_factory=list,
@@ -325,8 +345,26 @@ class RouterTrainer:
         if self.cfg.aggregate_weight:
             agg = _aggregate(torch.stack(per_layer), self.routing.layer_aggregate)
             total = total + self.cfg.aggregate_weight * decoupled_infonce(agg, positive, self.cfg.tau)
+        if self.cfg.teacher_weight:
+            teacher = self.teacher_scores(rows, docs)
+            kls = [kl for kl in (teacher_kl(s, teacher, self.cfg.tau, self.cfg.teacher_tau) for s in per_layer)
+                   if kl is not None]
+            if kls:
+                kl = torch.stack(kls).mean()
+                total = total + self.cfg.teacher_weight * kl
+                info = {**info, "teacher_kl": float(kl.detach())}
         info = {"loss": float(total.detach()), **info, "documents": len(docs)}
         return (total if extra is None else total + extra), info
+
+    def teacher_scores(self, rows: Sequence[int], docs: Sequence[int]) -> torch.Tensor:
+        """[B, N] the teacher's score of each batch document for each row's question (-inf: not scored)."""
+        column = {d: i for i, d in enumerate(docs)}
+        out = torch.full((len(rows), len(docs)), float("-inf"))
+        for b, q in enumerate(rows):
+            for d, t in self.train.teacher[q].items():
+                if d in column:
+                    out[b, column[d]] = t
+        return out.to(self.device)
 
     def run(self, stop_at: int | None = None) -> list[dict[str, Any]]:
         """Train to config.steps (or stop early at `stop_at`, as an interrupted run would)."""

@@ -40,6 +40,7 @@ class Labelled:
     question: PseudoQuestion
     positive_ranks: tuple[int | None, ...]  # each positive's rank in the teacher's list (0 = first), None: not found
     negatives: tuple[str, ...]  # passage ids
+    scores: dict[str, float]  # the teacher's score of each passage in its list (the trainer's teacher_kl reads them)
 
 
 def read_passages(path: str | os.PathLike[str]) -> list[Passage]:
@@ -89,7 +90,8 @@ def teacher_label(questions: Sequence[PseudoQuestion], passages: Sequence[Passag
             ranked = [doc for doc, _ in hits]
             ranks = tuple(ranked.index(d) if d in ranked else None for d in q.positives)
             last = max((r for r in ranks if r is not None), default=len(ranked))
-            out.append(Labelled(q, ranks, tuple(ranked[last + 1:last + 1 + negatives])))
+            out.append(Labelled(q, ranks, tuple(ranked[last + 1:last + 1 + negatives]),
+                                {doc: float(score) for doc, score in hits}))
         if progress:
             progress(min(start + batch, len(questions)), len(questions))
     return out
@@ -133,8 +135,10 @@ def build_distill_set(corpus: str | os.PathLike[str], out: str | os.PathLike[str
         for x in kept:
             negs = [{"title": by_id[d].title, "text": by_id[d].text} for d in x.negatives]
             for d in x.question.positives:
+                scores = {"positive": x.scores[d], "negatives": [x.scores[n] for n in x.negatives]}
                 f.write(json.dumps({"query": x.question.text, "positive": by_id[d].text, "title": by_id[d].title,
-                                    "negatives": negs, "source": SOURCE, "kind": x.question.kind}) + "\n")
+                                    "negatives": negs, "teacher": scores, "source": SOURCE,
+                                    "kind": x.question.kind}) + "\n")
     tmp.replace(out / "train.jsonl")
     write_dataset(out / "dev", [Document(p.id, p.text, p.title) for p in passages],
                   [Query(f"d{i:05d}", q.text, q.positives, extra={"type": q.kind}) for i, q in enumerate(dev_q)])

@@ -85,6 +85,7 @@ def test_teacher_negatives_are_ranked_below_every_positive():
         assert x.positive_ranks == tuple(ranks)
         assert all(order.index(n) > max(ranks) for n in x.negatives)  # denoised: never above a positive
         assert list(x.negatives) == [d for d in order[max(ranks) + 1:]][:2]
+        assert x.scores == {d: 1.0 - i / 10 for i, d in enumerate(order[:8])}  # the teacher's own scores
 
 
 def _write_corpus(path, n_extra=60):
@@ -124,6 +125,11 @@ def test_build_writes_training_pairs_and_a_dev_set_split_by_passage(tmp_path):
     assert all(n["text"] != r["positive"] for r in records for n in r["negatives"])
     data = load_pairs([out / "train.jsonl"], title_rate=1.0)  # the trainer reads it as it is
     assert len(data) == summary["train_questions_kept"]
+    for r in records:  # the teacher's scores ride along, positive above every negative (denoised)
+        assert len(r["teacher"]["negatives"]) == len(r["negatives"])
+        assert all(r["teacher"]["positive"] >= t for t in r["teacher"]["negatives"])
+    q = data.queries.index(records[0]["query"])
+    assert sorted(data.teacher[q]) == sorted([*data.positives[q], *data.given_negatives[q]])
     assert json.loads((out / "summary.json").read_text())["teacher"] == "bm25"
 
 

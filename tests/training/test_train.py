@@ -26,6 +26,7 @@ from msa_core.training.trainer import (
     decoupled_infonce,
     evaluate,
     layer_doc_scores,
+    teacher_kl,
 )
 
 _SYLLABLES = ["ka", "lo", "mi", "ru", "te", "zu", "po", "na", "vi", "shi", "bo", "de", "fa", "gu", "ye"]
@@ -60,6 +61,19 @@ def test_decoupled_infonce_other_positives_are_not_negatives():
 def test_decoupled_infonce_rejects_batches_without_positives():
     with pytest.raises(InvalidInputError, match="positive"):
         decoupled_infonce(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.bool))
+
+
+def test_teacher_kl_matches_hand_computation_and_skips_unscored_rows():
+    scores = torch.tensor([[0.3, 0.1, -0.2, 0.9], [0.5, 0.2, 0.0, 0.0], [0.1, 0.1, 0.1, 0.1]])
+    inf = float("-inf")
+    teacher = torch.tensor([[0.8, 0.4, 0.1, inf], [0.7, inf, inf, inf], [inf, inf, inf, inf]])
+    got = teacher_kl(scores, teacher, tau=0.1, teacher_tau=0.05)
+    p = torch.softmax(teacher[0, :3] / 0.05, 0)
+    q = torch.softmax(scores[0, :3] / 0.1, 0)  # the unscored 4th document is not in the student's softmax
+    assert torch.allclose(got, (p * (p / q).log()).sum(), atol=1e-6)  # rows 1 and 2 score < 2 documents
+    same = teacher_kl(teacher[:1, :3] * 2, teacher[:1, :3], tau=0.1, teacher_tau=0.05)
+    assert same.abs().item() < 1e-6  # the same distribution: nothing to learn
+    assert teacher_kl(scores, torch.full_like(scores, inf), tau=0.1, teacher_tau=0.05) is None
 
 
 # ---- a separable synthetic task -------------------------------------------------------------------
@@ -309,12 +323,42 @@ def test_bm25_mining_leaves_questions_with_given_negatives_alone(tmp_path):
     ('{"query": "q"}', "d.jsonl:2: 'positive'"),
     ('{"query": "q", "positive": "p", "negatives": "n"}', "d.jsonl:2: 'negatives'"),
     ("[1, 2]", "d.jsonl:2: each line must be a JSON object"),
+    ('{"query": "q", "positive": "p", "negatives": ["n"], "teacher": {"positive": 1.0, "negatives": []}}',
+     "d.jsonl:2: 'teacher'"),
+    ('{"query": "q", "positive": "p", "teacher": {"positive": "high", "negatives": []}}', "d.jsonl:2: 'teacher'"),
+    ('{"query": "q", "positive": "p", "teacher": {"positive": NaN, "negatives": []}}', "d.jsonl:2: 'teacher'"),
 ])
 def test_bad_training_lines_name_file_and_line(tmp_path, line, message):
     f = tmp_path / "d.jsonl"
     f.write_text('{"query": "q0", "positive": "p0"}\n' + line + "\n")
     with pytest.raises(InvalidInputError, match=message):
         load_pairs([f])
+
+
+def test_teacher_scores_are_read_per_document_and_drive_the_distillation_loss(keyword_model_dir, tmp_path):
+    rows = _keyword_pairs(tmp_path / "p.jsonl", n=30)
+    for i, r in enumerate(rows):  # each question: its document first, two others below it
+        r["negatives"] = [rows[(i + 1) % 30]["positive"], rows[(i + 2) % 30]["positive"]]
+        r["teacher"] = {"positive": 0.9, "negatives": [0.5, 0.1]}
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    data = load_pairs([tmp_path / "p.jsonl"])
+    q = data.queries.index(rows[0]["query"])
+    assert data.teacher[q] == {data.positives[q][0]: 0.9, data.given_negatives[q][0]: 0.5,
+                               data.given_negatives[q][1]: 0.1}
+    sub = data.subset([q])  # re-indexed with the documents
+    assert {sub.documents[d]: t for d, t in sub.teacher[0].items()} == {data.documents[d]: t
+                                                                        for d, t in data.teacher[q].items()}
+    model = MSAModel.from_pretrained(str(keyword_model_dir))
+    losses = {}
+    for weight in (0.0, 1.0):
+        config = TrainConfig(steps=1, batch_size=8, heldout_fraction=0.0, bm25_depth=0, teacher_weight=weight)
+        trainer = prepare_trainer(model, [tmp_path / "p.jsonl"], config, log=lambda m: None)[0]
+        loss, info = trainer.loss(0)
+        loss.backward()
+        losses[weight] = (float(loss.detach()), info)
+        assert all(p.grad is not None for p in trainer.router.parameters())
+    assert "teacher_kl" not in losses[0.0][1] and losses[1.0][1]["teacher_kl"] > 0
+    assert losses[1.0][0] == pytest.approx(losses[0.0][0] + losses[1.0][1]["teacher_kl"], rel=1e-4)
 
 
 def test_split_shares_no_document_and_mining_skips_positives(tmp_path):
