@@ -22,7 +22,6 @@ import os
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidInputError
@@ -96,13 +95,13 @@ class Packs:
             if _packable(linears):
                 pack = self._store[key] = PackedLinear(linears)  # type: ignore[arg-type]
                 return pack(x)
-        return [F.linear(x, m.weight, m.bias) if type(m) is nn.Linear else m(x) for m in linears]
+        return [m(x) for m in linears]
 
     def __len__(self) -> int:
         return len(self._store)
 
     # A copied or pickled backbone starts with no packs (oneDNN's packed tensors are neither).
-    def __deepcopy__(self, memo: dict) -> "Packs":
+    def __deepcopy__(self, memo: dict) -> Packs:
         return Packs(self.enabled)
 
     def __getstate__(self) -> dict:

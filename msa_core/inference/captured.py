@@ -50,13 +50,8 @@ class StaticMemoryRouter(MemoryRouter):
         bank = hook.bank
         self._offsets, self._counts = bank.chunk_offsets, bank.chunk_counts
 
-    def _record_layers(self, layers: list[int], scores: torch.Tensor) -> None:
-        n_layers, b, _ = scores.shape
-        scores = scores.masked_fill(~self.allowed, float("-inf"))
-        values, rows = ranked_top_k(scores.flatten(0, 1), self.allowed.repeat(n_layers, 1), self.top_k)
-        values, rows = values.view(n_layers, b, -1), rows.view(n_layers, b, -1)
-        for i, layer in enumerate(layers):
-            self.routings[layer] = LayerRouting(scores[i], rows[i], values[i])
+    def _top_k(self, scores: torch.Tensor, allowed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return ranked_top_k(scores, allowed, self.top_k)  # k fixed beforehand: no checks, no host sync
 
     def _gather(self, li: int, rows: torch.Tensor, device: torch.device, dtype: torch.dtype) -> Memory:
         """The chosen documents' chunks in top-k order, slot j of row b holding chunk `chunk[b, j]`; slots past

@@ -141,10 +141,14 @@ class MemoryRouter:
             allowed = self.allowed.to(scores.device)
             scores = scores.masked_fill(~allowed, float("-inf"))
             allowed = allowed.expand(b, n).repeat(n_layers, 1)
-        values, rows = select_top_k(scores.flatten(0, 1), self.top_k, allowed)
+        values, rows = self._top_k(scores.flatten(0, 1), allowed)
         values, rows = values.view(n_layers, b, -1), rows.view(n_layers, b, -1)
         for i, layer in enumerate(layers):
             self.routings[layer] = LayerRouting(scores[i], rows[i], values[i])
+
+    def _top_k(self, scores: torch.Tensor, allowed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, rows) of each row's best documents: scores [R, N], allowed [R, N] or None."""
+        return select_top_k(scores, self.top_k, allowed)
 
     def _route_device(self, q: torch.Tensor) -> torch.device | None:
         """Where the Triton kernels score, or None for the PyTorch reference: the bank's GPU; the model's
