@@ -313,15 +313,22 @@ def main() -> None:
         model.retrieve(questions[0], bank, k=16)
         return statistics.median(wall_ms(lambda q=q: model.retrieve(q, bank, k=16), dev) for q in questions[:8])
 
+    def retrieve_both(label: str) -> None:  # with --compile, also the question forward's plain graph beside it
+        out[f"retrieve_ms_{label}"] = retrieve_ms()
+        if args.compile:
+            engine.set_compile(False)
+            out[f"retrieve_ms_{label}_graph"] = retrieve_ms()
+            engine.set_compile(True)
+
     ttft(questions[0])
     out["latent_ttft_ms_8docs"] = statistics.median(ttft(q) for q in questions[:8])
-    out["retrieve_ms_8docs"] = retrieve_ms()
+    retrieve_both("8docs")
     for size in sizes:
         grow(bank, size)
         label = f"{size // 1_000_000}m" if size >= 1_000_000 else f"{size // 1000}k"
         ttft(questions[0])
         out[f"latent_ttft_ms_{label}"] = statistics.median(ttft(q) for q in questions[:8])
-        out[f"retrieve_ms_{label}"] = retrieve_ms()
+        retrieve_both(label)
         out[f"bank_tokens_{label}"] = bank.info()["tokens"]
         save()
         print(json.dumps({k: v for k, v in out.items() if label in k}), flush=True)

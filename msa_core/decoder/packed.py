@@ -1,4 +1,5 @@
-"""Fused, prepacked projection weights for bf16 inference on a CPU (issue 27).
+"""Fused projection weights for inference: prepacked for bf16 on a CPU (issue 27), concatenated on a GPU
+(issue 23).
 
 A short question's forward is a few tokens through 30 layers, so its time goes into reading weights and
 calling kernels: seven `nn.Linear` calls per layer, each handing oneDNN a plain row-major weight that it
@@ -14,6 +15,15 @@ path (`dtype=torch.float32`) never packs, so it stays exact. A pack is keyed by 
 storage and version counters, so an in-place update (training, `load_state_dict`, LoRA folding) or a
 `.to()` repacks on the next call. Packs double the projection weights' memory, so they are made only for
 backbones whose weights are at most `MAX_PACK_BYTES` unless `MSA_CPU_PACK=1` (`0` turns packing off).
+
+On a GPU a decode step reads every weight once per token, and a product of a small matrix (k_proj, v_proj:
+2560 x 1024 at MSA-4B shapes) cannot reach the memory bandwidth. There q|k|v and gate|up are each one plain
+concatenated weight (two products instead of five; o and down stay the modules). Half-precision weights,
+gradients off, plain `nn.Linear`s, as on the CPU. A GPU pack costs the memory of the weights it fuses (about
+60% of a backbone), so packs are made only while a quarter of the device's memory stays free
+(`MSA_GPU_PACK=0`: never). CUDA graphs and torch.compile replay a pack's memory without running the check
+above, so the engine calls `refresh` before each question (`engine_for`): a stale pack is refilled in place,
+where the graphs read it.
 """
 
 from __future__ import annotations
@@ -23,10 +33,14 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..errors import InvalidInputError
 
 ENV_VAR = "MSA_CPU_PACK"
+GPU_ENV_VAR = "MSA_GPU_PACK"
+GPU_KEEP_FREE = 0.25  # GPU packs are made only while this share of the device's memory stays free
+GPU_FUSED = ("qkv", "gate_up")  # on a GPU only the products of several modules are packed
 MAX_PACK_BYTES = 2 << 30  # backbones up to 2 GiB of weights (the default 135M model: 0.27 GB in bf16)
 PACK_BATCH_HINT = 16  # oneDNN's layout hint: question-sized blocks (any row count works)
 
@@ -37,72 +51,149 @@ def _available() -> bool:
             and hasattr(mkldnn, "_reorder_linear_weight") and hasattr(mkldnn, "_linear_pointwise"))
 
 
+def _asked(var: str) -> bool | None:
+    asked = os.environ.get(var, "").strip().lower()
+    if asked and asked not in ("0", "1", "true", "false", "on", "off"):
+        raise InvalidInputError(f"{var}={asked!r}: use 1 (pack) or 0 (never pack)")
+    return asked in ("1", "true", "on") if asked else None
+
+
 def packing_wanted(weight_bytes: int) -> bool:
     """$MSA_CPU_PACK if set (1 or 0), else whether a backbone of `weight_bytes` is small enough to pack."""
-    asked = os.environ.get(ENV_VAR, "").strip().lower()
-    if asked and asked not in ("0", "1", "true", "false", "on", "off"):
-        raise InvalidInputError(f"{ENV_VAR}={asked!r}: use 1 (pack) or 0 (never pack)")
-    if asked:
-        return asked in ("1", "true", "on") and _available()
+    asked = _asked(ENV_VAR)
+    if asked is not None:
+        return asked and _available()
     return weight_bytes <= MAX_PACK_BYTES and _available()
 
 
+def gpu_packing_wanted() -> bool:
+    """$MSA_GPU_PACK if set (1 or 0), else on (subject to free device memory, `Packs.refresh`)."""
+    asked = _asked(GPU_ENV_VAR)
+    return True if asked is None else asked
+
+
 class PackedLinear:
-    """Several `nn.Linear`s of one input, as one oneDNN-packed product; `__call__` returns their outputs."""
+    """Several `nn.Linear`s of one input as one product (oneDNN-packed on a CPU, a plain concatenated weight
+    on a GPU); `__call__` returns their outputs."""
 
     def __init__(self, linears: Sequence[nn.Linear]) -> None:
         weight = torch.cat([m.weight.detach() for m in linears])
         self.sizes = [m.out_features for m in linears]
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
+        self.on_cpu = weight.device.type == "cpu"
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT) if self.on_cpu else weight
         biases = [m.bias for m in linears]
         self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
         self.source = _source_key(linears)
         self.modules = tuple(linears)  # (held, so a module made later cannot pass for one of these)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.on_cpu:
+            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        else:
+            y = F.linear(x, self.weight, self.bias)
         return list(y.split(self.sizes, dim=-1)) if len(self.sizes) > 1 else [y]
+
+    def serves(self, linears: Sequence[nn.Module]) -> bool:
+        """Made from these very modules, whose weights have not changed since."""
+        return all(a is b for a, b in zip(self.modules, linears)) and self.source == _source_key(linears)  # type: ignore[arg-type]
+
+    def refill(self) -> None:
+        """Copy the modules' current weights into this GPU pack's own memory (which captured graphs read)."""
+        at = 0
+        for m in self.modules:
+            n = m.out_features
+            self.weight[at:at + n].copy_(m.weight.detach())
+            if self.bias is not None:
+                self.bias[at:at + n].copy_(m.bias.detach())
+            at += n
+        self.source = _source_key(self.modules)
 
 
 def _source_key(linears: Sequence[nn.Linear]) -> tuple:
     return tuple((t.data_ptr(), t._version) for m in linears for t in (m.weight, m.bias) if t is not None)
 
 
-def _packable(linears: Sequence[nn.Module]) -> bool:
+def _packable(linears: Sequence[nn.Module], device: str) -> bool:
     if not all(type(m) is nn.Linear for m in linears):  # LoRA wrappers and other subclasses: not packed
         return False
     w = linears[0].weight
-    return (all(m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu" for m in linears)
+    dtypes = (torch.bfloat16,) if device == "cpu" else (torch.bfloat16, torch.float16)
+    return (all(m.weight.dtype == w.dtype and m.weight.device == w.device for m in linears)
+            and w.dtype in dtypes and w.device.type == device
             and all((m.bias is None) == (linears[0].bias is None) for m in linears) and w.dim() == 2)
 
 
 class Packs:
-    """A backbone's packs by name, made on first use; `enabled` is decided once per backbone (its size)."""
+    """A backbone's packs by (module, name, device type). On a CPU they are made on first use, `enabled`
+    decided once per backbone (its size); on a GPU by `refresh`, while `gpu` holds."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, gpu: bool | None = None) -> None:
         self.enabled = enabled
-        self._store: dict[tuple[int, str], PackedLinear] = {}
+        self.gpu = gpu_packing_wanted() if gpu is None else gpu
+        self._store: dict[tuple[int, str, str], PackedLinear] = {}
 
     def apply(self, owner: nn.Module, name: str, linears: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
-        """The outputs of `linears` on x: one packed product when x is a bf16 CPU tensor outside autograd,
-        else each module called as usual."""
-        if self.enabled and x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled():
-            key = (id(owner), name)
-            pack = self._store.get(key)
-            if (pack is not None and all(a is b for a, b in zip(pack.modules, linears))
-                    and pack.source == _source_key(linears)):  # type: ignore[arg-type]
-                return pack(x)  # the same modules holding the same weights as when packed
-            if _packable(linears):
-                pack = self._store[key] = PackedLinear(linears)  # type: ignore[arg-type]
+        """The outputs of `linears` on x: one packed product when x is a bf16 CPU tensor outside autograd, or
+        a GPU tensor outside autograd whose pack `refresh` made; else each module called as usual."""
+        if torch.is_grad_enabled():
+            return [m(x) for m in linears]
+        if x.device.type == "cpu":
+            if self.enabled and x.dtype == torch.bfloat16:
+                key = (id(owner), name, "cpu")
+                pack = self._store.get(key)
+                if pack is not None and pack.serves(linears):
+                    return pack(x)  # the same modules holding the same weights as when packed
+                if _packable(linears, "cpu"):
+                    pack = self._store[key] = PackedLinear(linears)  # type: ignore[arg-type]
+                    return pack(x)
+        elif self.gpu and name in GPU_FUSED:
+            pack = self._store.get((id(owner), name, "cuda"))
+            if (pack is not None and pack.weight.device == x.device and pack.weight.dtype == x.dtype
+                    and all(a is b for a, b in zip(pack.modules, linears))):
+                if not torch.compiler.is_compiling() and not pack.serves(linears):
+                    pack.refill()  # (traced by torch.compile: `refresh` checked before the question)
                 return pack(x)
         return [m(x) for m in linears]
+
+    def refresh(self, backbone: nn.Module) -> None:
+        """Make or refill the GPU packs of every layer of `backbone` (on a CUDA device, in half precision),
+        so that graphs and compiled steps, which do not check, read current weights. Called before each
+        question; a no-op elsewhere."""
+        if not self.gpu or backbone.device.type != "cuda" or torch.is_grad_enabled():
+            return
+        wanted = []
+        for layer in backbone.layers:
+            for owner, name, linears in ((layer.self_attn, "qkv", (layer.self_attn.q_proj, layer.self_attn.k_proj,
+                                                                   layer.self_attn.v_proj)),
+                                         (layer.mlp, "gate_up", (layer.mlp.gate_proj, layer.mlp.up_proj))):
+                key = (id(owner), name, "cuda")
+                pack = self._store.get(key)
+                if pack is not None and all(a is b for a, b in zip(pack.modules, linears)):
+                    if pack.weight.device != linears[0].weight.device or pack.weight.dtype != linears[0].weight.dtype:
+                        wanted.append((key, linears))  # moved or cast since
+                    elif not pack.serves(linears):
+                        pack.refill()
+                elif _packable(linears, "cuda"):
+                    wanted.append((key, linears))
+        if not wanted:
+            return
+        need = sum(m.weight.numel() * m.weight.element_size() for _, linears in wanted for m in linears)
+        free, total = torch.cuda.mem_get_info(backbone.device)
+        if free - need < GPU_KEEP_FREE * total:
+            self.gpu = False  # the weights are better spent on caches and banks; the modules are used
+            return
+        for key, linears in wanted:
+            self._store[key] = PackedLinear(linears)
 
     def __len__(self) -> int:
         return len(self._store)
 
     # A copied or pickled backbone starts with no packs (oneDNN's packed tensors are neither).
     def __deepcopy__(self, memo: dict) -> Packs:
-        return Packs(self.enabled)
+        return Packs(self.enabled, self.gpu)
 
     def __getstate__(self) -> dict:
-        return {"enabled": self.enabled, "_store": {}}
+        return {"enabled": self.enabled, "gpu": self.gpu, "_store": {}}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update({"gpu": gpu_packing_wanted(), **state})

@@ -143,7 +143,7 @@ class Engine:
         self.backbone = backbone
         capturable = backbone.args.rope.rope_type != "dynamic"  # dynamic RoPE reads max(position) on the host
         self.use_graphs = (backbone.device.type == "cuda" and capturable) if graphs is None else graphs
-        self.compile_decode = False  # also torch.compile the captured decode step (slow first call)
+        self.compile_decode = False  # torch.compile the captured decode step and question forward (set_compile)
         self._caches: dict[tuple, list[StaticCache]] = {}
         self._graphs: dict[tuple, DecodeGraph] = {}
         self._compiled_step = None
@@ -162,11 +162,13 @@ class Engine:
         return qf
 
     def set_compile(self, on: bool) -> None:
-        """torch.compile the captured decode step (fuses its small kernels; the first step of each signature
-        then takes a while to compile). Graphs made before are dropped."""
+        """torch.compile the captured decode step and question forward (fuses their small kernels; the first
+        call of each shape then takes a while to compile). Graphs made before are dropped."""
         if on != self.compile_decode:
             self.compile_decode = on
             self._graphs.clear()
+            for qf in self._query_forwards.values():
+                qf.drop_graphs()
 
     def decode_fn(self):
         """The decode forward a graph captures: `step`, or its torch.compile'd version."""
@@ -279,6 +281,18 @@ class QueryForward:
         self.engine, self.router, self.layers = engine, router, sorted(layers)  # (holds the router: see query_forward)
         self.with_positions = getattr(router, "needs_positions", False)
         self._graphs: dict[tuple[int, int], tuple] = {}
+        self._compiled = None
+
+    def drop_graphs(self) -> None:
+        self._graphs.clear()
+
+    def forward_fn(self):
+        """What a graph captures: `forward`, or its torch.compile'd version (`Engine.set_compile`)."""
+        if not self.engine.compile_decode:
+            return self.forward
+        if self._compiled is None:
+            self._compiled = torch.compile(self.forward, dynamic=False)
+        return self._compiled
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
                  head: HeadKV | None = None) -> dict[int, torch.Tensor]:
@@ -312,14 +326,16 @@ class QueryForward:
     def _capture(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> tuple:
         inputs = (ids.clone(), positions.clone(), valid.clone())
         scratch = self._scratch(*ids.shape)
+        forward = self.forward_fn()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self.forward(*inputs, scratch)
+        with torch.cuda.stream(stream):  # warm-up (and compilation) outside the capture
+            for _ in range(2 if forward is not self.forward else 1):
+                forward(*inputs, scratch)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            outputs = self.forward(*inputs, scratch)
+            outputs = forward(*inputs, scratch)
         # The graph reads and writes the scratch cache's memory: it must live as long as the graph, or the
         # allocator hands that memory to other tensors and each replay corrupts them (and reads garbage).
         return inputs, graph, outputs, scratch

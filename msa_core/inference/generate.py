@@ -131,6 +131,7 @@ def engine_for(backbone: Backbone) -> Engine:
     if engine is None or engine.backbone is not backbone:  # (a shallow copy of a backbone shares the attribute)
         engine = Engine(backbone)
         object.__setattr__(backbone, "msa_engine", engine)  # a plain attribute, not a submodule
+    backbone.packs.refresh(backbone)  # GPU packs current before graphs replay them (decoder/packed.py)
     return engine
 
 

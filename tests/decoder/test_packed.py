@@ -46,12 +46,12 @@ def test_packed_forward_matches_the_plain_one(bf16):
 
 def test_an_in_place_weight_update_repacks(bf16):
     forward(bf16, ids(), pack=True)
-    old = bf16.packs._store[(id(bf16.layers[0].mlp), "down")]
+    old = bf16.packs._store[(id(bf16.layers[0].mlp), "down", "cpu")]
     with torch.no_grad():
         bf16.layers[0].mlp.down_proj.weight.mul_(-1.0)
     plain = forward(bf16, ids(), pack=False)
     fast = forward(bf16, ids(), pack=True)
-    assert bf16.packs._store[(id(bf16.layers[0].mlp), "down")] is not old
+    assert bf16.packs._store[(id(bf16.layers[0].mlp), "down", "cpu")] is not old
     assert (fast - plain).abs().max() <= 0.02 * plain.abs().max()
 
 
@@ -68,8 +68,8 @@ def test_training_fp32_and_lora_never_pack(bf16, tiny_model_dir):
     attach(bf16, layers=[0], rank=2)
     bf16.packs._store.clear()
     forward(bf16, ids(), pack=True)
-    assert (id(bf16.layers[0].self_attn), "qkv") not in bf16.packs._store  # LoRA-wrapped: the modules
-    assert (id(bf16.layers[1].self_attn), "qkv") in bf16.packs._store
+    assert (id(bf16.layers[0].self_attn), "qkv", "cpu") not in bf16.packs._store  # LoRA-wrapped: the modules
+    assert (id(bf16.layers[1].self_attn), "qkv", "cpu") in bf16.packs._store
 
 
 def test_a_copied_backbone_starts_without_packs_and_packs_its_own(bf16):

@@ -145,3 +145,21 @@ def test_a_replay_never_syncs_with_the_host(tiny_model_dir):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert logits.shape[0] == 1 and routings
+
+
+@cuda
+def test_the_compiled_question_forward_routes_as_the_plain_graph(tiny_model_dir):
+    from torch._dynamo.utils import counters
+
+    model = _model(tiny_model_dir("qwen3"), device="cuda")
+    bank = model.index(DOCS, ids=["a", "b", "c", "d"]).to("cuda")
+    engine = engine_for(model.backbone)
+    plain = [model.retrieve(q, bank, k=3) for q in QUESTIONS]
+    torch._dynamo.reset()
+    counters.clear()
+    engine.set_compile(True)
+    compiled = [model.retrieve(q, bank, k=3) for q in QUESTIONS]
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    for a, b in zip(plain, compiled):
+        assert [d.id for d in a] == [d.id for d in b]
+        assert all(abs(x.score - y.score) <= 1e-4 for x, y in zip(a, b))
