@@ -285,9 +285,14 @@ def main() -> None:
         bank = bank.to(dev)
     out["bank_tier"] = f"{bank.device.type}, kv={bank.kv_tier}"
 
-    # decode, batch 1 and 16: CUDA graphs, then (--compile) graphs of the torch.compile'd step
-    for variant in ("graph", "compiled") if args.compile else ("graph",):
+    # decode, batch 1 and 16: CUDA graphs without and with the fused GPU projections (decoder/packed.py), then
+    # (--compile) graphs of the torch.compile'd step
+    for variant in ("graph_unpacked", "graph", "compiled") if args.compile else ("graph_unpacked", "graph"):
         engine.set_compile(variant == "compiled")
+        model.backbone.packs.gpu = variant != "graph_unpacked"
+        engine.drop_graphs()
+        engine = engine_for(model.backbone)  # (makes the packs)
+        out[f"gpu_packs_{variant}"] = len(model.backbone.packs)
         t = time.perf_counter()
         for b in (1, 16):
             ms = msa_decode(model, bank, questions[:b], 8, dev, steps)

@@ -166,9 +166,15 @@ class Engine:
         call of each shape then takes a while to compile). Graphs made before are dropped."""
         if on != self.compile_decode:
             self.compile_decode = on
-            self._graphs.clear()
-            for qf in self._query_forwards.values():
-                qf.drop_graphs()
+            self.drop_graphs()
+
+    def drop_graphs(self) -> None:
+        """Forget every captured graph (decode, routed prefill, question forward); the next call captures
+        again. Needed after anything that changes which tensors a step reads, e.g. `backbone.packs.gpu`."""
+        self._graphs.clear()
+        self.prefill_graphs.clear()
+        for qf in self._query_forwards.values():
+            qf.drop_graphs()
 
     def decode_fn(self):
         """The decode forward a graph captures: `step`, or its torch.compile'd version."""
