@@ -307,8 +307,10 @@ class MSAModel:
         allowed = bank.row_mask(filter)
         if len(bank) == 0:
             return [] if isinstance(question, str) else [[] for _ in questions]
-        per_layer = self._route_scores(questions, bank, allowed)  # [L, B, N]
-        total = aggregate_layers(per_layer, self.config.routing.layer_aggregate)
+        per_layer = self._route_scores(questions, bank, allowed)  # [L, B, N] where the bank routes
+        # one ranking per row on that device; per-layer scores cross to the host only when asked for
+        total = aggregate_layers(per_layer, self.config.routing.layer_aggregate).cpu()
+        per_layer = per_layer.cpu() if layer_scores else per_layer[:, :, :0].cpu()
         if alpha is not None:
             f = Fused.of(total, bank.lexical_index.scores(questions), allowed, alpha, self.config.routing.fusion_method)
             results = [f.hits(b, self.ranked_rows(bank, f.total[b], per_layer[:, b], allowed, k, include_parts,
@@ -334,7 +336,7 @@ class MSAModel:
                                     last_layer=max(self.layers)).hook
         else:  # on the question's own states: the engine's query forward, every layer scored at once
             router = route_questions(self.backbone, prompts, hook(None, None), offset=offset, pad_id=pad_id)
-        return torch.stack([router.routings[layer].doc_scores for layer in self.layers]).cpu()
+        return torch.stack([router.routings[layer].doc_scores for layer in self.layers])
 
     def _rank(self, bank: MemoryBank, total: torch.Tensor, per_layer: torch.Tensor, allowed: torch.Tensor,
               k: int, include_parts: bool, with_layers: bool) -> list[RetrievedDocument]:
