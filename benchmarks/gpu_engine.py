@@ -323,7 +323,7 @@ def main() -> None:
         model.backbone.packs.gpu = variant != "graph_unpacked"
         engine.drop_graphs()
         engine = engine_for(model.backbone)  # (makes the packs)
-        out[f"gpu_packs_{variant}"] = len(model.backbone.packs)
+        out[f"gpu_packs_{variant}"] = len(model.backbone.packs) if model.backbone.packs.gpu else 0  # in use
         t = time.perf_counter()
         for b in (1, 16):
             ms = msa_decode(model, bank, questions[:b], 8, dev, steps)

@@ -202,8 +202,9 @@ def routing_top_k(
 
 def inverse_key_norms(kr_bar: Tensor) -> Tensor:
     """[C, Hkv] fp32: 1 / max(||k||, eps) per chunk and kv head (F.normalize's formula), for cosine
-    routing. Computing it reads the whole K̄_R once: callers cache it beside the bank."""
-    return kr_bar.float().norm(dim=-1).clamp_min(1e-12).reciprocal()
+    routing. Computing it reads the whole K̄_R once: callers cache it beside the bank. Norms are taken in
+    float32 without a float32 copy of K̄_R (which would double a large bank's memory)."""
+    return torch.linalg.vector_norm(kr_bar, dim=-1, dtype=torch.float32).clamp_min(1e-12).reciprocal()
 
 
 def docs_from_chunks(chunk_scores: Tensor, chunk_doc: Tensor, num_docs: int, chunk_reduce: ChunkReduce) -> Tensor:

@@ -48,6 +48,7 @@ def decode(engine: Engine, steps: int = 6) -> torch.Tensor:
 
 def test_gpu_packs_match_the_modules(gpu_bf16):
     plain = forward(gpu_bf16, gpu_pack=False)
+    gpu_bf16.packs.gpu = True
     with torch.no_grad():
         gpu_bf16.packs.refresh(gpu_bf16)
     assert len(gpu_bf16.packs) == 2 * len(gpu_bf16.layers)  # q|k|v and gate|up per layer; o and down stay
@@ -99,3 +100,17 @@ def test_the_compiled_decode_step_traces_packs_without_a_graph_break(gpu_bf16):
     compiled = decode(engine)
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert torch.equal(compiled[1:].argmax(-1), eager[1:].argmax(-1))
+
+
+def test_large_blocks_keep_the_modules(gpu_bf16, monkeypatch):
+    calls = []
+    real = packed.PackedLinear.__call__
+    monkeypatch.setattr(packed.PackedLinear, "__call__", lambda self, x: calls.append(x.shape) or real(self, x))
+    with torch.no_grad():
+        gpu_bf16.packs.refresh(gpu_bf16)
+    forward(gpu_bf16, gpu_pack=True)  # 22 tokens: packed
+    assert len(calls) == 2 * len(gpu_bf16.layers)
+    monkeypatch.setattr(packed, "GPU_MAX_ROWS", 8)  # encoding-sized blocks: the modules
+    calls.clear()
+    forward(gpu_bf16, gpu_pack=True)
+    assert not calls
