@@ -1,7 +1,8 @@
 """Routing v2 (issue 22): engine recall of several routers, side by side in one run, with BM25 beside them.
 
-Each arm is NAME=ROUTER[:QUERY_REDUCE]: a router file (or 'default' for the shipped one) and the scoring order
-(max: paper Eq. 2; colbert: late interaction, routing/scores.py). For every arm the script indexes each set
+Each arm is NAME=ROUTER[:QUERY_REDUCE[:CHUNK_SIZE]]: a router file (or 'default' for the shipped one), the scoring
+order (max: paper Eq. 2; colbert: late interaction, routing/scores.py) and the tokens pooled per key (default:
+what the router file records, else 64). For every arm the script indexes each set
 through the engine and ranks its questions (as `msa compare` does): the dev NIAH (256K tokens, seed 1) that the
 ship rule reads, and HotpotQA-100 and NIAH 1M (seed 0), reported only. BM25 (bm25s, the harness's) runs on
 the same sets. Per-question latency is timed on the device the script runs on.
@@ -49,7 +50,7 @@ def recall(retriever, data) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arm", action="append", required=True, help="NAME=ROUTER[:QUERY_REDUCE]")
+    ap.add_argument("--arm", action="append", required=True, help="NAME=ROUTER[:QUERY_REDUCE[:CHUNK_SIZE]]")
     ap.add_argument("--hotpotqa", help="HotpotQA-100 folder (reported only)")
     ap.add_argument("--dev-set", action="append", default=[], metavar="NAME=FOLDER",
                     help="a held-out training source as a retrieval set (benchmarks/source_as_eval_set.py)")
@@ -82,11 +83,14 @@ def main() -> None:
         print(name, "bm25", result["bm25"][name], flush=True)
     for arm in args.arm:
         name, _, spec = arm.partition("=")
-        router, _, reduce = spec.partition(":")
-        config = {"routing": {"query_reduce": reduce}} if reduce else None
+        router, _, rest = spec.partition(":")
+        reduce, _, chunk = rest.partition(":")
+        config = {**({"routing": {"query_reduce": reduce}} if reduce else {}),
+                  **({"encode": {"chunk_size": int(chunk)}} if chunk else {})} or None
         model = MSAModel.from_pretrained("default", router=None if router == "default" else router,
                                          config=config, device=args.device)
-        row = {"router": router, "query_reduce": model.config.routing.query_reduce}
+        row = {"router": router, "query_reduce": model.config.routing.query_reduce,
+               "chunk_size": model.config.encode.chunk_size}
         for set_name, data in sets.items():
             row[set_name] = recall(MSARouting(model, name=name, show_progress=False), data)
             print(name, set_name, row[set_name], flush=True)

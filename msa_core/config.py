@@ -28,6 +28,9 @@ StorageDtype = Literal["float32", "float16", "bfloat16"]
 # The routing settings a router is trained with: a trained router file records them (training/run.py), and a
 # model loading it scores the same way unless its config sets them (checkpoints/loading.py).
 TRAINED_SCORING = ("head_reduce", "query_reduce", "chunk_reduce", "normalization")
+# Likewise the encode settings its routing keys were pooled with (a router trained on 32-token keys ranks
+# 32-token keys): recorded under "encode", applied where the config names none.
+TRAINED_ENCODE = ("chunk_size",)
 
 
 class _Strict(BaseModel):

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..config import TRAINED_SCORING, MSAConfig, RoutingConfig
+from ..config import TRAINED_ENCODE, TRAINED_SCORING, EncodeConfig, MSAConfig, RoutingConfig
 from ..decoder.backbone import Backbone, load_backbone
 from ..decoder.cpu_precision import default_cpu_dtype
 from ..errors import ModelLoadError
@@ -79,7 +79,7 @@ def make_router(backbone: Backbone, cfg: MSAConfig,
         # answers: README, Training routers), so hybrid answers keep the base weights of the layers it changes.
         generator = base_view(backbone, delta_layers(loaded.backbone_delta))
         merge(backbone, loaded.backbone_delta, loaded.delta_scale)
-    cfg = _trained_scoring(cfg, loaded.extra.get("routing"))
+    cfg = _trained_settings(cfg, loaded.extra.get("routing"), loaded.extra.get("encode"))
     if cfg.routing.relevance_calibration is None:  # a calibration shipped beside the router file, if any
         fitted = load_sidecar(router, loaded.fingerprint())
         if fitted is not None:
@@ -92,15 +92,19 @@ def make_router(backbone: Backbone, cfg: MSAConfig,
     return loaded, cfg, generator
 
 
-def _trained_scoring(cfg: MSAConfig, recorded: Any) -> MSAConfig:
-    """The scoring a router file records it was trained with (TRAINED_SCORING), where the config names none."""
-    if not isinstance(recorded, dict):
-        return cfg  # routers saved before 0.4 record nothing: they were all trained with the defaults
-    update = {k: recorded[k] for k in TRAINED_SCORING if k in recorded and k not in cfg.routing.model_fields_set}
-    if not update:
-        return cfg
-    routing = RoutingConfig.model_validate({**cfg.routing.model_dump(exclude_unset=True), **update})
-    return cfg.model_copy(update={"routing": routing})
+def _trained_settings(cfg: MSAConfig, scoring: Any, encode: Any) -> MSAConfig:
+    """The scoring (TRAINED_SCORING) and key pooling (TRAINED_ENCODE) a router file records it was trained with,
+    where the config names none. Older router files record less; what they lack was trained with the defaults."""
+    update: dict[str, Any] = {}
+    for section, names, recorded, cls in (("routing", TRAINED_SCORING, scoring, RoutingConfig),
+                                          ("encode", TRAINED_ENCODE, encode, EncodeConfig)):
+        current = getattr(cfg, section)
+        if not isinstance(recorded, dict):
+            continue
+        changes = {k: recorded[k] for k in names if k in recorded and k not in current.model_fields_set}
+        if changes:
+            update[section] = cls.model_validate({**current.model_dump(exclude_unset=True), **changes})
+    return cfg.model_copy(update=update) if update else cfg
 
 
 def declared_eos_ids(tokenizer: Any, hf_cfg: Any, path: Path) -> list[int]:

@@ -41,6 +41,8 @@ def cmd_train_router(args: argparse.Namespace) -> int:
         routing["query_reduce"] = args.query_reduce
     if routing:
         overrides["routing"] = routing
+    if args.chunk_size:
+        overrides["encode"] = {"chunk_size": args.chunk_size}
     from ..model import MSAModel
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -75,6 +77,8 @@ def register(command: Any) -> None:
                    help="how question tokens meet a document's chunks in training and, recorded in the router file, "
                    "at retrieval: max (paper Eq. 2, the default), or colbert (each token's best chunk, then the mean "
                    "over tokens)")
+    p.add_argument("--chunk-size", type=positive_int, help="tokens pooled per routing key (P) in training and, "
+                   "recorded in the router file, in the banks built with it (default: the model's, 64)")
     p.add_argument("--max-layers", type=positive_int, help="keep the best N layers, chosen on held-out data")
     p.add_argument("--steps", type=positive_int, help="optimizer steps (default: 1500)")
     p.add_argument("--batch-size", type=positive_int, help="questions per step (default: 256)")

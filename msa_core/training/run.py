@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..config import TRAINED_SCORING
+from ..config import TRAINED_ENCODE, TRAINED_SCORING
 from ..routing.projectors import RouterProjectors
 from .cache import RaggedStates, cache_documents, cache_queries
 from .data import TrainingSet
@@ -137,7 +137,8 @@ def save_trained_router(router: RouterProjectors, out: str | Path, model: Any, c
                "data": [Path(d).name for d in data], "config": config.model_dump()}
     routing = model.config.routing
     scoring = {k: getattr(routing, k) for k in TRAINED_SCORING}
-    half.save(out, base_fingerprint, extra={"training": summary, "routing": scoring})
+    encode = {k: getattr(model.config.encode, k) for k in TRAINED_ENCODE}
+    half.save(out, base_fingerprint, extra={"training": summary, "routing": scoring, "encode": encode})
     out.with_suffix(".md").write_text(model_card(report, config, data, model.name))
     return out
 

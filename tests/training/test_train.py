@@ -410,6 +410,27 @@ def test_a_router_trained_in_colbert_order_is_loaded_in_colbert_order(keyword_mo
     assert MSAModel.from_pretrained(str(keyword_model_dir), router=plain).config.routing.query_reduce == "max"
 
 
+def test_a_router_trained_on_finer_keys_builds_banks_with_them(keyword_model_dir, keyword_data, tmp_path):
+    """--chunk-size trains on keys pooled over that many tokens; the router file records it, a model loading it
+    pools its banks that way unless its config says otherwise, and a bank pooled otherwise is refused."""
+    out = tmp_path / "p8.safetensors"
+    assert main(["train-router", str(keyword_data), "--model", str(keyword_model_dir), "--out", str(out),
+                 "--steps", "3", "--batch-size", "16", "--heldout", "0.2", "--bm25-depth", "5",
+                 "--chunk-size", "8", "--no-progress"]) == 0
+    assert RouterProjectors.load(out).extra["encode"] == {"chunk_size": 8}
+    model = MSAModel.from_pretrained(str(keyword_model_dir), router=out)
+    assert model.config.encode.chunk_size == 8
+    text = " ".join(f"word{i}" for i in range(40))
+    bank = model.index([text], ids=["a"])
+    assert bank.kr_bar.shape[1] == -(-len(model.tokenizer(text)["input_ids"]) // 8)  # one key per 8 tokens
+    asked = MSAModel.from_pretrained(str(keyword_model_dir), router=out, config={"encode": {"chunk_size": 64}})
+    assert asked.config.encode.chunk_size == 64
+    with pytest.raises(InvalidInputError, match="chunk size 8"):
+        asked.retrieve(["word3"], bank, k=1)
+    plain = MSAModel.from_pretrained(str(keyword_model_dir), router="native")
+    assert plain.config.encode.chunk_size == 64
+
+
 def test_model_card_discloses_synthetic_questions():
     from msa_core.training.run import model_card
     from msa_core.training.trainer import TrainReport
