@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/relevance_calibration.py [--questions 300] [--write-sidecar]
 
-Data: NQ questions of `train/nq_qed_dev.jsonl`, a source held out of the shipped router's training (v8, v10 and v11), never the
+Data: NQ questions of `train/nq_qed_dev.jsonl`, a source held out of the shipped router's training (v8, v10, v11 and v14), never the
 eval set. The corpus is the questions' own passages; half the questions fit (a, b) (class-balanced
 logistic regression of gold vs other documents on the raw routing score, msa_core/routing/calibration.py), the
 other half measure it. Unrelated questions (random letters, Debian package questions) measure what
@@ -117,7 +117,7 @@ def main() -> None:
     m_un = np.array([v for s in mini[len(questions) - half:] for v in s.values()])
     result = {
         "what": "share of (question, document) pairs whose relevance_score passes each threshold",
-        "data": {"source": "train/nq_qed_dev.jsonl (held out of routers v8, v10 and v11)", "questions_fit": half,
+        "data": {"source": "train/nq_qed_dev.jsonl (held out of routers v8, v10, v11 and v14)", "questions_fit": half,
                  "questions_eval": len(questions) - half, "documents": len(docs), "unrelated_questions": len(others),
                  "unrelated": "half random letters, half Debian package questions (train/debian_descriptions.jsonl)"},
         "calibration": {"a": a, "b": b, "score_at_relevance_0.5": -b / a},

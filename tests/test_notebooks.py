@@ -25,6 +25,7 @@ def _run(name: str, monkeypatch) -> tuple[object, float]:
     pytest.importorskip("ipykernel")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("MSA_AB_LIMIT", raising=False)
+    monkeypatch.setenv("MSA_CPU_DTYPE", "float32")  # as scripts/refresh_notebooks.py stores them
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(NOTEBOOKS)}})

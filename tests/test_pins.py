@@ -3,7 +3,9 @@ in latent, hybrid and (reference profile) interleave mode, as recorded by `pytho
 before the layout change (tests/data/demo_pins.json). A refactor must not move them. Re-recorded on purpose when
 router v10 shipped and again when v11 shipped (new routing projectors: rankings moved; with v11 the gold documents
 stay at rank 1, and the first question's 12-token hybrid answers changed because their prompts hold a different
-third document; at 48 tokens the default profile's answer still names the keeper)."""
+third document; at 48 tokens the default profile's answer still names the keeper) and again when v14 shipped (routing keys pooled
+over 32 tokens: gold documents still at rank 1; at 48 tokens the first hybrid answer no longer names the keeper,
+benchmarks/results/router_training/v14_plan.md)."""
 
 from __future__ import annotations
 

@@ -120,8 +120,11 @@ def test_a_bank_built_in_one_precision_is_queried_by_the_other(m32, m16, tmp_pat
 @pytest.mark.integration
 @pytest.mark.skipif(not cpu_precision.cpu_has_native_bf16(), reason="the CPU default is fp32 here: nothing to compare")
 def test_default_model_recall_and_niah_hold_in_bf16():
-    """recall@5 on the first 5 HotpotQA-100 questions (their 50 passages) and NIAH top-5 equal fp32's within
-    0.01; benchmarks/cpu_default.py measures the same on the full set."""
+    """recall@5 on the first 5 HotpotQA-100 questions (their 50 passages) and NIAH top-5: bf16 loses nothing
+    against fp32 (within 0.01), and every question's top 5 shares at least 4 passages with fp32's.
+    One-sided on recall because a near-tie at rank 5 may flip either way: with router v14 question 4's
+    second gold passage sits at rank 6 in fp32 (0.4000 against 0.4020) and rank 5 in bf16 (0.4017), so
+    bf16 scores 1.0 where fp32 scores 0.9. benchmarks/cpu_default.py measures the same on the full set."""
     from msa_integrations.compare.dataset import load_dataset
     from msa_integrations.compare.metrics import recall_at_k
     from msa_integrations.compare.niah import NIAHSpec, generate_niah, shared_data_dir
@@ -133,13 +136,16 @@ def test_default_model_recall_and_niah_hold_in_bf16():
     models = {dt: MSAModel.from_pretrained("default", device="cpu", dtype=dt) for dt in (torch.float32, torch.bfloat16)}
     niah = generate_niah(NIAHSpec(tokens=2048, doc_tokens=256, queries=6, seed=1), tokenizer=models[torch.float32].tokenizer)
 
-    def recall(model: MSAModel, corpus: list[tuple[str, str]], questions: list[tuple[str, tuple]]) -> float:
+    def top5(model: MSAModel, corpus: list[tuple[str, str]], questions: list[tuple[str, tuple]]) -> list[list[str]]:
         bank = model.index([t for _, t in corpus], ids=[i for i, _ in corpus])
-        ranked = model.retrieve([q for q, _ in questions], bank, k=5)
-        return sum(recall_at_k([h.id for h in r], gold, 5) for r, (_, gold) in zip(ranked, questions)) / len(ranked)
+        return [[h.id for h in r] for r in model.retrieve([q for q, _ in questions], bank, k=5)]
+
+    def recall(ranked: list[list[str]], questions: list[tuple[str, tuple]]) -> float:
+        return sum(recall_at_k(r, gold, 5) for r, (_, gold) in zip(ranked, questions)) / len(ranked)
 
     hotpot_sets = ([(d.id, d.passage) for d in ds.corpus], [(q.question, q.gold_ids) for q in ds.queries])
     niah_sets = ([(d["id"], d["text"]) for d in niah["corpus"]], [(q["question"], q["gold_ids"]) for q in niah["queries"]])
     for corpus, questions in (hotpot_sets, niah_sets):
-        fp32, bf16 = (recall(models[dt], corpus, questions) for dt in (torch.float32, torch.bfloat16))
-        assert abs(bf16 - fp32) <= 0.01, (fp32, bf16)
+        fp32, bf16 = (top5(models[dt], corpus, questions) for dt in (torch.float32, torch.bfloat16))
+        assert recall(bf16, questions) >= recall(fp32, questions) - 0.01, (recall(fp32, questions), recall(bf16, questions))
+        assert all(len(set(a) & set(b)) >= 4 for a, b in zip(fp32, bf16)), list(zip(fp32, bf16))
