@@ -75,14 +75,27 @@ class StaticCache:
         self.v.index_copy_(2, at, v)
         self.valid[:, at] = valid
 
+    def mask(self, slots: torch.Tensor, causal: bool = True) -> torch.Tensor:
+        """[B, 1, T, S] bool for a block at token slots `slots` [T] whose valid flags are stored: query i sees
+        the valid memory slots and the valid token slots up to its own (causal) or up to the block's last
+        (causal=False: the reference's bidirectional injection); always its own slot, so a padding query
+        never has a fully masked row."""
+        index = self.local_index
+        upto = slots if causal else slots.max().expand(slots.shape[0])
+        sees = (index[None, :] < 0) | (index[None, :] <= upto[:, None])  # [T, S]
+        own = index[None, :] == slots[:, None]
+        return ((sees[None] & self.valid[:, None, :]) | own[None])[:, None]
+
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """q [B, H, T, D] over k, v [B, kv, S, D] with a boolean mask [B, 1, T, S]; returns [B, H, T, D].
 
     One query token (decode): a grouped matmul, query head h reading kv head h // G, the kv heads never
-    copied (never a mask together with enable_gqa, which sends SDPA to its math backend). Several: SDPA
-    with the kv heads repeated, which takes a fused kernel with a mask on a GPU. (A grouped matmul for
-    question-sized blocks too was measured on the H200: time to first token 66 -> 74 ms; not kept.)
+    copied (never a mask together with enable_gqa, which sends SDPA to its math backend on CUDA). Several:
+    SDPA, on CUDA with the kv heads repeated, which takes a fused kernel with a mask; on a CPU with
+    enable_gqa (the CPU's flash kernel takes both; a question's forward there was 0.5 ms faster).
+    (A grouped matmul for question-sized blocks too was measured on the H200: time to first token 66 -> 74
+    ms; not kept.)
     """
     b, h, t, d = q.shape
     kv = k.shape[1]
@@ -93,27 +106,21 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
         scores = scores.masked_fill(~mask[:, :, 0, None, :].expand_as(scores), float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
         return torch.matmul(probs, v).view(b, h, 1, d)
-    if groups > 1:
+    if groups > 1 and q.is_cuda:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=groups > 1 and not q.is_cuda)
 
 
 def cached_attention(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: StaticCache,
-                     slots: torch.Tensor, valid: torch.Tensor, causal: bool = True) -> torch.Tensor:
-    """Self-attention of a block of tokens at token slots `slots` [T], through the layer's static cache.
-
-    Query i sees the valid memory slots and the valid token slots up to its own (causal) or up to the
-    block's last (causal=False: the reference's bidirectional injection); always its own slot, so a
-    padding query never has a fully masked row.
-    """
-    t = x.shape[1]
+                     slots: torch.Tensor, valid: torch.Tensor, causal: bool = True,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Self-attention of a block of tokens at token slots `slots` [T], through the layer's static cache
+    (`StaticCache.mask` says what each query sees). `mask`: that mask when the caller has it already (the
+    query forward's layers share one scratch cache, so one mask serves them all)."""
     q, k, v = attn.project(x, cos, sin)
     cache.update(slots, k, v, valid)
-    index = cache.local_index
-    upto = slots if causal else slots.max().expand(t)
-    sees = (index[None, :] < 0) | (index[None, :] <= upto[:, None])  # [T, S]
-    own = index[None, :] == slots[:, None]
-    mask = ((sees[None] & cache.valid[:, None, :]) | own[None])[:, None]  # [B, 1, T, S]
+    if mask is None:
+        mask = cache.mask(slots, causal)
     return attn.output(grouped_attention(q, cache.k, cache.v, mask))
 
 
@@ -354,6 +361,8 @@ class QueryForward:
         cos, sin = bb.rotary(positions, h.dtype)
         slots = torch.arange(ids.shape[1], device=ids.device)
         wanted, last = set(self.layers), self.layers[-1]
+        scratch.valid[:, slots + scratch.memory_slots] = valid  # as every layer's update leaves it
+        mask = scratch.mask(slots)  # so one mask serves every layer
         queries = {}
         for i, layer in enumerate(bb.layers[: last + 1]):
             x = layer.input_layernorm(h)
@@ -365,7 +374,7 @@ class QueryForward:
             if head is not None and scratch.memory_slots:
                 scratch.k[:, :, :scratch.memory_slots] = head.k[i]
                 scratch.v[:, :, :scratch.memory_slots] = head.v[i]
-            h = h + cached_attention(layer.self_attn, x, cos, sin, scratch, slots, valid)
+            h = h + cached_attention(layer.self_attn, x, cos, sin, scratch, slots, valid, mask=mask)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return queries
 

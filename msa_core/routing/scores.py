@@ -71,8 +71,10 @@ def _token_head_scores(q: Tensor, k: Tensor, head_reduce: str) -> Tensor:
     """S(t, c) for one block of chunks: q [B, T, Hkv, G, D], k [c, Hkv, D] -> [B, T, c]."""
     num_heads = q.shape[2] * q.shape[3]
     if head_reduce == "mean":
-        # mean_h <q_h, k_g(h)> = (1/H) sum_g <sum_{h in g} q_h, k_g>: never builds [B, T, H, c].
-        return torch.einsum("btgd,cgd->btc", q.sum(dim=3), k) / num_heads
+        # mean_h <q_h, k_g(h)> = (1/H) sum_g <sum_{h in g} q_h, k_g>: never builds [B, T, H, c]; the sum over
+        # kv heads g is one dot product over the flattened (g, d) axis, so one matmul (an einsum that
+        # permutes k first was 3-4x slower on a CPU)
+        return torch.matmul(q.sum(dim=3).flatten(2), k.flatten(1).T) / num_heads
 
     def group_max(g: int) -> Tensor:  # one kv group at a time bounds memory to [B, T, G, c]
         return torch.einsum("btjd,cd->btjc", q[:, :, g], k[:, g]).amax(dim=2)

@@ -294,3 +294,22 @@ def test_compiled_decode_graph_equals_eager(tiny_model_dir):
     got = _engine(model, compiled, bank, QUESTIONS, 2)
     assert torch.equal(eager[1], got[1])
     assert (eager[0] - got[0]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("t", [1, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_attention_equals_attention_written_out(t, dtype):
+    """grouped_attention (a grouped matmul for one token; SDPA with enable_gqa on a CPU for several) equals
+    softmax(q k^T / sqrt(D)) v per query head, head h reading kv head h // G, masked keys left out."""
+    from msa_core.inference.engine import grouped_attention
+
+    gen = torch.Generator().manual_seed(t)
+    b, h, kv, s, d = 2, 6, 2, 9, 8
+    q, k, v = (torch.randn(*shape, generator=gen) for shape in ((b, h, t, d), (b, kv, s, d), (b, kv, s, d)))
+    mask = torch.rand(b, 1, t, s, generator=gen) > 0.4
+    mask[..., -1] = True  # every query sees at least one key
+    out = grouped_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask)
+    kr, vr = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)
+    scores = (q @ kr.transpose(-1, -2) / d ** 0.5).masked_fill(~mask, float("-inf"))
+    expected = torch.softmax(scores, dim=-1) @ vr
+    torch.testing.assert_close(out.float(), expected, **({} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}))
