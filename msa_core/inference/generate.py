@@ -9,6 +9,7 @@ Routing happens once, in the prefill; decode steps reuse the caches.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,17 +77,45 @@ def build_prompt(tokenizer: Any, question: "str | Sequence[Message]", *, chat: b
     if not isinstance(text, str) or not text.strip():
         raise InvalidInputError("the question is empty; pass some text")
     check_text(text, "the question")
-    prefix, suffix = "", ""
-    if chat and getattr(tokenizer, "chat_template", None):
-        messages = _with_slot(question, system)
-        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    template = chat and getattr(tokenizer, "chat_template", None)
+    if template and isinstance(question, str):  # the same head and tail for every question: rendered once
+        head, tail = _template_ends(tokenizer, template, system)
+    else:
+        prefix, suffix = "", ""
+        if template:
+            rendered = tokenizer.apply_chat_template(_with_slot(question, system), tokenize=False,
+                                                     add_generation_prompt=True)
+            prefix, _, suffix = rendered.partition(_QUESTION_SLOT)
+        elif not isinstance(question, str):  # no template: plain "role: content" lines
+            prefix = "".join(f"{m['role']}: {m['content']}\n" for m in question[:-1]) if len(question) > 1 else ""
+        head, tail = _tokens(tokenizer, prefix), _tokens(tokenizer, suffix)
+    body = _tokens(tokenizer, text)
+    return Prompt(head + body + tail, [False] * len(head) + [True] * len(body) + [False] * len(tail))
+
+
+def _tokens(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+# tokenizer -> {(template, system, vocabulary size): (head ids, tail ids)}: rendering a chat template costs about as much as
+# the rest of a CPU question's routing outside the model (jinja, then two tokenizer calls)
+_TEMPLATE_ENDS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def _template_ends(tokenizer: Any, template: str, system: str | None) -> tuple[list[int], list[int]]:
+    """The token ids the chat template puts before and after a single user question."""
+    try:
+        cache = _TEMPLATE_ENDS.setdefault(tokenizer, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced or hashed: no cache
+        cache = {}
+    key = (template, system, len(tokenizer))  # (tokens added to the vocabulary may tokenize the ends anew)
+    if key not in cache:
+        rendered = tokenizer.apply_chat_template(_with_slot(_QUESTION_SLOT, system), tokenize=False,
+                                                 add_generation_prompt=True)
         prefix, _, suffix = rendered.partition(_QUESTION_SLOT)
-    elif not isinstance(question, str):  # no template: plain "role: content" lines
-        prefix = "".join(f"{m['role']}: {m['content']}\n" for m in question[:-1]) if len(question) > 1 else ""
-    spans = [tokenizer(s, add_special_tokens=False)["input_ids"] if s else [] for s in (prefix, text, suffix)]
-    ids = spans[0] + spans[1] + spans[2]
-    routing = [False] * len(spans[0]) + [True] * len(spans[1]) + [False] * len(spans[2])
-    return Prompt(ids, routing)
+        cache[key] = (_tokens(tokenizer, prefix), _tokens(tokenizer, suffix))
+    head, tail = cache[key]
+    return list(head), list(tail)
 
 
 def _with_slot(question: "str | Sequence[Message]", system: str | None) -> list[Message]:

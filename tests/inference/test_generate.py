@@ -159,3 +159,27 @@ def test_conversation_prompt_routes_only_the_last_user_message(tiny_model_dir):
     bank = model.index(DOCS, ids=["a", "b"])
     assert model.answer(messages, bank, max_new_tokens=3).doc_ids
     assert model.answer(messages, bank, mode="hybrid", k=1, max_new_tokens=3).doc_ids
+
+
+def test_a_question_prompt_is_its_rendered_template_whatever_was_cached(tiny_model_dir):
+    """build_prompt renders the chat template's ends once per (template, system prompt, vocabulary): each
+    prompt equals the template rendered around that very question, and a changed template, system prompt or
+    vocabulary is seen at once."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir("llama")))
+
+    def rendered(question: str, system: str | None = None) -> list[int]:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        head, _, tail = text.partition(question)
+        return [i for part in (head, question, tail) if part for i in tok(part, add_special_tokens=False)["input_ids"]]
+
+    for question, system in ((QUESTION, None), ("Capital of France?", None), (QUESTION, "Be brief."), (QUESTION, None)):
+        prompt = build_prompt(tok, question, system=system)
+        assert prompt.ids == rendered(question, system)
+        assert tok.decode([t for t, r in zip(prompt.ids, prompt.routing) if r]) == question
+    tok.chat_template = "{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}\n{% endfor %}ANSWER:"
+    assert build_prompt(tok, QUESTION).ids == rendered(QUESTION)
+    tok.add_tokens(["ANSWER:"])  # a new vocabulary entry changes how the tail tokenizes
+    assert build_prompt(tok, QUESTION).ids == rendered(QUESTION)
