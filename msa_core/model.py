@@ -6,8 +6,8 @@
     ans = model.answer("question", bank, mode="latent")  # or mode="hybrid"
 
 MSA-format checkpoints (the released MSA-4B) load with the `reference` profile: the authors' prompts,
-document rendering and memory layout (msa_core/reference.py), and `mode="interleave"`, their
-generative-retrieval loop (msa_core/interleave.py).
+document rendering and memory layout (msa_core/inference/reference.py), and `mode="interleave"`, their
+generative-retrieval loop (msa_core/inference/interleave.py).
 """
 
 from __future__ import annotations
