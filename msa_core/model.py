@@ -132,8 +132,7 @@ class MSAModel:
         if config.profile is None:
             config = config.model_copy(update={"profile": "default"})
         self.backbone, self.tokenizer, self.router, self.config = backbone, tokenizer, router, config
-        # Hybrid answers generate with this one: the backbone itself, or its base weights when the router
-        # carries a backbone delta (trained for routing only).
+        # hybrid answers generate with the base weights where the router carries a backbone delta (routing only)
         self.generator = generator if generator is not None else backbone
         self.name = name
         self.layers = config.resolve_routing_layers(backbone.args.num_layers)
@@ -347,9 +346,8 @@ class MSAModel:
         """(bank row, hit), best part rows first; a parent is ranked by its best part unless parts are
         asked for. Memory Parallel merges these per-rank lists by (score, global row)."""
         n = total.shape[0]
-        # Most calls need only the first k rows: order the rows scoring at least the c-th best score (ties
-        # included, so the order equals a full stable sort's prefix), and sort everything only if filters or
-        # repeated parents use them up.
+        # Most calls need only the first k rows: order the rows scoring at least the c-th best score (ties included,
+        # so the order is a full stable sort's prefix); sort everything only if filters or repeated parents use them up.
         c = min(n, max(8 * k, 256))
         if c < n:
             rows = (total >= torch.topk(total, c).values[-1]).nonzero().flatten()

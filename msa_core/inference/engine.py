@@ -73,7 +73,11 @@ class StaticCache:
         at = slots + self.memory_slots
         self.k.index_copy_(2, at, k)
         self.v.index_copy_(2, at, v)
-        self.valid[:, at] = valid
+        self.mark(slots, valid)
+
+    def mark(self, slots: torch.Tensor, valid: torch.Tensor) -> None:
+        """Store which token slots `slots` [T] hold real tokens (valid [B, T])."""
+        self.valid[:, slots + self.memory_slots] = valid
 
     def mask(self, slots: torch.Tensor, causal: bool = True) -> torch.Tensor:
         """[B, 1, T, S] bool for a block at token slots `slots` [T] whose valid flags are stored: query i sees
@@ -361,8 +365,8 @@ class QueryForward:
         cos, sin = bb.rotary(positions, h.dtype)
         slots = torch.arange(ids.shape[1], device=ids.device)
         wanted, last = set(self.layers), self.layers[-1]
-        scratch.valid[:, slots + scratch.memory_slots] = valid  # as every layer's update leaves it
-        mask = scratch.mask(slots)  # so one mask serves every layer
+        scratch.mark(slots, valid)  # as every layer's update leaves it, so one mask serves every layer
+        mask = scratch.mask(slots)
         queries = {}
         for i, layer in enumerate(bb.layers[: last + 1]):
             x = layer.input_layernorm(h)

@@ -79,16 +79,9 @@ def build_prompt(tokenizer: Any, question: "str | Sequence[Message]", *, chat: b
     check_text(text, "the question")
     template = chat and getattr(tokenizer, "chat_template", None)
     if template and isinstance(question, str):  # the same head and tail for every question: rendered once
-        head, tail = _template_ends(tokenizer, template, system)
+        head, tail = _cached_ends(tokenizer, template, system)
     else:
-        prefix, suffix = "", ""
-        if template:
-            rendered = tokenizer.apply_chat_template(_with_slot(question, system), tokenize=False,
-                                                     add_generation_prompt=True)
-            prefix, _, suffix = rendered.partition(_QUESTION_SLOT)
-        elif not isinstance(question, str):  # no template: plain "role: content" lines
-            prefix = "".join(f"{m['role']}: {m['content']}\n" for m in question[:-1]) if len(question) > 1 else ""
-        head, tail = _tokens(tokenizer, prefix), _tokens(tokenizer, suffix)
+        head, tail = _ends(tokenizer, question, system, template)
     body = _tokens(tokenizer, text)
     return Prompt(head + body + tail, [False] * len(head) + [True] * len(body) + [False] * len(tail))
 
@@ -97,23 +90,34 @@ def _tokens(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
 
-# tokenizer -> {(template, system, vocabulary size): (head ids, tail ids)}: rendering a chat template costs about as much as
-# the rest of a CPU question's routing outside the model (jinja, then two tokenizer calls)
-_TEMPLATE_ENDS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+def _ends(tokenizer: Any, question: str | Sequence[Message], system: str | None,
+          template: Any) -> tuple[list[int], list[int]]:
+    """Token ids before and after the routing text: the chat template's, else "role: content" lines of the
+    earlier turns of a conversation."""
+    prefix, suffix = "", ""
+    if template:
+        rendered = tokenizer.apply_chat_template(_with_slot(question, system), tokenize=False,
+                                                 add_generation_prompt=True)
+        prefix, _, suffix = rendered.partition(_QUESTION_SLOT)
+    elif not isinstance(question, str):
+        prefix = "".join(f"{m['role']}: {m['content']}\n" for m in question[:-1]) if len(question) > 1 else ""
+    return _tokens(tokenizer, prefix), _tokens(tokenizer, suffix)
 
 
-def _template_ends(tokenizer: Any, template: str, system: str | None) -> tuple[list[int], list[int]]:
-    """The token ids the chat template puts before and after a single user question."""
+# tokenizer -> {(template, system, vocabulary size): (head ids, tail ids)}: rendering a chat template costs about as
+# much as the rest of a CPU question's routing outside the model (jinja, then two tokenizer calls)
+_TEMPLATE_ENDS: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
+
+
+def _cached_ends(tokenizer: Any, template: str, system: str | None) -> tuple[list[int], list[int]]:
+    """`_ends` of a single user question, rendered once per (template, system prompt, vocabulary size)."""
     try:
         cache = _TEMPLATE_ENDS.setdefault(tokenizer, {})
     except TypeError:  # a tokenizer that cannot be weakly referenced or hashed: no cache
         cache = {}
     key = (template, system, len(tokenizer))  # (tokens added to the vocabulary may tokenize the ends anew)
     if key not in cache:
-        rendered = tokenizer.apply_chat_template(_with_slot(_QUESTION_SLOT, system), tokenize=False,
-                                                 add_generation_prompt=True)
-        prefix, _, suffix = rendered.partition(_QUESTION_SLOT)
-        cache[key] = (_tokens(tokenizer, prefix), _tokens(tokenizer, suffix))
+        cache[key] = _ends(tokenizer, _QUESTION_SLOT, system, template)
     head, tail = cache[key]
     return list(head), list(tail)
 
