@@ -21,7 +21,7 @@ import torch
 
 from .checkpoints.loading import ModelParts
 from .config import MSAConfig
-from .decoder.backbone import Backbone
+from .decoder.backbone import Backbone, weights_state
 from .errors import InvalidInputError, ModelLoadError, check_text
 from .inference.encode import encode_parts, split_documents
 from .inference.engine import Engine
@@ -218,8 +218,7 @@ class MSAModel:
         # Hashing every router weight takes about a second for MSA-4B's 18 layers, and every retrieve and
         # answer checks the bank against it: cached until the router object or one of its weights changes
         # (an in-place update bumps a tensor's _version; a new tensor has a new data_ptr).
-        params = self.router.parameters() if isinstance(self.router, torch.nn.Module) else ()
-        key = (id(self.router), tuple((t.data_ptr(), t._version) for t in params))
+        key = (id(self.router), weights_state(self.router) if isinstance(self.router, torch.nn.Module) else ())
         if getattr(self, "_router_fp_key", None) != key:
             self._router_fp, self._router_fp_key = self.router.fingerprint(), key
         return self._router_fp
@@ -268,14 +267,14 @@ class MSAModel:
 
     def check_bank(self, bank: MemoryBank) -> None:
         bank.check_compatible(self.backbone_fingerprint, self.router_fingerprint)
-        built = bank.config.profile or "default"
+        built, chunk_size = bank.built_with
         if built != self.profile:
             raise InvalidInputError(
                 f"bank was built with the {built!r} profile (document rendering and prompts differ); load the "
                 f"model with profile={built!r} or rebuild the bank")
-        if bank.config.encode.chunk_size != self.config.encode.chunk_size or bank.layers != self.layers:
+        if chunk_size != self.config.encode.chunk_size or bank.layers != self.layers:
             raise InvalidInputError(
-                f"bank was built with chunk size {bank.config.encode.chunk_size} and layers {bank.layers}; "
+                f"bank was built with chunk size {chunk_size} and layers {bank.layers}; "
                 f"this model uses {self.config.encode.chunk_size} and {self.layers}")
 
     # ---- retrieval ----------------------------------------------------------------------
@@ -362,25 +361,26 @@ class MSAModel:
               allowed: torch.Tensor, k: int, include_parts: bool, with_layers: bool
               ) -> list[tuple[int, RetrievedDocument]]:
         """The first k allowed rows of `order`, one per parent unless parts are asked for."""
-        records, seen = bank.docstore, set()
-        out: list[tuple[int, RetrievedDocument]] = []
+        records, seen, ok = bank.docstore, set(), allowed.cpu()
+        rows: list[int] = []
         for row in order:
-            if len(out) == k:
+            if len(rows) == k:
                 break
-            if not allowed[row]:
+            if not ok[row]:
                 continue
+            key = records[row].id if include_parts else records[row].parent_id
+            if key not in seen:
+                seen.add(key)
+                rows.append(row)
+        cfg, scores = self.config.routing, total[rows]
+        rel = relevance(scores, cfg.normalization, self.backbone.args.head_dim, cfg.relevance_calibration).tolist()
+        layer_rows = per_layer[:, rows].T.tolist() if with_layers else [None] * len(rows)
+        out: list[tuple[int, RetrievedDocument]] = []
+        for row, score, r, layers in zip(rows, scores.tolist(), rel, layer_rows):
             rec = records[row]
-            key = rec.id if include_parts else rec.parent_id
-            if key in seen:
-                continue
-            seen.add(key)
-            text = rec.text if include_parts else bank.get([rec.parent_id])[0]["text"]
-            layers = ({layer: float(per_layer[i, row]) for i, layer in enumerate(self.layers)}
-                      if with_layers else None)
-            rel = relevance(total[row:row + 1], self.config.routing.normalization, self.backbone.args.head_dim,
-                            self.config.routing.relevance_calibration)
-            out.append((row, RetrievedDocument(key, float(total[row]), float(rel[0]), text,
-                                               dict(rec.metadata), layers)))
+            key, text = (rec.id, rec.text) if include_parts else (rec.parent_id, bank.text(rec.parent_id))
+            layers = dict(zip(self.layers, layers)) if layers is not None else None
+            out.append((row, RetrievedDocument(key, score, r, text, dict(rec.metadata), layers)))
         return out
 
     # ---- generation ---------------------------------------------------------------------

@@ -118,6 +118,24 @@ def _source_key(linears: Sequence[nn.Linear]) -> tuple:
     return tuple((t.data_ptr(), t._version) for m in linears for t in (m.weight, m.bias) if t is not None)
 
 
+def _projections_state(backbone: nn.Module) -> list:
+    """What `refresh` depends on, cheap to compare before every question: each layer's attention and MLP
+    modules, their projections, and each weight's storage and version (an in-place update bumps the version;
+    a cast or a move gives new storage). Read through `_modules` and `_parameters`, not nn.Module's slow
+    attribute lookup."""
+    out: list = []
+    for layer in backbone.layers:
+        attn, mlp = layer._modules["self_attn"], layer._modules["mlp"]
+        out += (id(attn), id(mlp))
+        for m in (attn._modules["q_proj"], attn._modules["k_proj"], attn._modules["v_proj"],
+                  mlp._modules["gate_proj"], mlp._modules["up_proj"]):
+            out.append(id(m))
+            for t in m._parameters.values():
+                if t is not None:
+                    out += (t.data_ptr(), t._version)
+    return out
+
+
 def _packable(linears: Sequence[nn.Module], device: str) -> bool:
     if not all(type(m) is nn.Linear for m in linears):  # LoRA wrappers and other subclasses: not packed
         return False
@@ -136,6 +154,7 @@ class Packs:
         self.enabled = enabled
         self.gpu = gpu_packing_wanted() if gpu is None else gpu
         self._store: dict[tuple[int, str, str], PackedLinear] = {}
+        self._refreshed: list | None = None  # _projections_state at the last refresh that left every pack current
 
     def apply(self, owner: nn.Module, name: str, linears: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
         """The outputs of `linears` on x: one packed product when x is a bf16 CPU tensor outside autograd, or
@@ -166,6 +185,9 @@ class Packs:
         question; a no-op elsewhere."""
         if not self.gpu or backbone.device.type != "cuda":
             return
+        state = _projections_state(backbone)
+        if state == self._refreshed:
+            return  # the same modules holding the same weights as at the last refresh: every pack serves
         wanted = []
         for layer in backbone.layers:
             for owner, name, linears in ((layer.self_attn, "qkv", (layer.self_attn.q_proj, layer.self_attn.k_proj,
@@ -181,6 +203,7 @@ class Packs:
                 elif _packable(linears, "cuda"):
                     wanted.append((key, linears))
         if not wanted:
+            self._refreshed = state
             return
         need = sum(m.weight.numel() * m.weight.element_size() for _, linears in wanted for m in linears)
         free, total = torch.cuda.mem_get_info(backbone.device)
@@ -190,6 +213,7 @@ class Packs:
         with torch.no_grad():
             for key, linears in wanted:
                 self._store[key] = PackedLinear(linears)
+        self._refreshed = state
 
     def __len__(self) -> int:
         return len(self._store)

@@ -199,6 +199,8 @@ def routed_prefill(backbone: Backbone, prompts: Sequence[Prompt], *, offset: int
     ids, valid, routing = left_pad(prompts, pad_id, backbone.device)
     positions = query_positions(valid, offset)
     memory = hook(routing, positions) if hook is not None else None
+    if isinstance(memory, MemoryRouter):
+        memory.trust_prompts(prompts)
     if score_only:
         backbone(ids, positions, valid=valid, memory_hook=memory, last_layer=last_layer, hooks_only_in_last=True)
         if memory is not None:
@@ -220,6 +222,7 @@ def route_questions(backbone: Backbone, prompts: Sequence[Prompt], hook: MemoryR
     length bucket on a GPU) gives every routing layer's queries, then the hook scores them all at once.
     Without graphs it runs over the question tokens only, behind the template head's cached K/V."""
     engine, head = engine_for(backbone), None
+    hook.trust_prompts(prompts)
     forward = engine.query_forward(hook.router, list(hook.layer_pos))
     if not engine.use_graphs:  # a captured graph replays whole prompts; eager, the head comes from a cache
         prompts, offset, head = engine.question_heads.split(backbone, prompts, offset, forward.layers[-1])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,6 +39,17 @@ def key_inv_norms(kr_bar: torch.Tensor) -> torch.Tensor:
     return per_state(kr_bar, "inv_norms", lambda: kernels.inverse_key_norms(kr_bar))
 
 
+def checked_chunk_index(bank: MemoryBank) -> bool:
+    """Every chunk's document index in range, checked once per bank state (one host sync)."""
+    def check() -> bool:
+        chunk_doc, n = bank.chunk_doc, bank.num_parts
+        if chunk_doc.numel() and bool((chunk_doc.min() < 0) | (chunk_doc.max() >= n)):
+            raise InvalidInputError(f"chunk_doc values must lie in [0, {n}), got "
+                                    f"[{int(chunk_doc.min())}, {int(chunk_doc.max())}]")
+        return True
+    return per_state(bank.kr_bar, "chunk_index_checked", check)
+
+
 def routing_on(bank: MemoryBank, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(kr_bar, chunk_doc) of the bank on `device`: its own tensors when they live there, else copies made
     once per bank state (a GPU model routing a bank in CPU memory gets the layout bank.to(device, kv="host")
@@ -51,13 +61,31 @@ def routing_on(bank: MemoryBank, device: torch.device) -> tuple[torch.Tensor, to
 
 
 
-@dataclass
 class LayerRouting:
-    """What one routing layer decided for a batch."""
+    """What one routing layer decided for a batch: doc_scores [B, N], every part row's score (-inf where
+    filtered out); selected [B, k], the part rows attended to, best first, and selected_scores [B, k].
+    Given `choose` instead of the choice, the choice is made on first use: a scoring-only pass (retrieve)
+    reads only the scores, and choosing costs host syncs (select_top_k's checks)."""
 
-    doc_scores: torch.Tensor  # [B, N] every part row's score (-inf where filtered out)
-    selected: torch.Tensor  # [B, k] part rows attended to, best first
-    selected_scores: torch.Tensor  # [B, k]
+    def __init__(self, doc_scores: torch.Tensor, selected: torch.Tensor | None = None,
+                 selected_scores: torch.Tensor | None = None,
+                 choose: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+        self.doc_scores = doc_scores
+        self._choice = None if selected is None else (selected_scores, selected)
+        self._choose = choose
+
+    def _chosen(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._choice is None:
+            self._choice, self._choose = self._choose(), None
+        return self._choice
+
+    @property
+    def selected(self) -> torch.Tensor:
+        return self._chosen()[1]
+
+    @property
+    def selected_scores(self) -> torch.Tensor:
+        return self._chosen()[0]
 
 
 class MemoryRouter:
@@ -138,10 +166,13 @@ class MemoryRouter:
         n_layers, b, n = scores.shape
         allowed = None
         if self.allowed is not None:
-            allowed = self.allowed.to(scores.device)
+            allowed = self.allowed.to(scores.device).expand(b, n)
             scores = scores.masked_fill(~allowed, float("-inf"))
-            allowed = allowed.expand(b, n).repeat(n_layers, 1)
-        values, rows = self._top_k(scores.flatten(0, 1), allowed)
+        if not self.attend:  # nothing attends to the choice: made only if someone reads it
+            for i, layer in enumerate(layers):
+                self.routings[layer] = LayerRouting(scores[i], choose=lambda s=scores[i]: self._top_k(s, allowed))
+            return
+        values, rows = self._top_k(scores.flatten(0, 1), None if allowed is None else allowed.repeat(n_layers, 1))
         values, rows = values.view(n_layers, b, -1), rows.view(n_layers, b, -1)
         for i, layer in enumerate(layers):
             self.routings[layer] = LayerRouting(scores[i], rows[i], values[i])
@@ -166,6 +197,18 @@ class MemoryRouter:
     def _inv_norms(self, kr_all: torch.Tensor) -> torch.Tensor | None:
         """Cached inverse key norms [L, C, Hkv] for cosine-type scoring; None for scaled_dot (no norms)."""
         return key_inv_norms(kr_all) if self.cfg.normalization != "scaled_dot" else None
+
+    def trust_prompts(self, prompts: Any) -> None:
+        """The routing mask is these prompts' (`Prompt.routing`): check on the host that every row routes with
+        at least one token, and the bank's chunk index once per bank state, so that no scoring call syncs
+        with the device to check them (the kernels' `validate`)."""
+        if self.bank is None or not len(self.bank):
+            return  # nothing is scored
+        empty = [row for row, p in enumerate(prompts) if not any(p.routing)]
+        if empty:
+            raise InvalidInputError(f"rows {empty} have no valid routing token (token_mask is all False)")
+        checked_chunk_index(self.bank)
+        self._validated = True
 
     def _validate_once(self) -> bool:
         """True the first time: the routing mask and the bank's chunk index are the same in every layer."""

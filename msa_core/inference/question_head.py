@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..decoder.backbone import Backbone
+from ..decoder.backbone import Backbone, weights_state
 
 
 class HeadKV(NamedTuple):
@@ -34,11 +34,6 @@ def _span(routing: Sequence[bool]) -> tuple[int, int]:
     """[first, last + 1) of the routing tokens."""
     first = list(routing).index(True)
     return first, len(routing) - list(routing)[::-1].index(True)
-
-
-def _weights_key(backbone: Backbone) -> tuple:
-    # In-place updates (training) bump a tensor's _version; new tensors have a new data_ptr.
-    return tuple((p.data_ptr(), p._version) for p in backbone.parameters())
 
 
 class HeadCache:
@@ -73,7 +68,7 @@ class HeadCache:
     def head_kv(self, bb: Backbone, head: tuple[int, ...], offset: int, last_layer: int) -> HeadKV:
         """The head's K/V in layers 0..last_layer-1 (the last routing layer only projects queries), from the
         cache or from one eager forward over the head at positions offset, offset+1, ..."""
-        key = (head, offset, last_layer, bb.dtype, _weights_key(bb))
+        key = (head, offset, last_layer, bb.dtype, weights_state(bb))
         with self._lock:
             if key in self._store:
                 self._store.move_to_end(key)

@@ -31,23 +31,12 @@ from ..config import MSAConfig
 from ..errors import BankMismatchError, CorruptBankError, InvalidInputError
 from . import persist
 from .build_stats import BuildStats
-from .encoded import EncodedDocuments
+from .encoded import EncodedDocuments, all_finite
 from .filters import Filter, compile_filter
 from .lexical import LexicalCache
 from .persist import FORMAT, FORMAT_VERSION, MANIFEST, TENSORS
-from .records import (
-    KV_NAMES,
-    STORAGE_DTYPES,
-    TENSOR_NAMES,
-    BankState,
-    PartRecord,
-    build_state,
-    check_parts,
-    check_shape_args,
-    id_list,
-    is_int,
-    records_from_encoded,
-)
+from .records import (KV_NAMES, STORAGE_DTYPES, TENSOR_NAMES, BankState, PartRecord, build_state, check_parts,
+                      check_shape_args, id_list, is_int, records_from_encoded)
 from .tiers import check_kv, device_arg, stage_to
 
 
@@ -105,6 +94,10 @@ class MemoryBank:
     def config(self) -> MSAConfig:
         """A copy of the settings the bank was built with."""
         return self._config.model_copy(deep=True)
+
+    @property
+    def built_with(self) -> tuple[str, int]:  # (profile, chunk size), checked per query: no config copy
+        return self._config.profile or "default", self._config.encode.chunk_size
 
     @property
     def storage_dtype(self) -> torch.dtype:
@@ -220,6 +213,10 @@ class MemoryBank:
                 "n_tokens": sum(p.n_tokens for p in parts),
             })
         return out
+
+    def text(self, parent_id: str) -> str:
+        """One parent's whole text (its parts joined); KeyError when absent."""
+        return "".join(self._state.parts[r].text for r in self._state.parent_rows[parent_id])
 
     def parts(self, parent_id: str) -> list[dict[str, Any]]:
         """Part records of one parent in part order, each with its `row`; [] when absent."""
@@ -452,7 +449,7 @@ class MemoryBank:
             )
         out = t.detach().to(device=self._home(name), dtype=self._dtype).contiguous()
         # Checked after the cast: float16 overflows to inf, and a NaN key would poison routing.
-        if not bool(torch.isfinite(out).all()):
+        if not all_finite(out):
             raise InvalidInputError(
                 f"encoded {name} holds NaN or inf once cast to {self._config.encode.storage_dtype}; "
                 f"check the encoder output or use a wider storage_dtype"
@@ -593,3 +590,4 @@ def _bank_from_manifest(cls: type[MemoryBank], manifest: dict[str, Any], path: P
 
 def _short(fp: str, n: int = 12) -> str:
     return repr(fp if len(fp) <= n else fp[:n] + "...")
+

@@ -73,6 +73,23 @@ def test_a_graph_replays_refilled_weights_after_an_in_place_update(gpu_bf16):
     assert torch.equal(graphed[1:].argmax(-1), plain[1:].argmax(-1))
 
 
+@torch.no_grad()
+def test_a_replaced_projection_and_a_cast_are_seen_by_the_next_refresh(gpu_bf16):
+    """refresh returns at once while nothing changed; a new module or a cast must still remake the packs."""
+    engine_for(gpu_bf16)
+    mlp = gpu_bf16.layers[0].mlp
+    old = mlp.up_proj
+    mlp.up_proj = torch.nn.Linear(old.in_features, old.out_features, bias=old.bias is not None).to("cuda", torch.bfloat16)
+    engine_for(gpu_bf16)
+    pack = gpu_bf16.packs._store[(id(mlp), "gate_up", "cuda")]
+    assert pack.modules[1] is mlp.up_proj
+    x = torch.randn(3, old.in_features, device="cuda", dtype=torch.bfloat16)
+    assert torch.allclose(pack(x)[1].float(), mlp.up_proj(x).float(), atol=2e-2, rtol=2e-2)
+    gpu_bf16.to(torch.float16)
+    engine_for(gpu_bf16)
+    assert all(p.weight.dtype == torch.float16 for p in gpu_bf16.packs._store.values())
+
+
 def test_no_packs_when_device_memory_is_short(gpu_bf16, monkeypatch):
     monkeypatch.setattr(packed, "GPU_KEEP_FREE", 1.0)
     with torch.no_grad():

@@ -183,3 +183,36 @@ def test_a_question_prompt_is_its_rendered_template_whatever_was_cached(tiny_mod
     assert build_prompt(tok, QUESTION).ids == rendered(QUESTION)
     tok.add_tokens(["ANSWER:"])  # a new vocabulary entry changes how the tail tokenizes
     assert build_prompt(tok, QUESTION).ids == rendered(QUESTION)
+
+
+def test_a_scoring_only_router_chooses_on_demand_what_select_top_k_chooses(tiny_model_dir):
+    """retrieve reads only the scores: a scoring-only router makes each layer's choice when it is first read
+    (select_top_k's checks sync with a GPU), and then exactly as select_top_k over those scores."""
+    from msa_core.inference.generate import route_questions
+    from msa_core.routing.scores import select_top_k
+
+    model = _model(tiny_model_dir("llama"), layers=[1, 2, 3], top_k=2)
+    bank = model.index(DOCS + ["Paris is the capital of France."], ids=["a", "b", "c"],
+                       metadatas=[{"g": 1}, {"g": 2}, {"g": 2}])
+    allowed = bank.row_mask({"g": 2})
+    hook = MemoryRouter(bank, model.router, model.config.routing, None, allowed=allowed, attend=False)
+    with torch.no_grad():
+        route_questions(model.backbone, [build_prompt(model.tokenizer, QUESTION)], hook, offset=2)
+    assert sorted(hook.routings) == [1, 2, 3]
+    for rt in hook.routings.values():
+        assert rt._choice is None  # nothing read it yet
+        values, rows = select_top_k(rt.doc_scores, 2, allowed)
+        assert torch.equal(rt.selected, rows) and torch.equal(rt.selected_scores, values)
+        assert set(rt.selected[0].tolist()) == {1, 2}  # the allowed documents only
+
+
+def test_a_prompt_without_routing_tokens_is_refused_before_it_is_scored(tiny_model_dir):
+    from msa_core.inference.generate import Prompt, route_questions
+
+    model = _model(tiny_model_dir("llama"), layers=[1, 2, 3], top_k=2)
+    bank = model.index(DOCS, ids=["a", "b"])
+    good = build_prompt(model.tokenizer, QUESTION)
+    mute = Prompt(list(good.ids), [False] * len(good.ids))
+    hook = MemoryRouter(bank, model.router, model.config.routing, None, attend=False)
+    with pytest.raises(InvalidInputError, match=r"rows \[1\] have no valid routing token"):
+        route_questions(model.backbone, [good, mute], hook, offset=2)

@@ -490,3 +490,16 @@ def test_load_map_location(tmp_path, bank):
     assert loaded.device == torch.device("cpu") and loaded.k_bar.device.type == "cpu"
     with pytest.raises(InvalidInputError, match="map_location"):
         MemoryBank.load(tmp_path, map_location="nodevice")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_all_finite_finds_one_bad_value_anywhere(dtype, bad):
+    from msa_core.memory.encoded import all_finite
+
+    x = torch.randn(2, 3000, 5).to(dtype)
+    assert all_finite(x) and all_finite(x[:0])
+    for at in (0, 17, 9999, x.numel() - 1):  # inside and outside vectorised stretches
+        y = x.clone()
+        y.view(-1)[at] = bad
+        assert not all_finite(y)
