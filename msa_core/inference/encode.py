@@ -135,8 +135,9 @@ def encode_parts(backbone: Backbone, router: RouterProjectors, layers: list[int]
     p, dev, started = config.chunk_size, backbone.device, time.perf_counter()
     lengths = [len(part.token_ids) for part in parts]
     n_chunks = [-(-n // p) for n in lengths]
-    pooled: dict[int, tuple[list, list, list]] = {}  # part index -> per-layer k, v, kr
     batches = plan_batches(lengths, config.batch_size, config.max_tokens_per_batch)
+    dtype = _DTYPES[config.storage_dtype]
+    pooled: tuple[list, list, list] = ([], [], [])  # per batch: K̄, V̄, K̄_R [L, chunks of the batch, kv, D]
     # smoothing=0: rate and time left are the average since the start, so the first batch already gives
     # an estimate and later short batches do not swing it.
     bar = tqdm(total=sum(lengths), unit="tok", unit_scale=True, desc="encoding", smoothing=0,
@@ -152,25 +153,35 @@ def encode_parts(backbone: Backbone, router: RouterProjectors, layers: list[int]
         backbone(ids, torch.arange(t, device=dev).expand_as(ids), capture=pooler, last_layer=max(layers),
                  hooks_only_in_last=True)
         kr = {l: _routing_keys(router, l, pooler) for l in layers}  # W_KR·mean(x), whole batch
-        for row, i in enumerate(batch):
-            c = n_chunks[i]
-            pooled[i] = (
-                [pooler.k[l][row, :c] for l in layers],
-                [pooler.v[l][row, :c] for l in layers],
-                [kr[l][row, :c] for l in layers],
-            )
-        bar.update(int(lens.sum()))
+        # each part's real chunks, rows in batch order, every layer at once (chunks past a part's end dropped)
+        width = -(-t // p)
+        real = torch.tensor([row * width + j for row, i in enumerate(batch) for j in range(n_chunks[i])], device=dev)
+        for out, per_layer in zip(pooled, (pooler.k, pooler.v, kr)):
+            out.append(torch.stack([per_layer[l].flatten(0, 1).index_select(0, real) for l in layers]).to(dtype))
+        bar.update(sum(lengths[i] for i in batch))  # (host numbers: no wait on the device)
     bar.close()
-    dtype = _DTYPES[config.storage_dtype]
+    order = [i for batch in batches for i in batch]  # parts in the order their chunks were pooled
+    first, at = {}, 0
+    for i in order:
+        first[i], at = at, at + n_chunks[i]
+    back = [first[i] + j for i in range(len(parts)) for j in range(n_chunks[i])]  # chunk order by part
+    back = None if back == list(range(at)) else torch.tensor(back, device=dev)
 
-    def stack(j: int) -> torch.Tensor:  # [L, C, kv, D] in part order
-        per_layer = [torch.cat([pooled[i][j][li] for i in range(len(parts))]) for li in range(len(layers))]
-        return torch.stack(per_layer).to(dtype).cpu()
+    def stack(per_batch: list[torch.Tensor]) -> torch.Tensor:  # [L, C, kv, D] in part order, in host memory
+        t = torch.cat(per_batch, dim=1) if len(per_batch) > 1 else per_batch[0]
+        t = t if back is None else t.index_select(1, back)
+        if not t.is_cuda:
+            return t.contiguous()
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return host.copy_(t, non_blocking=True)  # (the copies are waited for once, below)
 
+    k_bar, v_bar, kr_bar = (stack(x) for x in pooled)
+    if dev.type == "cuda":
+        torch.cuda.current_stream(dev).synchronize()
     return EncodedDocuments(
         ids=[x.id for x in parts], parent_ids=[x.parent_id for x in parts], texts=[x.text for x in parts],
         metadatas=[x.metadata for x in parts], n_tokens=lengths, n_chunks=n_chunks, layers=list(layers),
-        k_bar=stack(0), v_bar=stack(1), kr_bar=stack(2), part_index=[x.part_index for x in parts],
+        k_bar=k_bar, v_bar=v_bar, kr_bar=kr_bar, part_index=[x.part_index for x in parts],
         encode_seconds=time.perf_counter() - started, compute_dtype=dtype_name(backbone.dtype),
     )
 

@@ -98,10 +98,12 @@ def test_split_long_document_into_parts(tiny_model_dir):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-def test_batched_encoding_equals_one_by_one(tiny_model_dir, family):
+@pytest.mark.parametrize("batch_size", [8, 2])  # 2: several batches, longest first, put back in part order
+def test_batched_encoding_equals_one_by_one(tiny_model_dir, family, batch_size):
     _, backbone, tok, router, layers = _setup(tiny_model_dir, family)
     parts = _parts(tok, TEXTS)
-    cfg = EncodeConfig(chunk_size=4, storage_dtype="float32", batch_size=8, max_tokens_per_batch=4096)
+    assert len({len(p.token_ids) for p in parts}) > 2  # lengths differ, so batches reorder the parts
+    cfg = EncodeConfig(chunk_size=4, storage_dtype="float32", batch_size=batch_size, max_tokens_per_batch=4096)
     together = encode_parts(backbone, router, layers, parts, cfg)
     singles = [encode_parts(backbone, router, layers, [p], cfg) for p in parts]
     for name in ("k_bar", "v_bar", "kr_bar"):
