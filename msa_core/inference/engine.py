@@ -155,6 +155,7 @@ class Engine:
         capturable = backbone.args.rope.rope_type != "dynamic"  # dynamic RoPE reads max(position) on the host
         self.use_graphs = (backbone.device.type == "cuda" and capturable) if graphs is None else graphs
         self.compile_decode = False  # torch.compile the captured decode step and question forward (set_compile)
+        self.compile_mode: str | None = None
         self._caches: dict[tuple, list[StaticCache]] = {}
         self._graphs: dict[tuple, DecodeGraph] = {}
         self._compiled_step = None
@@ -172,11 +173,20 @@ class Engine:
             qf = self._query_forwards[key] = QueryForward(self, router, layers)
         return qf
 
-    def set_compile(self, on: bool) -> None:
+    def set_compile(self, on: bool, mode: str | None = None) -> None:
         """torch.compile the captured decode step and question forward (fuses their small kernels; the first
-        call of each shape then takes a while to compile). Graphs made before are dropped."""
-        if on != self.compile_decode:
-            self.compile_decode = on
+        call of each shape then takes a while to compile). `mode`: torch.compile's, e.g.
+        "max-autotune-no-cudagraphs" (matmuls autotuned: a much slower first call); never one that makes CUDA
+        graphs itself, since the engine captures the compiled code in its own. Graphs made before are dropped."""
+        if mode in ("reduce-overhead", "max-autotune"):
+            raise ValueError(f"mode {mode!r} makes CUDA graphs itself; the engine captures its own "
+                             "(use 'max-autotune-no-cudagraphs')")
+        if on != self.compile_decode or mode != self.compile_mode:
+            if mode != self.compile_mode:
+                self._compiled_step = None
+                for qf in self._query_forwards.values():
+                    qf._compiled = None
+            self.compile_decode, self.compile_mode = on, mode
             self.drop_graphs()
 
     def drop_graphs(self) -> None:
@@ -192,7 +202,7 @@ class Engine:
         if not self.compile_decode:
             return self.step
         if self._compiled_step is None:
-            self._compiled_step = torch.compile(self.step, dynamic=False)
+            self._compiled_step = torch.compile(self.step, dynamic=False, mode=self.compile_mode)
         return self._compiled_step
 
     # ---- prefill -------------------------------------------------------------------------------
@@ -308,7 +318,7 @@ class QueryForward:
         if not self.engine.compile_decode:
             return self.forward
         if self._compiled is None:
-            self._compiled = torch.compile(self.forward, dynamic=False)
+            self._compiled = torch.compile(self.forward, dynamic=False, mode=self.engine.compile_mode)
         return self._compiled
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,

@@ -313,3 +313,15 @@ def test_grouped_attention_equals_attention_written_out(t, dtype):
     scores = (q @ kr.transpose(-1, -2) / d ** 0.5).masked_fill(~mask, float("-inf"))
     expected = torch.softmax(scores, dim=-1) @ vr
     torch.testing.assert_close(out.float(), expected, **({} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}))
+
+
+def test_set_compile_refuses_a_mode_that_makes_its_own_cuda_graphs(tiny_model_dir):
+    model = MSAModel.from_pretrained(tiny_model_dir("llama"), router="random", device="cpu")
+    engine = Engine(model.backbone, graphs=False)
+    for mode in ("reduce-overhead", "max-autotune"):
+        with pytest.raises(ValueError, match="CUDA graphs itself"):
+            engine.set_compile(True, mode)
+    engine.set_compile(True, "max-autotune-no-cudagraphs")
+    assert engine.compile_decode and engine.compile_mode == "max-autotune-no-cudagraphs"
+    engine.set_compile(False)
+    assert not engine.compile_decode and engine.compile_mode is None
