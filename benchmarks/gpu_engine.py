@@ -267,6 +267,11 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--sizes", default="1e6,1e7", help="bank sizes in tokens for TTFT and retrieve (default: 1e6,1e7)")
     ap.add_argument("--compile", action="store_true", help="also torch.compile the engine's decode step")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode of --compile, e.g. "
+                    "max-autotune-no-cudagraphs (Engine.set_compile)")
+    ap.add_argument("--variants", default=None, help="decode variants to run (default: graph_unpacked,graph and, "
+                    "with --compile, compiled)")
+    ap.add_argument("--only-decode", action="store_true", help="stop after the decode rows (a probe)")
     ap.add_argument("--skip-hf-static", action="store_true", help="skip transformers' static-cache generate")
     ap.add_argument("--hbm-tb-s", type=float, default=4.8, help="HBM bandwidth for the roofline (H200: 4.8)")
     ap.add_argument("--profile", action="store_true", help="only profile: the top CUDA kernels of a decode step and "
@@ -318,8 +323,11 @@ def main() -> None:
 
     # decode, batch 1 and 16: CUDA graphs without and with the fused GPU projections (decoder/packed.py), then
     # (--compile) graphs of the torch.compile'd step
-    for variant in ("graph_unpacked", "graph", "compiled") if args.compile else ("graph_unpacked", "graph"):
-        engine.set_compile(variant == "compiled")
+    variants = (args.variants.split(",") if args.variants else
+                ("graph_unpacked", "graph", "compiled") if args.compile else ("graph_unpacked", "graph"))
+    out["compile_mode"] = args.compile_mode
+    for variant in variants:
+        engine.set_compile(variant == "compiled", args.compile_mode if variant == "compiled" else None)
         model.backbone.packs.gpu = variant != "graph_unpacked"
         engine.drop_graphs()
         engine = engine_for(model.backbone)  # (makes the packs)
@@ -331,7 +339,7 @@ def main() -> None:
             out[f"decode_tok_s_batch{b}_{variant}"] = b * 1e3 / ms
         out[f"decode_setup_s_{variant}"] = time.perf_counter() - t
         out[f"greedy_tokens_{variant}"] = greedy(model, bank, questions[0], dev)
-    best = "compiled" if args.compile else "graph"
+    best = "compiled" if "compiled" in variants else "graph"
     out["decode_tok_s_batch1"] = out[f"decode_tok_s_batch1_{best}"]
     out["decode_tok_s_batch16"] = out[f"decode_tok_s_batch16_{best}"]
     engine.use_graphs = False
@@ -340,6 +348,8 @@ def main() -> None:
     engine.use_graphs = dev.type == "cuda"
     save()
     print(json.dumps({k: v for k, v in out.items() if "decode" in k}), flush=True)
+    if args.only_decode:
+        return
 
     # time to first token: latent (8 documents; then 1M, 10M tokens) and retrieve
     def ttft(q: str) -> float:
@@ -354,7 +364,7 @@ def main() -> None:
         if args.compile:
             engine.set_compile(False)
             out[f"retrieve_ms_{label}_graph"] = retrieve_ms()
-            engine.set_compile(True)
+            engine.set_compile(True, args.compile_mode)
 
     ttft(questions[0])
     out["latent_ttft_ms_8docs"] = statistics.median(ttft(q) for q in questions[:8])
