@@ -102,6 +102,7 @@ def score_chunks(
     query_reduce: QueryReduce,
     normalization: Normalization,
     chunk_block: int = 16384,
+    keys_prepared: bool = False,
 ) -> Tensor:
     """Routing score of every pooled chunk for every row (paper Eq. 2), float32 [B, C].
 
@@ -110,12 +111,13 @@ def score_chunks(
     cosine: both sides L2-normalised; scaled_dot: raw dot product times 1/sqrt(D) (spec §2.3);
     scaled_cosine: cosine times 1/sqrt(D) (the reference without decouple_router, spec §9).
     Chunks are processed `chunk_block` at a time so memory does not grow with the bank.
+    keys_prepared: kr_bar is already `prepared_keys(kr_bar, normalization)` (made once per bank, not per call).
     """
     if query_reduce == "colbert":
         raise InvalidInputError("query_reduce='colbert' ranks documents, not chunks: use document_scores")
     _check_choice("query_reduce", query_reduce, ("max", "mean", "last"))
     q, token_mask, k = _prepared(q, token_mask, kr_bar, head_reduce, normalization, chunk_block,
-                                 last_only=query_reduce == "last")
+                                 last_only=query_reduce == "last", keys_prepared=keys_prepared)
     out = torch.empty(q.shape[0], k.shape[0], dtype=torch.float32, device=q.device)
     for start in range(0, k.shape[0], chunk_block):
         s = _token_head_scores(q, k[start : start + chunk_block], head_reduce)
@@ -123,8 +125,15 @@ def score_chunks(
     return out
 
 
+def prepared_keys(kr_bar: Tensor, normalization: Normalization) -> Tensor:
+    """Routing keys as the scores read them: float32, L2-normalised for the cosine normalisations. Routing
+    against one bank again and again, make this once and pass keys_prepared=True (the same numbers)."""
+    k = kr_bar.float()
+    return F.normalize(k, dim=-1, eps=NORM_EPS) if normalization in ("cosine", "scaled_cosine") else k
+
+
 def _prepared(q: Tensor, token_mask: Tensor, kr_bar: Tensor, head_reduce: str, normalization: str,
-              chunk_block: int, *, last_only: bool) -> tuple[Tensor, Tensor, Tensor]:
+              chunk_block: int, *, last_only: bool, keys_prepared: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Checked float32 inputs of the token-chunk scores: q [B, T', Hkv, G, D] normalised and scaled as
     `normalization` says, the token mask on q's device, k [C, Hkv, D]."""
     _check_choice("head_reduce", head_reduce, ("mean", "max"))
@@ -134,12 +143,11 @@ def _prepared(q: Tensor, token_mask: Tensor, kr_bar: Tensor, head_reduce: str, n
     hkv = kr_bar.shape[1]
     token_mask = token_mask.to(q.device)
     q = q.float()
-    k = kr_bar.to(device=q.device, dtype=torch.float32)
+    k = kr_bar.to(device=q.device) if keys_prepared else prepared_keys(kr_bar.to(q.device), normalization)
     if last_only:
         q, token_mask = _last_valid_token(q, token_mask)
     if normalization in ("cosine", "scaled_cosine"):
         q = F.normalize(q, dim=-1, eps=NORM_EPS)
-        k = F.normalize(k, dim=-1, eps=NORM_EPS)
     if normalization in ("scaled_dot", "scaled_cosine"):
         q = q * (1.0 / math.sqrt(d))  # scaling q once is cheaper than scaling every score
     return q.unflatten(2, (hkv, h // hkv)), token_mask, k  # q: [B, T, Hkv, G, D]
@@ -155,6 +163,7 @@ def late_interaction_scores(
     head_reduce: HeadReduce,
     normalization: Normalization,
     chunk_block: int = 16384,
+    keys_prepared: bool = False,
 ) -> Tensor:
     """Document scores [B, N] in ColBERT order (query_reduce='colbert'): for each routing token its best
     chunk of the document, then the mean over the row's routing tokens.
@@ -165,7 +174,8 @@ def late_interaction_scores(
     scores -inf. Memory: [B, T, N] floats besides one [B, T, chunk_block] block; time: the Eq. 2 scores
     plus one pass over them per chunk slot (a document's j-th chunk), not a scatter with atomics.
     """
-    q, token_mask, k = _prepared(q, token_mask, kr_bar, head_reduce, normalization, chunk_block, last_only=False)
+    q, token_mask, k = _prepared(q, token_mask, kr_bar, head_reduce, normalization, chunk_block, last_only=False,
+                                 keys_prepared=keys_prepared)
     _check_doc_map(chunk_doc, k.shape[0], num_docs)
     b, t = token_mask.shape
     chunk_doc = chunk_doc.to(device=q.device, dtype=torch.long)
@@ -203,15 +213,16 @@ def document_scores(
     query_reduce: QueryReduce,
     chunk_reduce: ChunkReduce,
     normalization: Normalization,
+    keys_prepared: bool = False,
 ) -> Tensor:
     """Document scores [B, N] of one routing layer, as the routing config says: Eq. 2 (`score_chunks`
     then `reduce_to_docs`), or ColBERT order for query_reduce='colbert' (`late_interaction_scores`,
-    chunk_reduce unused). Training and retrieval both rank with this function."""
+    chunk_reduce unused). Training and retrieval both rank with this function. keys_prepared: see score_chunks."""
     if query_reduce == "colbert":
         return late_interaction_scores(q, token_mask, kr_bar, chunk_doc, num_docs, head_reduce=head_reduce,
-                                       normalization=normalization)
+                                       normalization=normalization, keys_prepared=keys_prepared)
     chunks = score_chunks(q, token_mask, kr_bar, head_reduce=head_reduce, query_reduce=query_reduce,
-                          normalization=normalization)
+                          normalization=normalization, keys_prepared=keys_prepared)
     return reduce_to_docs(chunks, chunk_doc, num_docs, chunk_reduce=chunk_reduce)
 
 

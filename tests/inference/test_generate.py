@@ -216,3 +216,26 @@ def test_a_prompt_without_routing_tokens_is_refused_before_it_is_scored(tiny_mod
     hook = MemoryRouter(bank, model.router, model.config.routing, None, attend=False)
     with pytest.raises(InvalidInputError, match=r"rows \[1\] have no valid routing token"):
         route_questions(model.backbone, [good, mute], hook, offset=2)
+
+
+def test_cpu_scoring_prepares_the_bank_keys_once_and_scores_the_same(tiny_model_dir):
+    """The PyTorch scorer's float32 unit keys are made once per bank state (memory_router.scoring_keys), and
+    scores through them equal scores that prepare the keys per call, bit for bit."""
+    from msa_core.inference import memory_router
+    from msa_core.routing.scores import document_scores
+
+    model = _model(tiny_model_dir("llama"), layers=[1, 2, 3], top_k=2)
+    bank = model.index(DOCS + ["Paris is the capital of France."], ids=["a", "b", "c"])
+    cfg = model.config.routing
+    keys = memory_router.scoring_keys(bank, cfg.normalization)
+    assert keys is memory_router.scoring_keys(bank, cfg.normalization)  # made once for this bank state
+    q = torch.randn(2, 5, model.backbone.args.num_heads, model.backbone.args.head_dim)
+    mask = torch.tensor([[True] * 5, [False, False, True, True, True]])
+    for li in range(len(bank.layers)):
+        kw = dict(head_reduce=cfg.head_reduce, query_reduce=cfg.query_reduce, chunk_reduce=cfg.chunk_reduce,
+                  normalization=cfg.normalization)
+        plain = document_scores(q, mask, bank.kr_bar[li], bank.chunk_doc, bank.num_parts, **kw)
+        cached = document_scores(q, mask, keys[li], bank.chunk_doc, bank.num_parts, keys_prepared=True, **kw)
+        assert torch.equal(plain, cached)
+    model.add(bank, ["Cheese from the island is aged in caves."], ids=["d"])  # a new bank state: new keys
+    assert memory_router.scoring_keys(bank, cfg.normalization).shape[1] == bank.kr_bar.shape[1] != keys.shape[1]
