@@ -21,7 +21,8 @@ import torch
 
 from .checkpoints.loading import ModelParts
 from .config import MSAConfig
-from .decoder.backbone import Backbone, weights_state
+from .decoder.backbone import Backbone
+from .decoder.packed import weights_state
 from .errors import InvalidInputError, ModelLoadError, check_text
 from .inference.encode import encode_parts, split_documents
 from .inference.engine import Engine
@@ -216,8 +217,7 @@ class MSAModel:
     @property
     def router_fingerprint(self) -> str:
         # Hashing every router weight takes about a second for MSA-4B's 18 layers, and every retrieve and
-        # answer checks the bank against it: cached until the router object or one of its weights changes
-        # (an in-place update bumps a tensor's _version; a new tensor has a new data_ptr).
+        # answer checks the bank against it: cached until the router object or one of its weights changes.
         key = (id(self.router), weights_state(self.router) if isinstance(self.router, torch.nn.Module) else ())
         if getattr(self, "_router_fp_key", None) != key:
             self._router_fp, self._router_fp_key = self.router.fingerprint(), key

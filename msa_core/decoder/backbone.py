@@ -335,22 +335,6 @@ class Backbone(nn.Module):
         return h.hexdigest()[:16]
 
 
-def weights_state(module: nn.Module) -> tuple:
-    """Every parameter's (storage, version) under `module`, for caches keyed on the weights: an in-place
-    update bumps a version, a cast, a move or a replaced submodule gives other storage. Walks `_modules`
-    and `_parameters` directly: nn.Module.parameters() builds a name for every module and parameter, which
-    cost ~1 ms per question for the default model's 30 layers on a CPU."""
-    out: list[int] = []
-    stack = [module]
-    while stack:
-        m = stack.pop()
-        for t in m._parameters.values():
-            if t is not None:
-                out += (t.data_ptr(), t._version)
-        stack.extend(c for c in m._modules.values() if c is not None)
-    return tuple(out)
-
-
 def _args_dict(a: BackboneArgs) -> dict[str, Any]:
     d = {k: v for k, v in a.__dict__.items() if k != "rope"}
     d["rope"] = {"theta": a.rope.theta, "dim": a.rope.dim, "type": a.rope.rope_type}

@@ -18,7 +18,7 @@ from ..decoder.backbone import Memory
 from ..errors import InvalidInputError
 from ..memory.bank import MemoryBank
 from ..routing.projectors import RouterProjectors
-from ..routing.scores import document_scores, prepared_keys, select_top_k
+from ..routing.scores import check_doc_map, document_scores, prepared_keys, select_top_k
 
 # Tensors derived from a bank state (inverse key norms; K̄_R and the chunk index copied to a GPU for a bank
 # held in CPU memory), keyed by (id of the state's kr_bar, what) and dropped when that kr_bar dies: every
@@ -43,10 +43,7 @@ def key_inv_norms(kr_bar: torch.Tensor) -> torch.Tensor:
 def checked_chunk_index(bank: MemoryBank) -> bool:
     """Every chunk's document index in range, checked once per bank state (one host sync)."""
     def check() -> bool:
-        chunk_doc, n = bank.chunk_doc, bank.num_parts
-        if chunk_doc.numel() and bool((chunk_doc.min() < 0) | (chunk_doc.max() >= n)):
-            raise InvalidInputError(f"chunk_doc values must lie in [0, {n}), got "
-                                    f"[{int(chunk_doc.min())}, {int(chunk_doc.max())}]")
+        check_doc_map(bank.chunk_doc, bank.num_chunks, bank.num_parts)
         return True
     return per_state(bank.kr_bar, "chunk_index_checked", check)
 

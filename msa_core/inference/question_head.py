@@ -20,7 +20,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..decoder.backbone import Backbone, weights_state
+from ..decoder.backbone import Backbone
+from ..decoder.packed import weights_state
 
 
 class HeadKV(NamedTuple):

@@ -590,4 +590,3 @@ def _bank_from_manifest(cls: type[MemoryBank], manifest: dict[str, Any], path: P
 
 def _short(fp: str, n: int = 12) -> str:
     return repr(fp if len(fp) <= n else fp[:n] + "...")
-

@@ -176,7 +176,7 @@ def late_interaction_scores(
     """
     q, token_mask, k = _prepared(q, token_mask, kr_bar, head_reduce, normalization, chunk_block, last_only=False,
                                  keys_prepared=keys_prepared)
-    _check_doc_map(chunk_doc, k.shape[0], num_docs)
+    check_doc_map(chunk_doc, k.shape[0], num_docs)
     b, t = token_mask.shape
     chunk_doc = chunk_doc.to(device=q.device, dtype=torch.long)
     best = torch.full((b, t, num_docs), float("-inf"), device=q.device)
@@ -243,7 +243,7 @@ def reduce_to_docs(
             f"chunk_scores must be [B, C] and chunk_doc [C], "
             f"got {tuple(chunk_scores.shape)} and {tuple(chunk_doc.shape)}"
         )
-    _check_doc_map(chunk_doc, chunk_scores.shape[1], num_docs)
+    check_doc_map(chunk_doc, chunk_scores.shape[1], num_docs)
     scores = chunk_scores.float()
     b = scores.shape[0]
     index = chunk_doc.to(device=scores.device, dtype=torch.long).expand(b, -1)
@@ -257,7 +257,8 @@ def reduce_to_docs(
     return means.masked_fill(~has_chunk, float("-inf"))
 
 
-def _check_doc_map(chunk_doc: Tensor, num_chunks: int, num_docs: int) -> None:
+def check_doc_map(chunk_doc: Tensor, num_chunks: int, num_docs: int) -> None:
+    """chunk_doc is [C] with every chunk's document index in [0, num_docs) (InvalidInputError otherwise)."""
     if chunk_doc.dim() != 1 or chunk_doc.shape[0] != num_chunks:
         raise InvalidInputError(f"chunk_doc must be [C] with C = {num_chunks} chunks, got {tuple(chunk_doc.shape)}")
     if num_docs < 0:
