@@ -62,9 +62,9 @@ class RoutingConfig(_Strict):
     )
     exact_scores: bool = Field(
         default=False,
-        description="Triton routing: reproduce the fp32 reference scores (2-3 tensor-core passes) instead of one "
-                    "pass on queries rounded to the bank's dtype (scores within ~1e-3, as bf16 scoring; up to 2x "
-                    "faster for 128-wide heads).",
+        description="Reproduce the fp32 reference scores. Off: the Triton kernel makes one pass on queries rounded "
+                    "to the bank's dtype (scores within ~1e-3, as bf16 scoring; up to 2x faster for 128-wide heads), "
+                    "and a bfloat16 model on a CPU scores against bfloat16 keys (within ~2e-3; half the bytes read).",
     )
     retrieve_with_memory: bool = Field(
         default=False,

@@ -213,18 +213,18 @@ class DistributedMemoryRouter(MemoryRouter):
         li = self.layer_pos.get(layer)
         if li is None or self.shard.num_parts == 0:  # global facts: every rank takes the same branch
             return None
-        doc_scores = self._local_scores(li, self._routing_queries(layer, x))
+        doc_scores = self._local_scores(li, self._routing_queries(layer, x), x.dtype)
         values, rows = self._global_top_k(doc_scores)
         self.routings[layer] = LayerRouting(doc_scores, rows, values)
         if not self.attend or rows.shape[1] == 0:
             return None
         return self._exchange(li, rows, x.device, x.dtype)
 
-    def _local_scores(self, li: int, q: torch.Tensor) -> torch.Tensor:
+    def _local_scores(self, li: int, q: torch.Tensor, states_dtype: torch.dtype) -> torch.Tensor:
         bank = self.bank
         if bank.num_parts == 0:
             return torch.empty(q.shape[0], 0, dtype=torch.float32, device=q.device)
-        doc_scores = self._doc_scores(li, q)  # the Triton kernel on a GPU shard, else the reference
+        doc_scores = self._doc_scores(li, q, states_dtype)  # the Triton kernel on a GPU shard, else the reference
         if self.allowed is not None:
             doc_scores = doc_scores.masked_fill(~self.allowed.to(doc_scores.device), float("-inf"))
         return doc_scores

@@ -231,7 +231,7 @@ def route_questions(backbone: Backbone, prompts: Sequence[Prompt], hook: MemoryR
     queries = forward(ids, positions, valid, head)
     pad = next(iter(queries.values())).shape[1] - routing.shape[1]
     hook.routing_mask = torch.nn.functional.pad(routing, (pad, 0))
-    hook.score_queries(queries)
+    hook.score_queries(queries, backbone.dtype)
     return hook
 
 

@@ -48,14 +48,22 @@ def checked_chunk_index(bank: MemoryBank) -> bool:
     return per_state(bank.kr_bar, "chunk_index_checked", check)
 
 
-def scoring_keys(bank: MemoryBank, normalization: str) -> torch.Tensor | None:
-    """The bank's routing keys as the PyTorch scorer reads them (float32, unit length for cosine; the same
+def scoring_keys(bank: MemoryBank, normalization: str, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """The bank's routing keys as the PyTorch scorer reads them (unit length for cosine; in float32 the same
     numbers it would make per call), made once per bank state while they take at most PREPARED_KEYS_BYTES,
     else None (prepared per call). On the CPU this took ~3.5 ms off each HotpotQA-100 question."""
     kr = bank.kr_bar
-    if kr.numel() * 4 > PREPARED_KEYS_BYTES:
+    if kr.numel() * dtype.itemsize > PREPARED_KEYS_BYTES:
         return None
-    return per_state(kr, f"prepared_keys_{normalization}", lambda: prepared_keys(kr, normalization))
+    return per_state(kr, f"prepared_keys_{normalization}_{dtype}", lambda: prepared_keys(kr, normalization, dtype))
+
+
+def key_dtype(states_dtype: torch.dtype, exact_scores: bool) -> torch.dtype:
+    """What the PyTorch scorer holds the bank's routing keys in for queries projected from hidden states of
+    `states_dtype`: bfloat16 for a bfloat16 model (whose queries already carry bfloat16 rounding; half the
+    bytes to read: ~3 ms of a CPU question on HotpotQA-100) unless the config asks for exact scores, else
+    float32 (the reference's numbers; the exact fp32 path)."""
+    return torch.bfloat16 if states_dtype == torch.bfloat16 and not exact_scores else torch.float32
 
 
 def routing_on(bank: MemoryBank, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,14 +134,15 @@ class MemoryRouter:
             # score every layer in one kernel launch in `finish` (one long read of K̄_R, not L short ones)
             self.pending[layer] = q
             return None
-        _, rows = self._record(layer, self._doc_scores(li, q))
+        _, rows = self._record(layer, self._doc_scores(li, q, x.dtype))
         if not self.attend or rows.shape[1] == 0:
             return None
         return self._gather(li, rows, x.device, x.dtype)
 
-    def score_queries(self, queries: dict[int, torch.Tensor]) -> None:
-        """Score routing queries computed elsewhere (the engine's query forward): every layer in one launch
-        where routing runs on a GPU, else layer by layer with the reference."""
+    def score_queries(self, queries: dict[int, torch.Tensor], states_dtype: torch.dtype = torch.float32) -> None:
+        """Score routing queries computed elsewhere (the engine's query forward) from hidden states of
+        `states_dtype`: every layer in one launch where routing runs on a GPU, else layer by layer with the
+        reference (`key_dtype`)."""
         if len(self.bank) == 0:
             return
         first = next(iter(queries.values()))
@@ -142,8 +151,8 @@ class MemoryRouter:
             self.finish()
             return
         layers = list(queries)
-        self._record_layers(layers, torch.stack([self._doc_scores(self.layer_pos[layer], queries[layer])
-                                                 for layer in layers]))
+        self._record_layers(layers, torch.stack([
+            self._doc_scores(self.layer_pos[layer], queries[layer], states_dtype) for layer in layers]))
 
     def finish(self) -> None:
         """Score the layers a scoring-only pass deferred (see __call__); a no-op when none were."""
@@ -223,9 +232,10 @@ class MemoryRouter:
         first, self._validated = not self._validated, True
         return first
 
-    def _doc_scores(self, li: int, q: torch.Tensor) -> torch.Tensor:
-        """[B, N] document scores of routing-layer position li: the Triton kernel where routing runs on a GPU
-        (kernels.routing_scores, parity-tested against the reference), else router.py."""
+    def _doc_scores(self, li: int, q: torch.Tensor, states_dtype: torch.dtype) -> torch.Tensor:
+        """[B, N] document scores of routing-layer position li for queries q projected from hidden states of
+        `states_dtype`: the Triton kernel where routing runs on a GPU (kernels.routing_scores, parity-tested
+        against the reference), else routing.scores with keys in `key_dtype`."""
         cfg, bank = self.cfg, self.bank
         device = self._route_device(q)
         if device is not None:
@@ -236,7 +246,7 @@ class MemoryRouter:
                 normalization=cfg.normalization, query_reduce=cfg.query_reduce, chunk_reduce=cfg.chunk_reduce,
                 backend=cfg.kernel, key_inv_norms=None if inv is None else inv[li], validate=self._validate_once(),
                 exact=cfg.exact_scores)
-        keys = scoring_keys(bank, cfg.normalization)
+        keys = scoring_keys(bank, cfg.normalization, key_dtype(states_dtype, cfg.exact_scores))
         return document_scores(q, self.routing_mask, bank.kr_bar[li] if keys is None else keys[li], bank.chunk_doc,
                                bank.num_parts, head_reduce=cfg.head_reduce, query_reduce=cfg.query_reduce,
                                chunk_reduce=cfg.chunk_reduce, normalization=cfg.normalization,

@@ -74,10 +74,11 @@ def _token_head_scores(q: Tensor, k: Tensor, head_reduce: str) -> Tensor:
         # mean_h <q_h, k_g(h)> = (1/H) sum_g <sum_{h in g} q_h, k_g>: never builds [B, T, H, c]; the sum over
         # kv heads g is one dot product over the flattened (g, d) axis, so one matmul (an einsum that
         # permutes k first was 3-4x slower on a CPU)
-        return torch.matmul(q.sum(dim=3).flatten(2), k.flatten(1).T) / num_heads
+        # (bfloat16 keys: the queries are rounded to bfloat16 too, products accumulate in float32)
+        return torch.matmul(q.sum(dim=3).flatten(2).to(k.dtype), k.flatten(1).T).float() / num_heads
 
     def group_max(g: int) -> Tensor:  # one kv group at a time bounds memory to [B, T, G, c]
-        return torch.einsum("btjd,cd->btjc", q[:, :, g], k[:, g]).amax(dim=2)
+        return torch.einsum("btjd,cd->btjc", q[:, :, g].to(k.dtype), k[:, g]).amax(dim=2).float()
 
     best = group_max(0)
     for g in range(1, q.shape[2]):
@@ -125,11 +126,15 @@ def score_chunks(
     return out
 
 
-def prepared_keys(kr_bar: Tensor, normalization: Normalization) -> Tensor:
-    """Routing keys as the scores read them: float32, L2-normalised for the cosine normalisations. Routing
-    against one bank again and again, make this once and pass keys_prepared=True (the same numbers)."""
+def prepared_keys(kr_bar: Tensor, normalization: Normalization, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Routing keys as the scores read them: L2-normalised in float32 for the cosine normalisations, held in
+    `dtype`. Routing against one bank again and again, make this once and pass keys_prepared=True: float32
+    keys give the same numbers; bfloat16 keys halve what each question reads, and the queries are rounded to
+    bfloat16 to meet them (products accumulate in float32, each score is rounded to bfloat16: within about
+    2e-3 of the float32 scores, as the Triton kernel's exact=False)."""
     k = kr_bar.float()
-    return F.normalize(k, dim=-1, eps=NORM_EPS) if normalization in ("cosine", "scaled_cosine") else k
+    k = F.normalize(k, dim=-1, eps=NORM_EPS) if normalization in ("cosine", "scaled_cosine") else k
+    return k.to(dtype)
 
 
 def _prepared(q: Tensor, token_mask: Tensor, kr_bar: Tensor, head_reduce: str, normalization: str,

@@ -239,3 +239,44 @@ def test_cpu_scoring_prepares_the_bank_keys_once_and_scores_the_same(tiny_model_
         assert torch.equal(plain, cached)
     model.add(bank, ["Cheese from the island is aged in caves."], ids=["d"])  # a new bank state: new keys
     assert memory_router.scoring_keys(bank, cfg.normalization).shape[1] == bank.kr_bar.shape[1] != keys.shape[1]
+
+
+def test_cpu_scoring_holds_bf16_keys_for_a_bf16_model_unless_exact_scores(tiny_model_dir):
+    """A bfloat16 model scores against bfloat16 unit keys (memory_router.key_dtype; half the bytes each question
+    reads), within 3e-3 of the float32 keys' scores; routing.exact_scores=True and a float32 model keep float32."""
+    from msa_core.inference import memory_router
+    from msa_core.routing.scores import document_scores
+
+    assert memory_router.key_dtype(torch.bfloat16, exact_scores=False) == torch.bfloat16
+    assert memory_router.key_dtype(torch.bfloat16, exact_scores=True) == torch.float32
+    assert memory_router.key_dtype(torch.float32, exact_scores=False) == torch.float32
+    cfg = MSAConfig(routing={"layers": [1, 2, 3], "top_k": 2}, encode={"chunk_size": 4})
+    model = MSAModel.from_pretrained(tiny_model_dir("llama"), router="random", config=cfg, device="cpu",
+                                     dtype=torch.bfloat16)
+    docs = DOCS + ["Paris is the capital of France.", "Cheese from the island is aged in caves."]
+    bank = model.index(docs, ids=["a", "b", "c", "d"])
+    rc = model.config.routing
+    memory_router.PER_STATE.clear()
+    bf16 = model.retrieve(QUESTION, bank, k=4, layer_scores=True)
+    kinds = {what for _, what in memory_router.PER_STATE if what.startswith("prepared_keys")}
+    assert kinds == {f"prepared_keys_{rc.normalization}_torch.bfloat16"}
+    rc.exact_scores = True
+    exact = model.retrieve(QUESTION, bank, k=4, layer_scores=True)
+    kinds = {what for _, what in memory_router.PER_STATE if what.startswith("prepared_keys")}
+    assert f"prepared_keys_{rc.normalization}_torch.float32" in kinds
+    by_id = {h.id: h for h in exact}
+    assert {h.id for h in bf16} == set(by_id)
+    for h in bf16:  # the same documents, each layer's score within bf16 rounding of the exact one
+        want = by_id[h.id].layer_scores
+        assert h.layer_scores.keys() == want.keys()
+        assert all(abs(h.layer_scores[layer] - want[layer]) <= 3e-3 for layer in want)
+    # the scorer itself, on random unit queries: bf16 keys within 3e-3 of float32 keys, every reduction
+    q = torch.randn(2, 6, model.backbone.args.num_heads, model.backbone.args.head_dim)
+    mask = torch.tensor([[True] * 6, [False, False, True, True, True, True]])
+    for head_reduce in ("mean", "max"):
+        kw = dict(head_reduce=head_reduce, query_reduce="max", chunk_reduce="max", normalization=rc.normalization)
+        want = document_scores(q, mask, memory_router.scoring_keys(bank, rc.normalization)[0], bank.chunk_doc,
+                               bank.num_parts, keys_prepared=True, **kw)
+        got = document_scores(q, mask, memory_router.scoring_keys(bank, rc.normalization, torch.bfloat16)[0],
+                              bank.chunk_doc, bank.num_parts, keys_prepared=True, **kw)
+        assert got.dtype == torch.float32 and torch.allclose(got, want, atol=3e-3) and not torch.equal(got, want)
