@@ -160,6 +160,29 @@ def attention_mask(valid_keys: torch.Tensor, first_query_slot: int, num_queries:
     return ((before[None] & valid_keys[:, None, :]) | own[None])[:, None]
 
 
+MATMUL_ATTENTION_MAX_TOKENS = 256  # CPU bf16 encoding blocks up to this length: causal_matmul_attention
+
+
+def causal_matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal self-attention of q [B, H, T, D] over k, v [B, kv, T, D] as two batched matmuls, each kv head's
+    G query heads stacked into one [G*T, D] block (kv heads never repeated); returns [B, H, T, D].
+
+    For encoding on a CPU in bfloat16: SDPA's CPU flash kernel works in 32-query blocks and ran at a sixth of
+    the projections' rate on the 2-core machine, where these two products encoded HotpotQA passages 3-10%
+    faster (blocks of up to MATMUL_ATTENTION_MAX_TOKENS; longer ones lose: the [T, T] scores grow). Products
+    accumulate in fp32 and the softmax runs in fp32, as in the flash kernel, but the scores are rounded to
+    bfloat16 before it (the flash kernel keeps them in fp32): pooled routing keys moved 9% further from the
+    fp32 path's (mean 1 - cosine 8.7e-5 vs 8.0e-5).
+    """
+    b, h, t, d = q.shape
+    kv = k.shape[1]
+    g = h // kv
+    future = torch.full((t, t), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)  # the diagonal stays
+    scores = torch.baddbmm(future.repeat(g, 1).expand(b * kv, g * t, t), (q * d ** -0.5).reshape(b * kv, g * t, d),
+                           k.reshape(b * kv, t, d).transpose(1, 2))
+    return torch.bmm(torch.softmax(scores, dim=-1), v.reshape(b * kv, t, d)).view(b, h, t, d)
+
+
 class Attention(nn.Module):
     packs = Packs(enabled=False)  # the backbone's own (packed.py) once it owns the layer
 
@@ -197,7 +220,10 @@ class Attention(nn.Module):
         if cache is None and memory is None and valid is None and causal:
             # Plain causal self-attention (encoding right-padded documents): pads come last, so
             # no real token ever sees them.
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            if q.dtype == torch.bfloat16 and q.device.type == "cpu" and t <= MATMUL_ATTENTION_MAX_TOKENS:
+                out = causal_matmul_attention(q, k, v)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             if valid is None:
                 valid = torch.ones(b, t, dtype=torch.bool, device=x.device)

@@ -3,8 +3,9 @@
 bfloat16 matrix products run natively (at about twice the fp32 rate) on x86 CPUs with AVX-512 BF16
 or AMX-BF16; elsewhere PyTorch emulates them and bf16 is slower than fp32. So the CPU default is
 bfloat16 where the CPU has one of those instructions and float32 everywhere else. Numerics that
-decide quality stay in float32 whatever the backbone's dtype: RMSNorm, chunk pooling, the router's
-projections and routing scores (benchmarks/cpu_default.py measures recall against the fp32 path).
+decide quality stay in float32 whatever the backbone's dtype: RMSNorm, chunk pooling and the router's
+projections; routing scores and attention accumulate in float32 (benchmarks/cpu_default.py measures recall
+against the fp32 path).
 
 `MSA_CPU_DTYPE=float32|bfloat16` overrides the choice; `dtype=torch.float32` in
 `MSAModel.from_pretrained` keeps the exact fp32 path. Used by checkpoints/loading.py (the load dtype)

@@ -115,3 +115,43 @@ def test_rope_keeps_one_frequency_table_per_device():
     rope(positions.to("meta"), torch.float32)
     again, _ = rope(positions, torch.float32)
     assert rope._inv_freq_on[positions.device] is table and torch.equal(cos, again)
+
+
+@pytest.mark.parametrize("heads,kv,t", [(9, 3, 37), (4, 4, 5), (8, 2, 1)])
+def test_causal_matmul_attention_equals_sdpa(heads, kv, t):
+    """The CPU bf16 encoding path's attention (two grouped matmuls) is causal attention: equal to SDPA in
+    float32, and in bfloat16 as close to the float32 result as SDPA's own bf16 kernel is (scores rounded)."""
+    from msa_core.decoder.backbone import causal_matmul_attention
+
+    gen = torch.Generator().manual_seed(t)
+    q = torch.randn(3, heads, t, 16, generator=gen) * 2
+    k, v = torch.randn(3, kv, t, 16, generator=gen) * 2, torch.randn(3, kv, t, 16, generator=gen)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(causal_matmul_attention(q, k, v), want, atol=1e-5, rtol=1e-5)
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    sdpa_err = (torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, is_causal=True, enable_gqa=True).float()
+                - want).abs().max().item()
+    ours_err = (causal_matmul_attention(qb, kb, vb).float() - want).abs().max().item()
+    assert ours_err <= max(4 * sdpa_err, 0.05)
+    future = torch.randn(3, kv, t, 16, generator=gen)  # a key's change never reaches an earlier query
+    k2 = torch.cat([k[:, :, : t // 2], future[:, :, t // 2:]], dim=2)
+    early = causal_matmul_attention(q, k2, v)[:, :, : t // 2]
+    torch.testing.assert_close(early, causal_matmul_attention(q, k, v)[:, :, : t // 2], atol=0, rtol=0)
+
+
+def test_bf16_cpu_encoding_blocks_take_the_matmul_attention(tiny_model_dir, monkeypatch):
+    """A bf16 backbone on a CPU encodes blocks up to MATMUL_ATTENTION_MAX_TOKENS through causal_matmul_attention,
+    longer ones through SDPA; float32 always through SDPA (the exact path)."""
+    from msa_core.decoder import backbone as bb_module
+
+    calls = []
+    real = bb_module.causal_matmul_attention
+    monkeypatch.setattr(bb_module, "causal_matmul_attention", lambda *a: calls.append(a[0].shape[2]) or real(*a))
+    monkeypatch.setattr(bb_module, "MATMUL_ATTENTION_MAX_TOKENS", 6)
+    for dtype, t, used in ((torch.bfloat16, 6, True), (torch.bfloat16, 7, False), (torch.float32, 6, False)):
+        calls.clear()
+        model, _ = load_backbone(tiny_model_dir("llama"), device="cpu", dtype=dtype)
+        ids = torch.randint(0, model.args.vocab_size, (2, t))
+        with torch.no_grad():
+            model(ids, torch.arange(t).expand_as(ids))
+        assert bool(calls) == used and all(n == t for n in calls)
