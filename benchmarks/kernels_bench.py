@@ -129,10 +129,10 @@ def routing_case(tokens: int, h: int, hkv: int, d: int, b: int, reps: int, flush
 
 
 def stream_sweep(tokens: int, h: int, hkv: int, d: int, t: int, reps: int, flush: torch.Tensor,
-                 dtype: torch.dtype = torch.bfloat16) -> dict:
+                 dtype: torch.dtype = torch.bfloat16, retrieve_only: bool = False) -> dict:
     """One question (B=1, t routing tokens): the streaming kernel's tile / pipeline / grid variants, and
     the tiled kernel at the same shape. Bandwidth counts every byte the kernel must read (K̄_R, plus the
-    [C, Hkv] fp32 inverse norms when given)."""
+    [C, Hkv] fp32 inverse norms when given). retrieve_only: only what retrieve runs (exact=False, inverse norms)."""
     import triton
 
     from msa_core.kernels import inverse_key_norms
@@ -156,38 +156,39 @@ def stream_sweep(tokens: int, h: int, hkv: int, d: int, t: int, reps: int, flush
     inv_bytes = inv.numel() * 4
     want = chunk_scores_reference(q, mask, kr)
     rows = []
-    for exact in (True, False):
+    wide = hkv * d > 256  # whole blocks cannot be pipelined there; their kv-head loop can (head_stages)
+    for exact in ((False,) if retrieve_only else (True, False)):
         grouped = group_queries(qp, mp, kr.dtype, hkv, "cosine", exact)
-        for with_inv in (True, False):
-            for block_c in ((64, 128) if d <= 64 else (32, 64)):
-                for stages in (1, 3):
+        for with_inv in ((True,) if retrieve_only else (True, False)):
+            for block_c in ((64, 128) if d <= 64 else (32, 64, 128)):
+                for stages, head_stages in (((1, 1), (1, 2), (1, 3), (1, 4)) if wide else ((1, 1), (3, 1))):
                     for warps in (4, 8):
                         for per_sm in (2, 4, 10**6):  # 10**6: one program per block (no persistence)
-                            def fn(grouped=grouped, exact=exact, with_inv=with_inv, block_c=block_c, stages=stages,
-                                   warps=warps, per_sm=per_sm):
-                                return stream_scores_triton(grouped, kr, inv if with_inv else None, normalize_k=True,
-                                                            reduce_sum=False, exact=exact, block_c=block_c,
-                                                            num_stages=stages, programs_per_sm=per_sm,
-                                                            num_warps=warps)
+                            v = {"exact": exact, "inv_norms": with_inv, "block_c": block_c, "num_stages": stages,
+                                 "head_stages": head_stages, "num_warps": warps, "programs_per_sm": per_sm}
+
+                            def fn(grouped=grouped, v=v):
+                                return stream_scores_triton(grouped, kr, inv if v["inv_norms"] else None,
+                                                            normalize_k=True, reduce_sum=False, exact=v["exact"],
+                                                            block_c=v["block_c"], num_stages=v["num_stages"],
+                                                            programs_per_sm=v["programs_per_sm"],
+                                                            num_warps=v["num_warps"], head_stages=v["head_stages"])
                             try:
                                 got = fn()
                                 ms = med_ms(time_graph(fn, reps, flush))
                             except (triton.runtime.errors.OutOfResources, RuntimeError) as e:  # shared memory etc.
-                                rows.append({"exact": exact, "inv_norms": with_inv, "block_c": block_c,
-                                             "num_stages": stages, "num_warps": warps, "programs_per_sm": per_sm,
-                                             "error": str(e)[:120]})
+                                rows.append({**v, "error": str(e)[:120]})
                                 continue
                             read = kr_bytes + (inv_bytes if with_inv else 0)
-                            rows.append({"exact": exact, "inv_norms": with_inv, "block_c": block_c,
-                                         "num_stages": stages, "num_warps": warps, "programs_per_sm": per_sm,
-                                         "gpu_ms": ms, "bytes_read": read,
+                            rows.append({**v, "gpu_ms": ms, "bytes_read": read,
+                                         "bandwidth_tb_s": read / (ms / 1e3) / 1e12,
                                          "fraction_of_h100_peak": read / (ms / 1e3) / H100_BANDWIDTH,
                                          "max_abs_err_vs_reference": (got - want).abs().max().item()})
     grouped = group_queries(q, mask, kr.dtype, hkv, "cosine", True)
     tiled_ms = med_ms(time_graph(lambda: chunk_scores_triton(grouped, kr, normalize_k=True, reduce_sum=False),
                                  reps, flush))
     ok = [r for r in rows if "gpu_ms" in r]
-    best = {e: min((r for r in ok if r["exact"] == e), key=lambda r: r["gpu_ms"]) for e in (True, False)}
+    best = {e: min((r for r in ok if r["exact"] == e), key=lambda r: r["gpu_ms"], default=None) for e in (True, False)}
     return {"tokens": tokens, "chunks": c, "num_heads": h, "kv_heads": hkv, "head_dim": d, "routing_tokens": t,
             "bank_dtype": str(dtype).replace("torch.", ""), "kr_bar_bytes": kr_bytes,
             "tiled_kernel_gpu_ms": tiled_ms, "tiled_fraction_of_h100_peak": kr_bytes / (tiled_ms / 1e3) / H100_BANDWIDTH,
@@ -259,7 +260,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "kernels_bench.json"))
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="1M-token banks only, fewer repetitions")
-    ap.add_argument("--only", choices=["routing", "attention", "stream"], help="run one part")
+    ap.add_argument("--only", choices=["routing", "attention", "stream", "stream-wide"],
+                    help="run one part (stream-wide: the streaming sweep at MSA-4B's 8 x 128 layout only)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("kernels_bench.py needs a CUDA GPU (the Triton kernels run on CUDA only)")
@@ -276,13 +278,18 @@ def main() -> None:
         "routing": [], "attention": [], "stream_sweep": [],
     }
     stream_cases = ((10_000_000, (9, 3, 64)), (100_000_000, (9, 3, 64)), (10_000_000, (32, 8, 128)))
-    for tokens, (h, hkv, d) in stream_cases if args.only in (None, "stream") else ():
-        sw = stream_sweep(tokens, h, hkv, d, t=24, reps=reps, flush=flush)
+    if args.only == "stream-wide":
+        stream_cases = stream_cases[2:]
+    for tokens, (h, hkv, d) in stream_cases if args.only in (None, "stream", "stream-wide") else ():
+        sw = stream_sweep(tokens, h, hkv, d, t=24, reps=reps, flush=flush, retrieve_only=args.only == "stream-wide")
         result["stream_sweep"].append(sw)
         for name in ("best_exact", "best_fast"):
             r = sw[name]
+            if r is None:
+                continue
             print(f"stream {tokens / 1e6:.0f}M H={h} Hkv={hkv} D={d} {name}: {r['gpu_ms']:.4f} ms "
-                  f"({100 * r['fraction_of_h100_peak']:.0f}% of peak) block_c={r['block_c']} stages={r['num_stages']} "
+                  f"({r['bandwidth_tb_s']:.2f} TB/s) block_c={r['block_c']} stages={r['num_stages']} "
+                  f"head_stages={r['head_stages']} "
                   f"warps={r['num_warps']} per_sm={r['programs_per_sm']} inv={r['inv_norms']} "
                   f"err {r['max_abs_err_vs_reference']:.1e}; tiled kernel {sw['tiled_kernel_gpu_ms']:.4f} ms "
                   f"({100 * sw['tiled_fraction_of_h100_peak']:.0f}%)", flush=True)

@@ -82,33 +82,48 @@ def _group_queries_kernel(
 
 
 @triton.jit
+def _head_part(g, q_tile_ptr, q_tile_mask, stride_qp, k_tile_ptr, k_tile_mask, stride_kh, inv_tile_ptr, c_ok,
+               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, N_PARTS: tl.constexpr,
+               NORMALIZE_K: tl.constexpr, HAS_INV: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """<q_g pieces, K̄_R[:, g]> of kv head g (cosine: each column divided by its key's norm): [BLOCK_M, BLOCK_C] fp32."""
+    k = tl.load(k_tile_ptr + g * stride_kh, mask=k_tile_mask, other=0.0)
+    kd = k
+    if UPCAST:  # Triton's CPU interpreter multiplies bf16 bit patterns in tl.dot (triton#11584)
+        kd = k.to(tl.float32)
+    part = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    for p in tl.static_range(N_PARTS):
+        qp = tl.load(q_tile_ptr + p * stride_qp + g * D, mask=q_tile_mask, other=0.0)
+        if UPCAST:
+            qp = qp.to(tl.float32)
+        part = tl.dot(qp, kd, part, input_precision=DOT_PRECISION)
+    if NORMALIZE_K and HAS_INV:
+        part = part * tl.load(inv_tile_ptr + g, mask=c_ok, other=0.0)[None, :]
+    elif NORMALIZE_K:  # cosine: divide column c by max(||k_c,g||, eps), F.normalize's formula
+        kf = k.to(tl.float32)
+        part = part / tl.maximum(tl.sqrt(tl.sum(kf * kf, axis=0)), 1e-12)[None, :]
+    return part
+
+
+@triton.jit
 def _score_tile(q_tile_ptr, q_tile_mask, stride_qp, k_tile_ptr, k_tile_mask, stride_kh, inv_tile_ptr, c_ok,
                 HKV: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                 N_PARTS: tl.constexpr, NORMALIZE_K: tl.constexpr, HAS_INV: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, HEAD_STAGES: tl.constexpr = 1):
     """sum_g <q_g pieces, K̄_R[:, g]> (cosine: each g's column divided by its norm): [BLOCK_M, BLOCK_C] fp32.
 
     HAS_INV: the norms come precomputed (inv_tile_ptr + g -> 1 / max(||k_c,g||, eps), [BLOCK_C]), so
-    the K̄_R tile feeds only the dots and Triton can pipeline its loads.
+    the K̄_R tile feeds only the dots and Triton can pipeline its loads. HEAD_STAGES > 1: the kv heads are a
+    software-pipelined loop (one head's tile per stage), for layouts too wide to pipeline whole blocks.
     """
     s = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    for g in tl.static_range(HKV):
-        k = tl.load(k_tile_ptr + g * stride_kh, mask=k_tile_mask, other=0.0)
-        kd = k
-        if UPCAST:  # Triton's CPU interpreter multiplies bf16 bit patterns in tl.dot (triton#11584)
-            kd = k.to(tl.float32)
-        part = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-        for p in tl.static_range(N_PARTS):
-            qp = tl.load(q_tile_ptr + p * stride_qp + g * D, mask=q_tile_mask, other=0.0)
-            if UPCAST:
-                qp = qp.to(tl.float32)
-            part = tl.dot(qp, kd, part, input_precision=DOT_PRECISION)
-        if NORMALIZE_K and HAS_INV:
-            part = part * tl.load(inv_tile_ptr + g, mask=c_ok, other=0.0)[None, :]
-        elif NORMALIZE_K:  # cosine: divide column c by max(||k_c,g||, eps), F.normalize's formula
-            kf = k.to(tl.float32)
-            part = part / tl.maximum(tl.sqrt(tl.sum(kf * kf, axis=0)), 1e-12)[None, :]
-        s += part
+    if HEAD_STAGES > 1:
+        for g in tl.range(0, HKV, num_stages=HEAD_STAGES):
+            s += _head_part(g, q_tile_ptr, q_tile_mask, stride_qp, k_tile_ptr, k_tile_mask, stride_kh, inv_tile_ptr,
+                            c_ok, D, BLOCK_M, BLOCK_C, N_PARTS, NORMALIZE_K, HAS_INV, DOT_PRECISION, UPCAST)
+    else:
+        for g in tl.static_range(HKV):
+            s += _head_part(g, q_tile_ptr, q_tile_mask, stride_qp, k_tile_ptr, k_tile_mask, stride_kh, inv_tile_ptr,
+                            c_ok, D, BLOCK_M, BLOCK_C, N_PARTS, NORMALIZE_K, HAS_INV, DOT_PRECISION, UPCAST)
     return s
 
 
@@ -169,6 +184,7 @@ def _stream_scores_kernel(
     HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BP: tl.constexpr, TP: tl.constexpr,
     BLOCK_C: tl.constexpr, N_PARTS: tl.constexpr, NORMALIZE_K: tl.constexpr, HAS_INV: tl.constexpr,
     REDUCE_SUM: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, NUM_STAGES: tl.constexpr,
+    HEAD_STAGES: tl.constexpr,
 ):
     """Small batches (BP*TP token rows fit one tile), one or several routing layers in one launch: a
     persistent program walks the (layer, chunk block) pairs pid, pid + nprog, ... with software-pipelined
@@ -194,7 +210,7 @@ def _stream_scores_kernel(
         s = _score_tile(q_rows_ptr + layer * stride_ql, q_tile_mask, stride_qp, k_tile_ptr,
                         d_ok[:, None] & c_ok[None, :], stride_kh,
                         inv_ptr + layer.to(tl.int64) * stride_il + offs_c.to(tl.int64) * HKV, c_ok,
-                        HKV, D, BLOCK_M, BLOCK_C, N_PARTS, NORMALIZE_K, HAS_INV, DOT_PRECISION, UPCAST)
+                        HKV, D, BLOCK_M, BLOCK_C, N_PARTS, NORMALIZE_K, HAS_INV, DOT_PRECISION, UPCAST, HEAD_STAGES)
         s = s * tl.load(tscale_ptr + layer * (B * TP) + rows, mask=row_ok, other=0.0)[:, None]
         out_layer = out_ptr + layer.to(tl.int64) * stride_ol + offs_c
         for b in tl.static_range(BP):  # a static loop over the tile's rows: no reshape of the register tile
@@ -274,6 +290,10 @@ def chunk_scores_triton(grouped: GroupedQueries, kr_bar: torch.Tensor, *, normal
     return out
 
 
+# Wide layouts (Hkv * D > 256): 128-chunk blocks whose kv-head loop is pipelined in 3 stages. On an H200 at
+# MSA-4B's 8 x 128 (one 10M-token layer, benchmarks/kernels_bench.py --only stream-wide): 3.59 TB/s, where
+# 64-chunk blocks with the loop unrolled (the earlier default) read 2.61 TB/s.
+WIDE_HEAD_STAGES = 3
 STREAM_MAX_ROWS = 128  # batches whose padded token rows fit one tile take the streaming kernel
 # (Hkv, D, BP, TP, pieces, bank dtype, inverse norms, block_c asked) -> the (block_c, stages) that fit shared memory
 _FITS: dict[tuple, tuple[int, int]] = {}
@@ -289,14 +309,15 @@ def stream_shape(b: int, t: int) -> tuple[int, int] | None:
 def stream_scores_triton(grouped: GroupedQueries, kr_bar: torch.Tensor, inv_norms: torch.Tensor | None, *,
                          normalize_k: bool, reduce_sum: bool, exact: bool = True, block_c: int | None = None,
                          num_stages: int | None = None, programs_per_sm: int | None = None,
-                         num_warps: int | None = None) -> torch.Tensor:
+                         num_warps: int | None = None, head_stages: int | None = None) -> torch.Tensor:
     """Launch the streaming kernel: [L, B, C] fp32 for kr_bar [L, C, Hkv, D] and queries grouped from
     [L*B, TP, H, D] (layer-major; T padded to TP, see `stream_shape`), or [B, C] for kr_bar [C, Hkv, D].
 
     inv_norms ([L,] C, Hkv fp32, `inverse_key_norms`) lets the kernel skip recomputing the key norms; None
     computes them from the tile. Defaults (measured on an H100, benchmarks/kernels_bench.py --only stream):
-    2 programs per SM, 4 warps; 64-wide heads: 128-chunk blocks, 3 pipeline stages; wider layouts (Hkv*D >
-    256): 64-chunk blocks and no pipelining (3 stages would need more shared memory than an SM has).
+    2 programs per SM, 4 warps, 128-chunk blocks; 64-wide heads: 3 pipeline stages; wider layouts (Hkv*D > 256):
+    no pipelining of whole blocks (3 stages would need more shared memory than an SM has) but of their kv-head
+    loop (head_stages, WIDE_HEAD_STAGES by default; measured on an H200).
     """
     single = kr_bar.dim() == 3
     if single:
@@ -316,9 +337,10 @@ def stream_scores_triton(grouped: GroupedQueries, kr_bar: torch.Tensor, inv_norm
         if has_inv and not inv_norms.is_contiguous():
             inv_norms = inv_norms.contiguous()
         grid_per_sm = programs_per_sm or 2
-        bc0 = block_c or (64 if wide else 128)
+        head_stages = head_stages or (WIDE_HEAD_STAGES if wide else 1)
+        bc0 = block_c or 128
         choices = [(bc0, (1 if wide else 3) if num_stages is None else num_stages)]
-        key = (hkv, d, next_power_of_2(b), tp, n_parts, kr_bar.dtype, has_inv, block_c)
+        key = (hkv, d, next_power_of_2(b), tp, n_parts, kr_bar.dtype, has_inv, block_c, head_stages)
         if num_stages is None:  # default pipelining: fall back to fewer stages / smaller tiles where they do not fit
             fallbacks = [(bc0, 2), (bc0, 1)] + ([(64, 1), (32, 1)] if block_c is None else [])
             choices = [_FITS[key]] if key in _FITS else list(dict.fromkeys([*choices, *fallbacks]))
@@ -333,7 +355,7 @@ def stream_scores_triton(grouped: GroupedQueries, kr_bar: torch.Tensor, inv_norm
                     NORMALIZE_K=normalize_k, HAS_INV=has_inv, REDUCE_SUM=reduce_sum,
                     DOT_PRECISION="tf32x3" if kr_bar.dtype == torch.float32 and exact else "tf32",
                     UPCAST=interpreting() and kr_bar.dtype == torch.bfloat16,
-                    NUM_STAGES=stages, num_warps=num_warps or 4,
+                    NUM_STAGES=stages, HEAD_STAGES=head_stages, num_warps=num_warps or 4,
                 )
             except triton.runtime.errors.OutOfResources:  # raised before the launch: nothing ran
                 if i == len(choices) - 1:

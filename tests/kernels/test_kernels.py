@@ -210,6 +210,28 @@ def test_routing_streaming_kernel_matches_reference_and_tiled(b, t, hkv, g, d, k
                                atol=2e-6 * scale, rtol=1e-5)
 
 
+@needs_triton
+@pytest.mark.parametrize("head_stages", [2, 3])
+def test_streaming_kernel_with_a_pipelined_head_loop_equals_the_unrolled_one(head_stages):
+    """Wide layouts (Hkv * D > 256, MSA-4B's 8 x 128) may pipeline the kv-head loop (head_stages) instead of
+    unrolling it: the same products summed in the same order, so the same scores, and the reference's."""
+    from msa_core.kernels import inverse_key_norms
+    from msa_core.kernels.routing_triton import group_queries, stream_scores_triton
+
+    q, mask, kr, _, _ = _routing_inputs(b=1, t=9, hkv=4, g=2, d=128, c=150, k_dtype=torch.bfloat16,
+                                        q_dtype=torch.bfloat16)
+    qp = torch.nn.functional.pad(q, (0, 0, 0, 0, 0, 16 - q.shape[1]))  # the streaming kernel's padded rows
+    mp = torch.nn.functional.pad(mask[:1], (0, 16 - q.shape[1]))
+    grouped = group_queries(qp, mp, kr.dtype, kr.shape[1], "cosine", True)
+    norms = inverse_key_norms(kr)
+    kw = {"normalize_k": True, "reduce_sum": False, "block_c": 32}
+    unrolled = stream_scores_triton(grouped, kr, norms, head_stages=1, **kw)
+    pipelined = stream_scores_triton(grouped, kr, norms, head_stages=head_stages, **kw)
+    torch.testing.assert_close(pipelined, unrolled, atol=0, rtol=0)
+    want = chunk_scores_reference(q[:1], mask[:1], kr)
+    torch.testing.assert_close(pipelined, want, atol=2e-6 * max(want.abs().max().item(), 1.0), rtol=1e-5)
+
+
 def test_inverse_key_norms_are_checked():
     from msa_core.kernels import inverse_key_norms
 
