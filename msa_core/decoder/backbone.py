@@ -178,8 +178,8 @@ def causal_matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     kv = k.shape[1]
     g = h // kv
     future = torch.full((t, t), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)  # the diagonal stays
-    scores = torch.baddbmm(future.repeat(g, 1).expand(b * kv, g * t, t), (q * d ** -0.5).reshape(b * kv, g * t, d),
-                           k.reshape(b * kv, t, d).transpose(1, 2))
+    scores = torch.baddbmm(future.repeat(g, 1).expand(b * kv, g * t, t), q.reshape(b * kv, g * t, d),
+                           k.reshape(b * kv, t, d).transpose(1, 2), alpha=d ** -0.5)
     return torch.bmm(torch.softmax(scores, dim=-1), v.reshape(b * kv, t, d)).view(b, h, t, d)
 
 
