@@ -5,7 +5,8 @@ against bfloat16 keys (`memory_router.key_dtype`, the default unless `routing.ex
 question reads from the bank. This script measures what that costs on wiki-dev (the held-out split that
 `msa distill-data` writes from Wikipedia passages the router never trained on; never ../shared/data/eval/):
 the default model with float32 keys (exact_scores=True) and with bfloat16 keys, alternated per question, and
-the exact fp32 model beside them (all on the default model's bank). Writes recall@5, how many top-5 sets changed and retrieve p50 to JSON.
+the exact fp32 model beside them (all on the default model's bank). Writes recall@5, how many top-5 sets
+changed and retrieve p50 to JSON.
 
     python benchmarks/cpu_scoring_dev.py --dev-set /tmp/wiki_pseudo/dev \
         --out benchmarks/results/cpu_scoring_dev.json
@@ -79,7 +80,8 @@ def main() -> None:
     result = {
         "benchmark": "cpu_scoring_dev", "msa_version": __version__, "torch": torch.__version__,
         "machine": platform.machine(), "torch_threads": torch.get_num_threads(),
-        "dev_set": str(args.dev_set), "passages": len(corpus), "bank_tokens": bank.info()["tokens"], "questions": len(queries), "k": args.k,
+        "dev_set": str(args.dev_set), "passages": len(corpus), "bank_tokens": bank.info()["tokens"],
+        "questions": len(queries), "k": args.k,
         "arms": {"bf16_keys": "default (bf16) model, bfloat16 keys: the new default",
                  "fp32_keys": "default (bf16) model, float32 keys (routing.exact_scores=True): the old default",
                  "fp32_model": "the exact fp32 path (dtype=torch.float32)"},

@@ -85,7 +85,8 @@ def _group_queries_kernel(
 def _head_part(g, q_tile_ptr, q_tile_mask, stride_qp, k_tile_ptr, k_tile_mask, stride_kh, inv_tile_ptr, c_ok,
                D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, N_PARTS: tl.constexpr,
                NORMALIZE_K: tl.constexpr, HAS_INV: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """<q_g pieces, K̄_R[:, g]> of kv head g (cosine: each column divided by its key's norm): [BLOCK_M, BLOCK_C] fp32."""
+    """<q_g pieces, K̄_R[:, g]> of kv head g (cosine: each column divided by its key's norm):
+    [BLOCK_M, BLOCK_C] fp32."""
     k = tl.load(k_tile_ptr + g * stride_kh, mask=k_tile_mask, other=0.0)
     kd = k
     if UPCAST:  # Triton's CPU interpreter multiplies bf16 bit patterns in tl.dot (triton#11584)
