@@ -92,7 +92,7 @@ def summary(times: list[float]) -> dict[str, float]:
 
 def baseline_forward_tps(model: MSAModel, texts: list[str], budget_tokens: int = 16384) -> float:
     """Tokens/s of the bare backbone over right-padded batches like encoding uses (no capture, no pooling)."""
-    from msa_core.inference.encode import plan_batches
+    from msa_core.inference.encode import batch_tokens, plan_batches
 
     tok = [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     tok = [t[: model.config.encode.max_doc_tokens] for t in tok]
@@ -105,7 +105,8 @@ def baseline_forward_tps(model: MSAModel, texts: list[str], budget_tokens: int =
     enc = model.config.encode
     start = time.perf_counter()
     with torch.no_grad():
-        for batch in plan_batches([len(t) for t in chosen], enc.batch_size, enc.max_tokens_per_batch):
+        for batch in plan_batches([len(t) for t in chosen], enc.batch_size,
+                                  batch_tokens(enc, model.backbone.device)):
             width = len(chosen[batch[0]])
             ids = torch.zeros(len(batch), width, dtype=torch.long)
             for row, i in enumerate(batch):
@@ -299,12 +300,13 @@ def baselines(docs: list, queries: list) -> dict:
 
 def padding_overhead(model: MSAModel, docs: list) -> float:
     """Padded tokens per real token in the encoder's length-sorted batches (what packing could save)."""
-    from msa_core.inference.encode import plan_batches
+    from msa_core.inference.encode import batch_tokens, plan_batches
 
     enc = model.config.encode
     lengths = [min(len(t), enc.max_doc_tokens) for t in
                model.tokenizer([d.passage for d in docs], add_special_tokens=False)["input_ids"]]
-    padded = sum(len(b) * lengths[b[0]] for b in plan_batches(lengths, enc.batch_size, enc.max_tokens_per_batch))
+    plan = plan_batches(lengths, enc.batch_size, batch_tokens(enc, model.backbone.device))
+    padded = sum(len(b) * lengths[b[0]] for b in plan)
     return padded / sum(lengths) - 1
 
 

@@ -120,8 +120,10 @@ class EncodeConfig(_Strict):
         default=2048, ge=1, description="Longer documents are split into parts sharing a parent id."
     )
     batch_size: int = Field(default=16, ge=1, description="Most documents per forward pass.")
-    max_tokens_per_batch: int = Field(
-        default=8192, ge=1, description="Most padded tokens (batch x longest) per forward pass."
+    max_tokens_per_batch: int | None = Field(
+        default=None, ge=1,
+        description="Most padded tokens (batch x longest) per forward pass. None: 2048 on a CPU (the activations "
+                    "stay in cache; ~15% faster than 8192 on a 2-core machine), 8192 on a GPU.",
     )
     storage_dtype: StorageDtype = "float16"
 

@@ -70,6 +70,19 @@ def _token_ids_and_offsets(tokenizer: Any, texts: list[str]) -> list[tuple[list[
     return list(zip(encs["input_ids"], encs["offset_mapping"]))
 
 
+CPU_BATCH_TOKENS = 2048  # EncodeConfig.max_tokens_per_batch=None on a CPU: measured, see batch_tokens
+GPU_BATCH_TOKENS = 8192
+
+
+def batch_tokens(config: EncodeConfig, device: torch.device) -> int:
+    """The most padded tokens per encoding forward: the config's, or for None 2048 on a CPU and 8192 on a GPU.
+    On the 2-core CPU, alternated over four rounds of 150 HotpotQA passages, 2048-token batches encoded 3-25%
+    faster than 8192-token ones (the activations and MLP intermediates stay in cache); GPUs want larger."""
+    if config.max_tokens_per_batch is not None:
+        return config.max_tokens_per_batch
+    return CPU_BATCH_TOKENS if device.type == "cpu" else GPU_BATCH_TOKENS
+
+
 def plan_batches(lengths: Sequence[int], batch_size: int, max_tokens: int) -> list[list[int]]:
     """Group part indices, longest first, so each batch has <= batch_size parts and
     <= max_tokens padded tokens (a single part longer than max_tokens gets a batch of its own)."""
@@ -135,7 +148,7 @@ def encode_parts(backbone: Backbone, router: RouterProjectors, layers: list[int]
     p, dev, started = config.chunk_size, backbone.device, time.perf_counter()
     lengths = [len(part.token_ids) for part in parts]
     n_chunks = [-(-n // p) for n in lengths]
-    batches = plan_batches(lengths, config.batch_size, config.max_tokens_per_batch)
+    batches = plan_batches(lengths, config.batch_size, batch_tokens(config, dev))
     dtype = _DTYPES[config.storage_dtype]
     pooled: tuple[list, list, list] = ([], [], [])  # per batch: K̄, V̄, K̄_R [L, chunks of the batch, kv, D]
     # smoothing=0: rate and time left are the average since the start, so the first batch already gives

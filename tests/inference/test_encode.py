@@ -172,3 +172,18 @@ def test_progress_shows_rate_and_time_left_from_the_first_batch(tiny_model_dir, 
     assert done, lines
     # e.g. "encoding:  40%|####      | 216/543 [00:00<00:01, 262tok/s]": rate and time left, no "?"
     assert re.search(r"\[\d\d:\d\d<\d\d:\d\d, [\d.]+k?tok/s\]", done[0]), done[0]
+
+
+def test_encoding_batch_tokens_default_by_device():
+    """max_tokens_per_batch=None: 2048 padded tokens per forward on a CPU (cache-sized), 8192 on a GPU; a value
+    set in the config is kept on both; old manifests' 8192 still loads."""
+    from msa_core.inference.encode import batch_tokens
+
+    auto = EncodeConfig()
+    assert auto.max_tokens_per_batch is None
+    assert batch_tokens(auto, torch.device("cpu")) == 2048
+    assert batch_tokens(auto, torch.device("cuda")) == 8192
+    assert batch_tokens(EncodeConfig(max_tokens_per_batch=4096), torch.device("cpu")) == 4096
+    assert EncodeConfig.model_validate({"max_tokens_per_batch": 8192}).max_tokens_per_batch == 8192
+    with pytest.raises(ValueError):
+        EncodeConfig(max_tokens_per_batch=0)
