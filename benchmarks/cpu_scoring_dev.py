@@ -29,6 +29,24 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.open(encoding="utf-8")]
 
 
+def dev_set(folder: Path) -> tuple[list[dict], list[dict]]:
+    """(corpus, queries) of a dev retrieval set; refuses the evaluation sets."""
+    if "eval" in folder.resolve().parts:
+        raise SystemExit("choose on a dev split of training data, never on ../shared/data/eval/")
+    return read_jsonl(folder / "corpus.jsonl"), read_jsonl(folder / "queries.jsonl")
+
+
+def dev_bank(model: MSAModel, corpus: list[dict], cache: Path | None):
+    """The model's bank of the dev corpus (titled passages), loaded from `cache` when saved there, else built
+    (and saved there)."""
+    if cache and cache.exists():
+        return model.load_bank(cache)
+    bank = model.index([f"{r['title']}\n{r['text']}" for r in corpus], [r["id"] for r in corpus])
+    if cache:
+        bank.save(cache)
+    return bank
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dev-set", type=Path, required=True, help="a folder with corpus.jsonl and queries.jsonl")
@@ -36,20 +54,10 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--bank-cache", type=Path, help="save the default model's bank here, or load it if saved")
     args = ap.parse_args()
-    if "eval" in args.dev_set.resolve().parts:
-        raise SystemExit("choose on a dev split of training data, never on ../shared/data/eval/")
-    corpus = read_jsonl(args.dev_set / "corpus.jsonl")
-    queries = read_jsonl(args.dev_set / "queries.jsonl")
-    texts, ids = [f"{r['title']}\n{r['text']}" for r in corpus], [r["id"] for r in corpus]
-
+    corpus, queries = dev_set(args.dev_set)
     default = MSAModel.from_pretrained("default", device="cpu")
     fp32 = MSAModel.from_pretrained("default", device="cpu", dtype=torch.float32)
-    if args.bank_cache and args.bank_cache.exists():
-        bank = default.load_bank(args.bank_cache)
-    else:
-        bank = default.index(texts, ids)
-        if args.bank_cache:
-            bank.save(args.bank_cache)
+    bank = dev_bank(default, corpus, args.bank_cache)
     # one bank, the default model's (wiki-dev passages are long: the fp32 model would index them for ~25 min);
     # a bank built in one precision serves the other (cpu_default.py's cross-precision check)
     arms = {"bf16_keys": (default, False), "fp32_keys": (default, True), "fp32_model": (fp32, True)}

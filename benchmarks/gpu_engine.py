@@ -42,6 +42,7 @@ from msa_tiny import save_msa_tokenizer  # noqa: E402
 from msa_core import MSAModel, __version__  # noqa: E402
 from msa_core.inference.generate import MemoryRouter, build_prompt, engine_for, routed_prefill  # noqa: E402
 from msa_core.kernels.routing import inverse_key_norms, layer_routing_scores  # noqa: E402
+from msa_core.routing.scores import quantized_keys  # noqa: E402
 from msa_core.memory.encoded import EncodedDocuments  # noqa: E402
 from msa_core.routing.scores import aggregate_layers  # noqa: E402
 
@@ -145,33 +146,37 @@ def grow(bank, tokens: int) -> None:
                               part_index=[0] * n, **{k: v.repeat(1, copies, 1, 1) for k, v in base.items()}))
 
 
-def scoring_ms(model: MSAModel, tokens: int, dev: torch.device, doc_tokens: int = 512, reps: int = 5) -> float:
+def scoring_ms(model: MSAModel, tokens: int, dev: torch.device, doc_tokens: int = 512, reps: int = 5,
+               keys: str = "bank") -> float:
     """The part of retrieve that grows with the bank, alone: a 64-token question bucket's routing queries
     scored against `tokens` tokens of K̄_R (random, on the GPU; no K̄/V̄) in every routing layer in one launch
     (as MemoryRouter.score_queries), layers aggregated on the device, the ranking copied to the host, its
-    top 256 taken there (as MSAModel.retrieve). Median ms."""
+    top 256 taken there (as MSAModel.retrieve). keys: 'bank' (bf16 keys and their inverse norms) or 'int8'
+    (routing.score_keys='int8': the same keys quantised, with their scales). Median ms."""
     cfg, a = model.config.routing, model.backbone.args
     pool, layers = model.config.encode.chunk_size, len(model.layers)
     chunks = tokens // pool
-    kr = torch.randn(layers, chunks, a.kv_heads, a.head_dim, dtype=model.backbone.dtype, device=dev)
-    inv = inverse_key_norms(kr)
+    keys_bf16 = torch.randn(layers, chunks, a.kv_heads, a.head_dim, dtype=model.backbone.dtype, device=dev)
+    if keys == "int8":
+        kr, scales = quantized_keys(keys_bf16, cfg.normalization)
+        columns = {"key_scales": scales}
+        del keys_bf16, scales
+    else:
+        kr, columns = keys_bf16, {"key_inv_norms": inverse_key_norms(keys_bf16)}
     chunk_doc = torch.arange(chunks, device=dev) // (doc_tokens // pool)
     docs = int(chunk_doc[-1]) + 1
-    q = torch.randn(layers, 1, 64, a.num_heads, a.head_dim, dtype=kr.dtype, device=dev)
+    q = torch.randn(layers, 1, 64, a.num_heads, a.head_dim, dtype=model.backbone.dtype, device=dev)
     mask = torch.ones(1, 64, dtype=torch.bool, device=dev)
 
     def run():
         scores = layer_routing_scores(q, mask, kr, chunk_doc, docs, normalization=cfg.normalization,
                                       query_reduce=cfg.query_reduce, chunk_reduce=cfg.chunk_reduce, validate=False,
-                                      exact=cfg.exact_scores, key_inv_norms=inv)
+                                      exact=cfg.exact_scores, **columns)
         total = aggregate_layers(scores, cfg.layer_aggregate).cpu()[0]
         return torch.topk(total, min(256, docs)).indices
 
     run()
-    ms = median_ms(run, dev, reps)
-    del kr, inv
-    torch.cuda.empty_cache()
-    return ms
+    return median_ms(run, dev, reps)  # (the caller empties the CUDA cache once the keys are freed)
 
 
 # ---- transformers ---------------------------------------------------------------------------------
@@ -366,6 +371,14 @@ def main() -> None:
             out[f"retrieve_ms_{label}_graph"] = retrieve_ms()
             engine.set_compile(True, args.compile_mode)
 
+    def with_int8_keys(label: str) -> None:  # routing.score_keys='int8' on the same bank: retrieve and TTFT
+        rc = model.config.routing
+        rc.score_keys = "int8"
+        ttft(questions[0])
+        out[f"latent_ttft_ms_{label}_int8"] = statistics.median(ttft(q) for q in questions[:8])
+        out[f"retrieve_ms_{label}_int8"] = retrieve_ms()
+        rc.score_keys = "bank"
+
     ttft(questions[0])
     out["latent_ttft_ms_8docs"] = statistics.median(ttft(q) for q in questions[:8])
     retrieve_both("8docs")
@@ -375,6 +388,7 @@ def main() -> None:
         ttft(questions[0])
         out[f"latent_ttft_ms_{label}"] = statistics.median(ttft(q) for q in questions[:8])
         retrieve_both(label)
+        with_int8_keys(label)
         out[f"bank_tokens_{label}"] = bank.info()["tokens"]
         save()
         print(json.dumps({k: v for k, v in out.items() if label in k}), flush=True)
@@ -384,16 +398,22 @@ def main() -> None:
         # 100M tokens: K̄/V̄ alone would be 115 GB (more than this GPU or host holds beside K̄_R), so retrieve
         # is composed: the measured end-to-end retrieve at 1M plus the growth of its bank-sized part
         # (scoring_ms at 100M minus at 1M); at 10M the same composition is checked against the measurement.
-        grow_ms = {n: scoring_ms(model, n, dev) for n in (1_000_000, 10_000_000, 100_000_000)}
-        out["scoring_ms"] = {str(n): v for n, v in grow_ms.items()}
-        if "retrieve_ms_1m" in out:
-            base = out["retrieve_ms_1m"] - grow_ms[1_000_000]
-            out["retrieve_ms_10m_composed"] = base + grow_ms[10_000_000]
-            out["retrieve_ms_100m_composed"] = base + grow_ms[100_000_000]
-            out["retrieve_ms_100m_note"] = "composed: retrieve_ms_1m - scoring_ms[1M] + scoring_ms[100M]"
-        if "latent_ttft_ms_1m" in out:  # the latent answer's routing reads the same K̄_R
-            out["latent_ttft_ms_100m_composed"] = out["latent_ttft_ms_1m"] - grow_ms[1_000_000] + grow_ms[100_000_000]
-            out["latent_ttft_ms_100m_note"] = "composed: latent_ttft_ms_1m - scoring_ms[1M] + scoring_ms[100M]"
+        for keys, suffix in (("bank", ""), ("int8", "_int8")):
+            grow_ms = {}
+            for n in (1_000_000, 10_000_000, 100_000_000):
+                grow_ms[n] = scoring_ms(model, n, dev, keys=keys)
+                torch.cuda.empty_cache()
+            out[f"scoring_ms{suffix}"] = {str(n): v for n, v in grow_ms.items()}
+            if f"retrieve_ms_1m{suffix}" in out:
+                base = out[f"retrieve_ms_1m{suffix}"] - grow_ms[1_000_000]
+                out[f"retrieve_ms_10m_composed{suffix}"] = base + grow_ms[10_000_000]
+                out[f"retrieve_ms_100m_composed{suffix}"] = base + grow_ms[100_000_000]
+            if f"latent_ttft_ms_1m{suffix}" in out:  # the latent answer's routing reads the same K̄_R
+                out[f"latent_ttft_ms_100m_composed{suffix}"] = (out[f"latent_ttft_ms_1m{suffix}"] - grow_ms[1_000_000]
+                                                                + grow_ms[100_000_000])
+            save()
+        out["retrieve_ms_100m_note"] = "composed: retrieve_ms_1m - scoring_ms[1M] + scoring_ms[100M] (_int8: all int8)"
+        out["latent_ttft_ms_100m_note"] = "composed: latent_ttft_ms_1m - scoring_ms[1M] + scoring_ms[100M]"
         save()
 
     # transformers: the same shapes

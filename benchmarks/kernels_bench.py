@@ -195,6 +195,66 @@ def stream_sweep(tokens: int, h: int, hkv: int, d: int, t: int, reps: int, flush
             "best_exact": best[True], "best_fast": best[False], "variants": rows}
 
 
+def int8_sweep(tokens: int, h: int, hkv: int, d: int, t: int, reps: int, flush: torch.Tensor) -> dict:
+    """One question against int8 routing keys (routing.score_keys='int8') beside the same keys in bfloat16 with the
+    default launch, in one run: the streaming kernel's block / head-stage / warp / grid variants on the int8 keys
+    and their scales. Bandwidth counts what each must read (keys plus their [C, Hkv] fp32 scales or norms).
+    Errors: against the reference on the dequantised keys, and against the bf16 keys' reference."""
+    import triton
+
+    from msa_core.kernels import inverse_key_norms
+    from msa_core.kernels.routing_triton import group_queries, stream_scores_triton, stream_shape
+    from msa_core.routing.scores import quantized_keys
+
+    c = tokens // CHUNK
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    kr = torch.randn(c, hkv, d, device="cuda", generator=gen).bfloat16()
+    inv = inverse_key_norms(kr)
+    values, scales = quantized_keys(kr, "cosine")
+    q = torch.randn(1, t, h, d, device="cuda", generator=gen).bfloat16()
+    mask = torch.ones(1, t, dtype=torch.bool, device="cuda")
+    _, tp = stream_shape(1, t)
+    qp = torch.nn.functional.pad(q, (0, 0, 0, 0, 0, tp - t))
+    mp = torch.nn.functional.pad(mask, (0, tp - t))
+    want_bf16 = chunk_scores_reference(q, mask, kr)
+    want = chunk_scores_reference(q, mask, values, key_scales=scales)
+    grouped = group_queries(qp, mp, kr.dtype, hkv, "cosine", False)
+    bf16_bytes = kr.numel() * 2 + inv.numel() * 4
+    int8_bytes = values.numel() + scales.numel() * 4
+    bf16_ms = med_ms(time_graph(lambda: stream_scores_triton(grouped, kr, inv, normalize_k=True, reduce_sum=False,
+                                                             exact=False), reps, flush))
+    rows = []
+    for block_c in (64, 128, 256):
+        for head_stages in (1, 2, 3, 4):
+            for warps in (4, 8):
+                for per_sm in (2, 4):
+                    v = {"block_c": block_c, "head_stages": head_stages, "num_warps": warps, "programs_per_sm": per_sm}
+
+                    def fn(v=v):
+                        return stream_scores_triton(grouped, values, scales, normalize_k=False, reduce_sum=False,
+                                                    exact=False, block_c=v["block_c"], num_stages=1,
+                                                    programs_per_sm=v["programs_per_sm"], num_warps=v["num_warps"],
+                                                    head_stages=v["head_stages"])
+                    try:
+                        got = fn()
+                        ms = med_ms(time_graph(fn, reps, flush))
+                    except (triton.runtime.errors.OutOfResources, RuntimeError) as e:
+                        rows.append({**v, "error": str(e)[:120]})
+                        continue
+                    rows.append({**v, "gpu_ms": ms, "bandwidth_tb_s": int8_bytes / (ms / 1e3) / 1e12,
+                                 "max_abs_err_vs_dequantised_reference": (got - want).abs().max().item(),
+                                 "max_abs_err_vs_bf16_reference": (got - want_bf16).abs().max().item()})
+    default = next((r for r in rows if "gpu_ms" in r and r["block_c"] == 128 and r["head_stages"] == 3
+                    and r["num_warps"] == 4 and r["programs_per_sm"] == 2), None)
+    best = min((r for r in rows if "gpu_ms" in r), key=lambda r: r["gpu_ms"], default=None)
+    return {"tokens": tokens, "chunks": c, "num_heads": h, "kv_heads": hkv, "head_dim": d, "routing_tokens": t,
+            "bf16_default_gpu_ms": bf16_ms, "bf16_bytes": bf16_bytes,
+            "bf16_bandwidth_tb_s": bf16_bytes / (bf16_ms / 1e3) / 1e12, "int8_bytes": int8_bytes,
+            "int8_default": default, "int8_best": best,
+            "speedup_default_vs_bf16": None if default is None else bf16_ms / default["gpu_ms"],
+            "speedup_best_vs_bf16": None if best is None else bf16_ms / best["gpu_ms"], "variants": rows}
+
+
 def attention_case(name: str, b: int, h: int, hkv: int, d: int, tq: int, tk: int, docs: int, reps: int,
                    flush: torch.Tensor) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(1)
@@ -260,8 +320,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "kernels_bench.json"))
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="1M-token banks only, fewer repetitions")
-    ap.add_argument("--only", choices=["routing", "attention", "stream", "stream-wide"],
-                    help="run one part (stream-wide: the streaming sweep at MSA-4B's 8 x 128 layout only)")
+    ap.add_argument("--only", choices=["routing", "attention", "stream", "stream-wide", "stream-int8"],
+                    help="run one part (stream-wide: the streaming sweep at MSA-4B's 8 x 128 layout only; "
+                         "stream-int8: int8 keys beside bf16 ones at that layout)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("kernels_bench.py needs a CUDA GPU (the Triton kernels run on CUDA only)")
@@ -277,6 +338,9 @@ def main() -> None:
                   "replay (GPU time only), other *_ms: eager calls (Python, launches, syncs included)",
         "routing": [], "attention": [], "stream_sweep": [],
     }
+    if args.only == "stream-int8":
+        result["int8_sweep"] = sweep = int8_sweep(10_000_000, 32, 8, 128, t=24, reps=reps, flush=flush)
+        print(json.dumps({k: v for k, v in sweep.items() if k != "variants"}, indent=1), flush=True)
     stream_cases = ((10_000_000, (9, 3, 64)), (100_000_000, (9, 3, 64)), (10_000_000, (32, 8, 128)))
     if args.only == "stream-wide":
         stream_cases = stream_cases[2:]

@@ -66,6 +66,14 @@ class RoutingConfig(_Strict):
                     "to the bank's dtype (scores within ~1e-3, as bf16 scoring; up to 2x faster for 128-wide heads), "
                     "and a bfloat16 model on a CPU scores against bfloat16 keys (within ~2e-3; half the bytes read).",
     )
+    score_keys: Literal["bank", "int8"] = Field(
+        default="bank",
+        description="What routing scores read: 'bank', the bank's routing keys as stored; 'int8', the keys quantised "
+                    "once per bank state to int8 with a float32 scale per chunk and kv head (routing.scores."
+                    "quantized_keys): half the bytes a GPU streams per question, scores within ~3e-3 of the bank's. "
+                    "Held beside the bank's keys on a GPU-resident bank; instead of their copy for a bank in host "
+                    "memory. Not with exact_scores.",
+    )
     retrieve_with_memory: bool = Field(
         default=False,
         description="retrieve(): let routing layers attend to their top-k while scoring (as latent generation "
@@ -102,6 +110,9 @@ class RoutingConfig(_Strict):
         if self.kernel == "triton" and self.query_reduce == "colbert":
             raise ValueError("kernel='triton' computes Eq. 2 only; query_reduce='colbert' needs kernel 'auto' or "
                              "'reference'")
+        if self.score_keys == "int8" and self.exact_scores:
+            raise ValueError("exact_scores reproduces the fp32 reference from the bank's keys; score_keys='int8' "
+                             "scores quantised keys: choose one")
         return self
 
     @field_validator("position_offset")

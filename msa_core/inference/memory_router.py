@@ -18,7 +18,14 @@ from ..decoder.backbone import Memory
 from ..errors import InvalidInputError
 from ..memory.bank import MemoryBank
 from ..routing.projectors import RouterProjectors
-from ..routing.scores import check_doc_map, document_scores, prepared_keys, select_top_k
+from ..routing.scores import (
+    check_doc_map,
+    dequantized_keys,
+    document_scores,
+    prepared_keys,
+    quantized_keys,
+    select_top_k,
+)
 
 # Tensors derived from a bank state (inverse key norms; K̄_R and the chunk index copied to a GPU for a bank
 # held in CPU memory), keyed by (id of the state's kr_bar, what) and dropped when that kr_bar dies: every
@@ -48,14 +55,28 @@ def checked_chunk_index(bank: MemoryBank) -> bool:
     return per_state(bank.kr_bar, "chunk_index_checked", check)
 
 
-def scoring_keys(bank: MemoryBank, normalization: str, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+def scoring_keys(bank: MemoryBank, normalization: str, dtype: torch.dtype = torch.float32,
+                 int8: bool = False) -> torch.Tensor | None:
     """The bank's routing keys as the PyTorch scorer reads them (unit length for cosine; in float32 the same
     numbers it would make per call), made once per bank state while they take at most PREPARED_KEYS_BYTES,
-    else None (prepared per call). On the CPU this took ~3.5 ms off each HotpotQA-100 question."""
+    else None (prepared per call). On the CPU this took ~3.5 ms off each HotpotQA-100 question.
+    int8: the float32 dequantised int8 keys (routing.score_keys='int8': the numbers the GPU kernel scores)."""
     kr = bank.kr_bar
+    if int8:
+        dtype = torch.float32
     if kr.numel() * dtype.itemsize > PREPARED_KEYS_BYTES:
         return None
+    if int8:
+        return per_state(kr, f"int8_keys_{normalization}",
+                         lambda: dequantized_keys(*quantized_keys(kr, normalization)))
     return per_state(kr, f"prepared_keys_{normalization}_{dtype}", lambda: prepared_keys(kr, normalization, dtype))
+
+
+def int8_keys_on(bank: MemoryBank, normalization: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 keys [L, C, Hkv, D], scales [L, C, Hkv]) of the bank's routing keys on `device`, made once per bank
+    state (routing.score_keys='int8'); a bank in host memory is quantised block by block on that device."""
+    kr = bank.kr_bar
+    return per_state(kr, f"int8_{normalization}_{device}", lambda: quantized_keys(kr, normalization, device))
 
 
 def key_dtype(states_dtype: torch.dtype, exact_scores: bool) -> torch.dtype:
@@ -74,6 +95,13 @@ def routing_on(bank: MemoryBank, device: torch.device) -> tuple[torch.Tensor, to
     if kr.device == device:
         return kr, bank.chunk_doc
     return per_state(kr, str(device), lambda: (kr.to(device), bank.chunk_doc.to(device)))
+
+
+def chunk_index_on(bank: MemoryBank, device: torch.device) -> torch.Tensor:
+    """The bank's chunk -> part index on `device` (copied once per bank state)."""
+    if bank.chunk_doc.device == device:
+        return bank.chunk_doc
+    return per_state(bank.kr_bar, f"chunk_doc_{device}", lambda: bank.chunk_doc.to(device))
 
 
 
@@ -162,15 +190,14 @@ class MemoryRouter:
         lis = [self.layer_pos[layer] for layer in layers]
         cfg, bank = self.cfg, self.bank
         q = torch.stack([self.pending.pop(layer) for layer in layers])
-        kr_all, chunk_doc = routing_on(bank, self._route_device(q))
+        kr_all, chunk_doc, columns = self._kernel_inputs(self._route_device(q))
         whole = lis == list(range(kr_all.shape[0]))  # the usual case: no copy of the bank's keys
         kr = kr_all if whole else kr_all[lis]
-        inv = self._inv_norms(kr_all)
+        columns = {name: t if t is None or whole else t[lis] for name, t in columns.items()}
         scores = kernels.layer_routing_scores(
             q.to(kr.device), self.routing_mask.to(kr.device), kr, chunk_doc, bank.num_parts,
             normalization=cfg.normalization, query_reduce=cfg.query_reduce, chunk_reduce=cfg.chunk_reduce,
-            backend=cfg.kernel, key_inv_norms=inv if inv is None or whole else inv[lis],
-            validate=self._validate_once(), exact=cfg.exact_scores)
+            backend=cfg.kernel, validate=self._validate_once(), exact=cfg.exact_scores, **columns)
         self._record_layers(layers, scores)
 
     def _record(self, layer: int, doc_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,9 +238,17 @@ class MemoryRouter:
             return q.device
         return kr.device if cfg.kernel == "triton" else None
 
-    def _inv_norms(self, kr_all: torch.Tensor) -> torch.Tensor | None:
-        """Cached inverse key norms [L, C, Hkv] for cosine-type scoring; None for scaled_dot (no norms)."""
-        return key_inv_norms(kr_all) if self.cfg.normalization != "scaled_dot" else None
+    def _kernel_inputs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor | None]]:
+        """(keys [L, C, Hkv, D], chunk index, per-key columns [L, C, Hkv] by keyword) the kernels score on
+        `device`, cached per bank state: the bank's keys with their inverse norms (cosine-type scoring; None for
+        scaled_dot), or int8 keys with their scales (score_keys='int8'; the bank's keys are not copied)."""
+        cfg, bank = self.cfg, self.bank
+        if cfg.score_keys == "int8":
+            values, scales = int8_keys_on(bank, cfg.normalization, device)
+            return values, chunk_index_on(bank, device), {"key_scales": scales}
+        kr_all, chunk_doc = routing_on(bank, device)
+        inv = key_inv_norms(kr_all) if cfg.normalization != "scaled_dot" else None
+        return kr_all, chunk_doc, {"key_inv_norms": inv}
 
     def trust_prompts(self, prompts: Any) -> None:
         """The routing mask is these prompts' (`Prompt.routing`): check on the host that every row routes with
@@ -239,18 +274,21 @@ class MemoryRouter:
         cfg, bank = self.cfg, self.bank
         device = self._route_device(q)
         if device is not None:
-            kr_all, chunk_doc = routing_on(bank, device)
-            inv = self._inv_norms(kr_all)
+            kr_all, chunk_doc, columns = self._kernel_inputs(device)
             return kernels.routing_scores(
                 q.to(device), self.routing_mask.to(device), kr_all[li], chunk_doc, bank.num_parts,
                 normalization=cfg.normalization, query_reduce=cfg.query_reduce, chunk_reduce=cfg.chunk_reduce,
-                backend=cfg.kernel, key_inv_norms=None if inv is None else inv[li], validate=self._validate_once(),
-                exact=cfg.exact_scores)
-        keys = scoring_keys(bank, cfg.normalization, key_dtype(states_dtype, cfg.exact_scores))
-        return document_scores(q, self.routing_mask, bank.kr_bar[li] if keys is None else keys[li], bank.chunk_doc,
+                backend=cfg.kernel, validate=self._validate_once(), exact=cfg.exact_scores,
+                **{name: None if t is None else t[li] for name, t in columns.items()})
+        int8 = cfg.score_keys == "int8"
+        keys = scoring_keys(bank, cfg.normalization, key_dtype(states_dtype, cfg.exact_scores), int8)
+        layer_keys = bank.kr_bar[li] if keys is None else keys[li]
+        if keys is None and int8:  # too large to keep dequantised: this layer's, per call
+            layer_keys = dequantized_keys(*quantized_keys(layer_keys, cfg.normalization))
+        return document_scores(q, self.routing_mask, layer_keys, bank.chunk_doc,
                                bank.num_parts, head_reduce=cfg.head_reduce, query_reduce=cfg.query_reduce,
                                chunk_reduce=cfg.chunk_reduce, normalization=cfg.normalization,
-                               keys_prepared=keys is not None)
+                               keys_prepared=keys is not None or int8)
 
     def _routing_queries(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         if getattr(self.router, "needs_positions", False):

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..config import ChunkReduce, Normalization, QueryReduce
 from ..errors import InvalidInputError
-from ..routing.scores import check_score_shapes, reduce_to_docs, score_chunks, select_top_k
+from ..routing.scores import check_score_shapes, dequantized_keys, reduce_to_docs, score_chunks, select_top_k
 from ._common import Backend, resolve_backend
 
 NORMALIZATIONS = ("cosine", "scaled_dot", "scaled_cosine")
@@ -38,9 +38,13 @@ CHUNK_REDUCES = ("max", "mean")
 
 def chunk_scores_reference(
     q: Tensor, token_mask: Tensor, kr_bar: Tensor, *,
-    normalization: Normalization = "cosine", query_reduce: QueryReduce = "max",
+    normalization: Normalization = "cosine", query_reduce: QueryReduce = "max", key_scales: Tensor | None = None,
 ) -> Tensor:
-    """Chunk scores [B, C] fp32 by router.score_chunks with head_reduce='mean'."""
+    """Chunk scores [B, C] fp32 by router.score_chunks with head_reduce='mean'. int8 kr_bar (`quantized_keys`,
+    with key_scales): scored as their float32 dequantised, prepared keys."""
+    if kr_bar.dtype == torch.int8:
+        return score_chunks(q, token_mask, dequantized_keys(kr_bar, key_scales), head_reduce="mean",
+                            query_reduce=query_reduce, normalization=normalization, keys_prepared=True)
     return score_chunks(q, token_mask, kr_bar, head_reduce="mean", query_reduce=query_reduce,
                         normalization=normalization)
 
@@ -48,9 +52,11 @@ def chunk_scores_reference(
 def routing_scores_reference(
     q: Tensor, token_mask: Tensor, kr_bar: Tensor, chunk_doc: Tensor, num_docs: int, *,
     normalization: Normalization = "cosine", query_reduce: QueryReduce = "max", chunk_reduce: ChunkReduce = "max",
+    key_scales: Tensor | None = None,
 ) -> Tensor:
     """Document scores [B, N] fp32: router.score_chunks then router.reduce_to_docs."""
-    chunks = chunk_scores_reference(q, token_mask, kr_bar, normalization=normalization, query_reduce=query_reduce)
+    chunks = chunk_scores_reference(q, token_mask, kr_bar, normalization=normalization, query_reduce=query_reduce,
+                                    key_scales=key_scales)
     return reduce_to_docs(chunks, chunk_doc, num_docs, chunk_reduce=chunk_reduce)
 
 
@@ -63,7 +69,7 @@ def chunk_scores(
     q: Tensor, token_mask: Tensor, kr_bar: Tensor, *,
     normalization: Normalization = "cosine", query_reduce: QueryReduce = "max", backend: Backend = "auto",
     block_c: int | None = None, block_m: int | None = None, validate: bool = True, exact: bool = True,
-    key_inv_norms: Tensor | None = None, stream: bool = True,
+    key_inv_norms: Tensor | None = None, stream: bool = True, key_scales: Tensor | None = None,
 ) -> Tensor:
     """Chunk scores [B, C] fp32 for routing queries q [B, T, H, D] against kr_bar [C, Hkv, D].
 
@@ -77,52 +83,60 @@ def chunk_scores(
     key_inv_norms [C, Hkv] fp32 (`inverse_key_norms(kr_bar)`, cached by the caller): cosine scoring
     reads them instead of recomputing the key norms (the kernel's loads then pipeline). stream=False
     forces the tiled kernel even for batches small enough for the streaming one (tests, tuning).
+    int8 kr_bar: keys from `routing.scores.quantized_keys` (already normalised for cosine), with their scales
+    key_scales [C, Hkv] fp32: half the bytes of bfloat16 keys; the queries meet them in bfloat16.
     """
     _check_choices(normalization, query_reduce, "max")
-    _check_inputs(q, token_mask, kr_bar)
+    _check_inputs(q, token_mask, kr_bar, key_scales)
     _check_inv_norms(key_inv_norms, kr_bar)
     if resolve_backend(backend, q, kr_bar) == "reference":
-        return chunk_scores_reference(q, token_mask, kr_bar, normalization=normalization, query_reduce=query_reduce)
+        return chunk_scores_reference(q, token_mask, kr_bar, normalization=normalization, query_reduce=query_reduce,
+                                      key_scales=key_scales)
     if validate:
         _check_rows_and_docs(token_mask, None, 0)
     return _chunk_scores_triton(q, token_mask, kr_bar, normalization, query_reduce, block_c, block_m, exact,
-                                key_inv_norms, stream)
+                                key_inv_norms, stream, key_scales)
 
 
 def routing_scores(
     q: Tensor, token_mask: Tensor, kr_bar: Tensor, chunk_doc: Tensor, num_docs: int, *,
     normalization: Normalization = "cosine", query_reduce: QueryReduce = "max", chunk_reduce: ChunkReduce = "max",
     backend: Backend = "auto", block_c: int | None = None, block_m: int | None = None, validate: bool = True,
-    exact: bool = True, key_inv_norms: Tensor | None = None, stream: bool = True,
+    exact: bool = True, key_inv_norms: Tensor | None = None, stream: bool = True, key_scales: Tensor | None = None,
 ) -> Tensor:
     """Document scores [B, N] fp32 (same contract as routing_scores_reference).
 
     chunk_doc [C] holds each chunk's document index in [0, num_docs); a document without chunks
     scores -inf. validate=False skips the one host sync (empty rows, chunk_doc range): for callers
-    whose inputs come from the bank, or CUDA graphs. exact, key_inv_norms, stream: see chunk_scores.
+    whose inputs come from the bank, or CUDA graphs. exact, key_inv_norms, stream, key_scales: see chunk_scores.
     """
     _check_choices(normalization, query_reduce, chunk_reduce)
     if resolve_backend(backend, q, kr_bar) == "reference":
+        _check_inputs(q, token_mask, kr_bar, key_scales)
         return routing_scores_reference(q, token_mask, kr_bar, chunk_doc, num_docs, normalization=normalization,
-                                        query_reduce=query_reduce, chunk_reduce=chunk_reduce)
-    _check_inputs(q, token_mask, kr_bar)
+                                        query_reduce=query_reduce, chunk_reduce=chunk_reduce, key_scales=key_scales)
+    _check_inputs(q, token_mask, kr_bar, key_scales)
     _check_inv_norms(key_inv_norms, kr_bar)
     _check_doc_map(chunk_doc, num_docs, kr_bar.shape[0])
     chunk_doc = chunk_doc.to(q.device)
     if validate:
         _check_rows_and_docs(token_mask, chunk_doc, num_docs)  # the one host sync of the call
     chunks = _chunk_scores_triton(q, token_mask, kr_bar, normalization, query_reduce, block_c, block_m, exact,
-                                  key_inv_norms, stream)
+                                  key_inv_norms, stream, key_scales)
     return docs_from_chunks(chunks, chunk_doc, num_docs, chunk_reduce)
 
 
 def _chunk_scores_triton(q: Tensor, token_mask: Tensor, kr_bar: Tensor, normalization: str, query_reduce: str,
                          block_c: int | None, block_m: int | None, exact: bool, key_inv_norms: Tensor | None,
-                         stream: bool) -> Tensor:
+                         stream: bool, key_scales: Tensor | None = None) -> Tensor:
     """[B, C] for q [B, T, H, D] and kr_bar [C, Hkv, D], or [L, B, C] for q [L, B, T, H, D] and kr_bar
     [L, C, Hkv, D] (several layers: streaming kernel only, callers check `stream_shape` first)."""
     # first use only: see _common.interpreting
     from .routing_triton import chunk_scores_triton, group_queries, stream_scores_triton, stream_shape
+
+    quantized = kr_bar.dtype == torch.int8  # prepared keys: never normalised again, scaled per column
+    normalize_k = normalization != "scaled_dot" and not quantized
+    col_scale = key_scales if quantized else key_inv_norms
 
     token_mask = _last_token_only(token_mask.to(q.device)) if query_reduce == "last" else token_mask.to(q.device)
     shape = stream_shape(*token_mask.shape) if stream and block_m is None else None
@@ -132,12 +146,12 @@ def _chunk_scores_triton(q: Tensor, token_mask: Tensor, kr_bar: Tensor, normaliz
         q_rows = F.pad(q, (0, 0, 0, 0, 0, pad)).reshape(-1, shape[1], *q.shape[-2:])  # [L*B, TP, H, D]
         mask = F.pad(token_mask, (0, pad)).repeat(layers, 1)
         grouped = group_queries(q_rows, mask, kr_bar.dtype, kr_bar.shape[-2], normalization, exact)
-        out = stream_scores_triton(grouped, kr_bar, key_inv_norms, normalize_k=normalization != "scaled_dot",
+        out = stream_scores_triton(grouped, kr_bar, col_scale, normalize_k=normalize_k,
                                    reduce_sum=query_reduce == "mean", exact=exact, block_c=block_c)
     else:
         grouped = group_queries(q, token_mask, kr_bar.dtype, kr_bar.shape[1], normalization, exact)
-        out = chunk_scores_triton(grouped, kr_bar, normalize_k=normalization != "scaled_dot",
-                                  reduce_sum=query_reduce == "mean", exact=exact, block_c=block_c, block_m=block_m)
+        out = chunk_scores_triton(grouped, kr_bar, normalize_k=normalize_k, reduce_sum=query_reduce == "mean",
+                                  exact=exact, block_c=block_c, block_m=block_m, col_scale=col_scale)
     if query_reduce == "mean":
         out /= token_mask.sum(dim=1, keepdim=True)
     return out
@@ -153,9 +167,10 @@ def layer_routing_scores(
     q: Tensor, token_mask: Tensor, kr_bar: Tensor, chunk_doc: Tensor, num_docs: int, *,
     normalization: Normalization = "cosine", query_reduce: QueryReduce = "max", chunk_reduce: ChunkReduce = "max",
     backend: Backend = "auto", validate: bool = True, exact: bool = True, key_inv_norms: Tensor | None = None,
+    key_scales: Tensor | None = None,
 ) -> Tensor:
     """Document scores [L, B, N] of several routing layers: q [L, B, T, H, D] holds layer l's routing
-    queries, kr_bar [L, C, Hkv, D] its pooled keys (key_inv_norms [L, C, Hkv]); row l equals
+    queries, kr_bar [L, C, Hkv, D] its pooled keys (key_inv_norms, or int8 keys' key_scales, [L, C, Hkv]); row l equals
     routing_scores(q[l], token_mask, kr_bar[l], ...). On the Triton path one launch streams every layer's
     K̄_R, so a bank is read as one long stream instead of L short ones (when the batch fits the
     streaming kernel; otherwise layer by layer)."""
@@ -171,17 +186,18 @@ def layer_routing_scores(
     if not one_launch:
         return torch.stack([
             routing_scores(q[i], token_mask, kr_bar[i], chunk_doc, num_docs, backend=backend, validate=validate,
-                           exact=exact, key_inv_norms=None if key_inv_norms is None else key_inv_norms[i], **kw)
+                           exact=exact, key_inv_norms=None if key_inv_norms is None else key_inv_norms[i],
+                           key_scales=None if key_scales is None else key_scales[i], **kw)
             for i in range(q.shape[0])])
     _check_choices(normalization, query_reduce, chunk_reduce)
-    _check_inputs(q[0], token_mask, kr_bar[0])
+    _check_inputs(q[0], token_mask, kr_bar[0], None if key_scales is None else key_scales[0])
     _check_inv_norms(key_inv_norms, kr_bar)
     _check_doc_map(chunk_doc, num_docs, kr_bar.shape[1])
     chunk_doc = chunk_doc.to(q.device)
     if validate:
         _check_rows_and_docs(token_mask.to(q.device), chunk_doc, num_docs)
     chunks = _chunk_scores_triton(q, token_mask, kr_bar, normalization, query_reduce, None, None, exact,
-                                  key_inv_norms, True)  # [L, B, C]
+                                  key_inv_norms, True, key_scales)  # [L, B, C]
     layers, b = chunks.shape[:2]
     return docs_from_chunks(chunks.flatten(0, 1), chunk_doc, num_docs, chunk_reduce).view(layers, b, num_docs)
 
@@ -190,13 +206,13 @@ def routing_top_k(
     q: Tensor, token_mask: Tensor, kr_bar: Tensor, chunk_doc: Tensor, num_docs: int, k: int, *,
     normalization: Normalization = "cosine", query_reduce: QueryReduce = "max", chunk_reduce: ChunkReduce = "max",
     allowed: Tensor | None = None, backend: Backend = "auto", exact: bool = True,
-    key_inv_norms: Tensor | None = None,
+    key_inv_norms: Tensor | None = None, key_scales: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(values [B, k_eff], doc indices [B, k_eff]) of each row's best documents (router.select_top_k:
     score descending, ties by lower index, `allowed` masks documents out)."""
     scores = routing_scores(q, token_mask, kr_bar, chunk_doc, num_docs, normalization=normalization,
                             query_reduce=query_reduce, chunk_reduce=chunk_reduce, backend=backend, exact=exact,
-                            key_inv_norms=key_inv_norms)
+                            key_inv_norms=key_inv_norms, key_scales=key_scales)
     return select_top_k(scores, k, allowed)
 
 
@@ -233,11 +249,19 @@ def _check_choices(normalization: str, query_reduce: str, chunk_reduce: str) -> 
             raise InvalidInputError(f"{name} must be one of {allowed}, got {value!r}")
 
 
-def _check_inputs(q: Tensor, token_mask: Tensor, kr_bar: Tensor) -> None:
+def _check_inputs(q: Tensor, token_mask: Tensor, kr_bar: Tensor, key_scales: Tensor | None = None) -> None:
     check_score_shapes(q, token_mask, kr_bar)
-    if not q.is_floating_point() or kr_bar.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise InvalidInputError(f"q must be floating point and kr_bar float32/float16/bfloat16, "
-                                f"got {q.dtype} and {kr_bar.dtype}")
+    if not q.is_floating_point() or kr_bar.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.int8):
+        raise InvalidInputError(f"q must be floating point and kr_bar float32/float16/bfloat16 (or int8 with "
+                                f"key_scales), got {q.dtype} and {kr_bar.dtype}")
+    if (kr_bar.dtype == torch.int8) != (key_scales is not None):
+        raise InvalidInputError("int8 routing keys (routing.scores.quantized_keys) come with their key_scales, and "
+                                f"only they do: got kr_bar {kr_bar.dtype} and key_scales "
+                                f"{None if key_scales is None else tuple(key_scales.shape)}")
+    if key_scales is not None and (key_scales.shape != kr_bar.shape[:-1] or key_scales.dtype != torch.float32
+                                   or key_scales.device != kr_bar.device):
+        raise InvalidInputError(f"key_scales must be float32 {tuple(kr_bar.shape[:-1])} on {kr_bar.device}, got "
+                                f"{key_scales.dtype} {tuple(key_scales.shape)} on {key_scales.device}")
     if q.device != kr_bar.device:
         raise InvalidInputError(f"q is on {q.device} but kr_bar on {kr_bar.device}; the kernel reads both "
                                 "on one device (move the bank's tensors with it)")

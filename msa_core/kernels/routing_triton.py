@@ -20,6 +20,9 @@ HBM traffic: K̄_R once, plus the queries (B*T*Hkv*D*N_PARTS elements) and the [
    K̄_R loads; the cosine norms come precomputed ([L, C, Hkv] fp32, 1/16-1/32 of K̄_R's bytes) so the
    tile feeds only the dots. It reaches 82% of an H100's bandwidth on a 600 MB layer where the tiled
    kernel reaches 30% (benchmarks/results/kernels_bench.json, stream_sweep).
+int8 keys (`routing.scores.quantized_keys`: prepared keys, a float32 scale per chunk and kv head) take both
+kernels: each tile is widened to bf16 in registers (exact: |v| <= 127) and each column multiplied by its
+scale where a 16-bit bank's takes its inverse norm; the queries come in bf16 pieces. Half the bytes to stream.
 """
 
 from __future__ import annotations
@@ -82,23 +85,27 @@ def _group_queries_kernel(
 
 
 @triton.jit
-def _head_part(g, q_tile_ptr, q_tile_mask, stride_qp, k_tile_ptr, k_tile_mask, stride_kh, inv_tile_ptr, c_ok,
+def _head_part(g, q_tile_ptr, q_tile_mask, stride_qp, k_tile_ptr, k_tile_mask, stride_kh, col_tile_ptr, c_ok,
                D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, N_PARTS: tl.constexpr,
-               NORMALIZE_K: tl.constexpr, HAS_INV: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """<q_g pieces, K̄_R[:, g]> of kv head g (cosine: each column divided by its key's norm):
-    [BLOCK_M, BLOCK_C] fp32."""
-    k = tl.load(k_tile_ptr + g * stride_kh, mask=k_tile_mask, other=0.0)
+               NORMALIZE_K: tl.constexpr, COL_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+               K_INT8: tl.constexpr):
+    """<q_g pieces, K̄_R[:, g]> of kv head g, each column multiplied by its key's scale (COL_SCALE: read
+    from col_tile_ptr + g) or divided by its key's norm (cosine without precomputed norms): [BLOCK_M, BLOCK_C]
+    fp32. K_INT8: the keys are int8 (`quantized_keys`), exact in the queries' bfloat16."""
+    k = tl.load(k_tile_ptr + g * stride_kh, mask=k_tile_mask, other=0)
     kd = k
     if UPCAST:  # Triton's CPU interpreter multiplies bf16 bit patterns in tl.dot (triton#11584)
         kd = k.to(tl.float32)
+    elif K_INT8:
+        kd = k.to(tl.bfloat16)
     part = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     for p in tl.static_range(N_PARTS):
         qp = tl.load(q_tile_ptr + p * stride_qp + g * D, mask=q_tile_mask, other=0.0)
         if UPCAST:
             qp = qp.to(tl.float32)
         part = tl.dot(qp, kd, part, input_precision=DOT_PRECISION)
-    if NORMALIZE_K and HAS_INV:
-        part = part * tl.load(inv_tile_ptr + g, mask=c_ok, other=0.0)[None, :]
+    if COL_SCALE:
+        part = part * tl.load(col_tile_ptr + g, mask=c_ok, other=0.0)[None, :]
     elif NORMALIZE_K:  # cosine: divide column c by max(||k_c,g||, eps), F.normalize's formula
         kf = k.to(tl.float32)
         part = part / tl.maximum(tl.sqrt(tl.sum(kf * kf, axis=0)), 1e-12)[None, :]
@@ -106,25 +113,26 @@ def _head_part(g, q_tile_ptr, q_tile_mask, stride_qp, k_tile_ptr, k_tile_mask, s
 
 
 @triton.jit
-def _score_tile(q_tile_ptr, q_tile_mask, stride_qp, k_tile_ptr, k_tile_mask, stride_kh, inv_tile_ptr, c_ok,
+def _score_tile(q_tile_ptr, q_tile_mask, stride_qp, k_tile_ptr, k_tile_mask, stride_kh, col_tile_ptr, c_ok,
                 HKV: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                N_PARTS: tl.constexpr, NORMALIZE_K: tl.constexpr, HAS_INV: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, HEAD_STAGES: tl.constexpr = 1):
-    """sum_g <q_g pieces, K̄_R[:, g]> (cosine: each g's column divided by its norm): [BLOCK_M, BLOCK_C] fp32.
+                N_PARTS: tl.constexpr, NORMALIZE_K: tl.constexpr, COL_SCALE: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, K_INT8: tl.constexpr, HEAD_STAGES: tl.constexpr = 1):
+    """sum_g <q_g pieces, K̄_R[:, g]> (each g's column scaled, see _head_part): [BLOCK_M, BLOCK_C] fp32.
 
-    HAS_INV: the norms come precomputed (inv_tile_ptr + g -> 1 / max(||k_c,g||, eps), [BLOCK_C]), so
-    the K̄_R tile feeds only the dots and Triton can pipeline its loads. HEAD_STAGES > 1: the kv heads are a
-    software-pipelined loop (one head's tile per stage), for layouts too wide to pipeline whole blocks.
+    COL_SCALE: the multipliers come precomputed (col_tile_ptr + g -> [BLOCK_C]: 1 / max(||k_c,g||, eps) for
+    cosine, the scale of int8 keys), so the K̄_R tile feeds only the dots and Triton can pipeline its loads.
+    HEAD_STAGES > 1: the kv heads are a software-pipelined loop (one head's tile per stage), for layouts too
+    wide to pipeline whole blocks.
     """
     s = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     if HEAD_STAGES > 1:
         for g in tl.range(0, HKV, num_stages=HEAD_STAGES):
-            s += _head_part(g, q_tile_ptr, q_tile_mask, stride_qp, k_tile_ptr, k_tile_mask, stride_kh, inv_tile_ptr,
-                            c_ok, D, BLOCK_M, BLOCK_C, N_PARTS, NORMALIZE_K, HAS_INV, DOT_PRECISION, UPCAST)
+            s += _head_part(g, q_tile_ptr, q_tile_mask, stride_qp, k_tile_ptr, k_tile_mask, stride_kh, col_tile_ptr,
+                            c_ok, D, BLOCK_M, BLOCK_C, N_PARTS, NORMALIZE_K, COL_SCALE, DOT_PRECISION, UPCAST, K_INT8)
     else:
         for g in tl.static_range(HKV):
-            s += _head_part(g, q_tile_ptr, q_tile_mask, stride_qp, k_tile_ptr, k_tile_mask, stride_kh, inv_tile_ptr,
-                            c_ok, D, BLOCK_M, BLOCK_C, N_PARTS, NORMALIZE_K, HAS_INV, DOT_PRECISION, UPCAST)
+            s += _head_part(g, q_tile_ptr, q_tile_mask, stride_qp, k_tile_ptr, k_tile_mask, stride_kh, col_tile_ptr,
+                            c_ok, D, BLOCK_M, BLOCK_C, N_PARTS, NORMALIZE_K, COL_SCALE, DOT_PRECISION, UPCAST, K_INT8)
     return s
 
 
@@ -133,11 +141,12 @@ def _chunk_scores_kernel(
     q_ptr, stride_qp,  # pieces [P, B*T, HKV*D] (rows = flattened tokens), contiguous
     tscale_ptr, mask_ptr,  # [B*T] fp32 per-token score multiplier, [B*T] uint8 routing-token mask
     k_ptr, stride_kc, stride_kh,  # K̄_R [C, HKV, D], last dim contiguous
+    col_ptr,  # [C, HKV] fp32 column multipliers (COL_SCALE), else unused
     out_ptr, stride_ob,  # [B, C] fp32
     B, T, C,
     HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-    N_PARTS: tl.constexpr, NORMALIZE_K: tl.constexpr, REDUCE_SUM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    N_PARTS: tl.constexpr, NORMALIZE_K: tl.constexpr, COL_SCALE: tl.constexpr, REDUCE_SUM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, K_INT8: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -151,8 +160,8 @@ def _chunk_scores_kernel(
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < n_tokens
         s = _score_tile(q_ptr + rows[:, None] * (HKV * D) + offs_d[None, :], row_ok[:, None] & d_ok[None, :],
-                        stride_qp, k_tile_ptr, k_tile_mask, stride_kh, k_ptr, c_ok,
-                        HKV, D, BLOCK_M, BLOCK_C, N_PARTS, NORMALIZE_K, False, DOT_PRECISION, UPCAST)
+                        stride_qp, k_tile_ptr, k_tile_mask, stride_kh, col_ptr + offs_c.to(tl.int64) * HKV, c_ok,
+                        HKV, D, BLOCK_M, BLOCK_C, N_PARTS, NORMALIZE_K, COL_SCALE, DOT_PRECISION, UPCAST, K_INT8)
         routing = tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0
         s = s * tl.load(tscale_ptr + rows, mask=row_ok, other=0.0)[:, None]
         s = tl.where(routing[:, None], s, 0.0 if REDUCE_SUM else float("-inf"))
@@ -179,13 +188,13 @@ def _stream_scores_kernel(
     q_ptr, stride_qp, stride_ql,  # pieces [P, L*B*TP, HKV*D], contiguous; layer l, row b*TP + t
     tscale_ptr, mask_ptr,  # [L, B*TP] fp32 multiplier, [B*TP] uint8 routing-token mask (False on padding)
     k_ptr, stride_kl, stride_kc, stride_kh,  # K̄_R [L, C, HKV, D], last dim contiguous
-    inv_ptr, stride_il,  # [L, C, HKV] fp32 inverse key norms (HAS_INV), else unused
+    col_ptr, stride_il,  # [L, C, HKV] fp32 column multipliers (COL_SCALE), else unused
     out_ptr, stride_ol, stride_ob,  # [L, B, C] fp32
     B, C, L,
     HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BP: tl.constexpr, TP: tl.constexpr,
-    BLOCK_C: tl.constexpr, N_PARTS: tl.constexpr, NORMALIZE_K: tl.constexpr, HAS_INV: tl.constexpr,
-    REDUCE_SUM: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, NUM_STAGES: tl.constexpr,
-    HEAD_STAGES: tl.constexpr,
+    BLOCK_C: tl.constexpr, N_PARTS: tl.constexpr, NORMALIZE_K: tl.constexpr, COL_SCALE: tl.constexpr,
+    REDUCE_SUM: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, K_INT8: tl.constexpr,
+    NUM_STAGES: tl.constexpr, HEAD_STAGES: tl.constexpr,
 ):
     """Small batches (BP*TP token rows fit one tile), one or several routing layers in one launch: a
     persistent program walks the (layer, chunk block) pairs pid, pid + nprog, ... with software-pipelined
@@ -210,8 +219,9 @@ def _stream_scores_kernel(
         k_tile_ptr = k_ptr + layer.to(tl.int64) * stride_kl + offs_c.to(tl.int64)[None, :] * stride_kc + offs_d[:, None]
         s = _score_tile(q_rows_ptr + layer * stride_ql, q_tile_mask, stride_qp, k_tile_ptr,
                         d_ok[:, None] & c_ok[None, :], stride_kh,
-                        inv_ptr + layer.to(tl.int64) * stride_il + offs_c.to(tl.int64) * HKV, c_ok,
-                        HKV, D, BLOCK_M, BLOCK_C, N_PARTS, NORMALIZE_K, HAS_INV, DOT_PRECISION, UPCAST, HEAD_STAGES)
+                        col_ptr + layer.to(tl.int64) * stride_il + offs_c.to(tl.int64) * HKV, c_ok,
+                        HKV, D, BLOCK_M, BLOCK_C, N_PARTS, NORMALIZE_K, COL_SCALE, DOT_PRECISION, UPCAST, K_INT8,
+                        HEAD_STAGES)
         s = s * tl.load(tscale_ptr + layer * (B * TP) + rows, mask=row_ok, other=0.0)[:, None]
         out_layer = out_ptr + layer.to(tl.int64) * stride_ol + offs_c
         for b in tl.static_range(BP):  # a static loop over the tile's rows: no reshape of the register tile
@@ -232,10 +242,12 @@ class GroupedQueries:
 
 def group_queries(q: torch.Tensor, token_mask: torch.Tensor, kr_dtype: torch.dtype, kv_heads: int,
                   normalization: str, exact: bool = True) -> GroupedQueries:
-    """Launch the query-preparation kernel (inputs already checked). exact=False: one piece."""
+    """Launch the query-preparation kernel (inputs already checked). exact=False: one piece. The pieces take
+    the bank's dtype; bfloat16 for int8 keys (`quantized_keys`), whose values bfloat16 holds exactly."""
     b, t, h, d = q.shape
     if q.stride(3) != 1:
         q = q.contiguous()
+    kr_dtype = torch.bfloat16 if kr_dtype == torch.int8 else kr_dtype
     n_parts = _PIECES[kr_dtype] if exact else 1
     pieces = torch.empty(n_parts, b, t, kv_heads * d, dtype=kr_dtype, device=q.device)
     token_scale = torch.empty(b, t, dtype=torch.float32, device=q.device)
@@ -261,11 +273,12 @@ def default_blocks(tokens: int, head_dim: int) -> tuple[int, int]:
 
 def chunk_scores_triton(grouped: GroupedQueries, kr_bar: torch.Tensor, *, normalize_k: bool, reduce_sum: bool,
                         exact: bool = True, block_c: int | None = None, block_m: int | None = None,
-                        num_warps: int | None = None) -> torch.Tensor:
+                        num_warps: int | None = None, col_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Launch the scoring kernel: [B, C] fp32 max (or, reduce_sum, sum) over routing tokens.
 
     exact=False: an fp32 bank is multiplied in one tf32 pass instead of three (the 16-bit banks'
-    precision is set by the pieces of `grouped`).
+    precision is set by the pieces of `grouped`). col_scale [C, Hkv] fp32: each key's dot is multiplied by
+    it (required for int8 keys: their scales; then normalize_k must be False, the keys being prepared).
     """
     pieces = grouped.pieces
     n_parts, b, t, _ = pieces.shape
@@ -278,17 +291,35 @@ def chunk_scores_triton(grouped: GroupedQueries, kr_bar: torch.Tensor, *, normal
     auto_c, auto_m = default_blocks(b * t, d)
     block_c, block_m = block_c or auto_c, block_m or auto_m
     block_d = max(16, next_power_of_2(d))
+    col_scale = _col_scale(col_scale, kr_bar, normalize_k)
     _chunk_scores_kernel[(triton.cdiv(c, block_c),)](
         pieces, pieces.stride(0), grouped.token_scale, grouped.mask,
-        kr_bar, kr_bar.stride(0), kr_bar.stride(1), out, out.stride(0), b, t, c,
+        kr_bar, kr_bar.stride(0), kr_bar.stride(1), kr_bar if col_scale is None else col_scale,
+        out, out.stride(0), b, t, c,
         HKV=hkv, D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_C=block_c, N_PARTS=n_parts,
-        NORMALIZE_K=normalize_k, REDUCE_SUM=reduce_sum,
+        NORMALIZE_K=normalize_k, COL_SCALE=col_scale is not None, REDUCE_SUM=reduce_sum,
         DOT_PRECISION="tf32x3" if kr_bar.dtype == torch.float32 and exact else "tf32",  # unused for 16-bit
-        UPCAST=interpreting() and kr_bar.dtype == torch.bfloat16,
+        UPCAST=_upcast(kr_bar), K_INT8=kr_bar.dtype == torch.int8,
         num_warps=num_warps or (8 if block_m * block_c > 64 * 64 or block_d > 64 else 4),
         num_stages=1,  # the loads sit in unrolled kv-head loops: pipelining them only costs shared memory
     )
     return out
+
+
+def _upcast(kr_bar: torch.Tensor) -> bool:
+    """Under Triton's CPU interpreter, bfloat16 dots (a bf16 bank's, or int8 keys met by bf16 queries) run in fp32."""
+    return interpreting() and kr_bar.dtype in (torch.bfloat16, torch.int8)
+
+
+def _col_scale(col_scale: torch.Tensor | None, kr_bar: torch.Tensor, normalize_k: bool) -> torch.Tensor | None:
+    """The column multipliers a launch reads, contiguous: the scales of int8 keys (required), the inverse norms
+    of cosine keys (optional), None where keys are not normalised."""
+    if kr_bar.dtype == torch.int8:
+        if col_scale is None or normalize_k:
+            raise ValueError("int8 keys are prepared keys: they need their scales and normalize_k=False")
+    elif not normalize_k:
+        return None
+    return None if col_scale is None else col_scale.contiguous()
 
 
 # Wide layouts (Hkv * D > 256): 128-chunk blocks whose kv-head loop is pipelined in 3 stages. On an H200 at
@@ -307,15 +338,16 @@ def stream_shape(b: int, t: int) -> tuple[int, int] | None:
     return (bp, tp) if bp * tp <= STREAM_MAX_ROWS else None
 
 
-def stream_scores_triton(grouped: GroupedQueries, kr_bar: torch.Tensor, inv_norms: torch.Tensor | None, *,
+def stream_scores_triton(grouped: GroupedQueries, kr_bar: torch.Tensor, col_scale: torch.Tensor | None, *,
                          normalize_k: bool, reduce_sum: bool, exact: bool = True, block_c: int | None = None,
                          num_stages: int | None = None, programs_per_sm: int | None = None,
                          num_warps: int | None = None, head_stages: int | None = None) -> torch.Tensor:
     """Launch the streaming kernel: [L, B, C] fp32 for kr_bar [L, C, Hkv, D] and queries grouped from
     [L*B, TP, H, D] (layer-major; T padded to TP, see `stream_shape`), or [B, C] for kr_bar [C, Hkv, D].
 
-    inv_norms ([L,] C, Hkv fp32, `inverse_key_norms`) lets the kernel skip recomputing the key norms; None
-    computes them from the tile. Defaults (measured on an H100, benchmarks/kernels_bench.py --only stream):
+    col_scale ([L,] C, Hkv fp32) multiplies each key's dot: the inverse key norms (`inverse_key_norms`) let the
+    kernel skip recomputing them for cosine scoring (None: computed from the tile); int8 keys (`quantized_keys`)
+    need their scales (normalize_k=False: they are prepared keys). Defaults (measured on an H100, benchmarks/kernels_bench.py --only stream):
     2 programs per SM, 4 warps, 128-chunk blocks; 64-wide heads: 3 pipeline stages; wider layouts (Hkv*D > 256):
     no pipelining of whole blocks (3 stages would need more shared memory than an SM has) but of their kv-head
     loop (head_stages, WIDE_HEAD_STAGES by default; measured on an H200).
@@ -323,7 +355,7 @@ def stream_scores_triton(grouped: GroupedQueries, kr_bar: torch.Tensor, inv_norm
     single = kr_bar.dim() == 3
     if single:
         kr_bar = kr_bar.unsqueeze(0)
-        inv_norms = inv_norms.unsqueeze(0) if inv_norms is not None else None
+        col_scale = col_scale.unsqueeze(0) if col_scale is not None else None
     pieces = grouped.pieces
     n_parts, lb, tp, _ = pieces.shape
     n_layers, c, hkv, d = kr_bar.shape
@@ -334,14 +366,12 @@ def stream_scores_triton(grouped: GroupedQueries, kr_bar: torch.Tensor, inv_norm
     if c and b:
         block_d = max(16, next_power_of_2(d))
         wide = hkv * d > 256
-        has_inv = inv_norms is not None and normalize_k
-        if has_inv and not inv_norms.is_contiguous():
-            inv_norms = inv_norms.contiguous()
+        col_scale = _col_scale(col_scale, kr_bar, normalize_k)
         grid_per_sm = programs_per_sm or 2
         head_stages = head_stages or (WIDE_HEAD_STAGES if wide else 1)
         bc0 = block_c or 128
         choices = [(bc0, (1 if wide else 3) if num_stages is None else num_stages)]
-        key = (hkv, d, next_power_of_2(b), tp, n_parts, kr_bar.dtype, has_inv, block_c, head_stages)
+        key = (hkv, d, next_power_of_2(b), tp, n_parts, kr_bar.dtype, col_scale is not None, block_c, head_stages)
         if num_stages is None:  # default pipelining: fall back to fewer stages / smaller tiles where they do not fit
             fallbacks = [(bc0, 2), (bc0, 1)] + ([(64, 1), (32, 1)] if block_c is None else [])
             choices = [_FITS[key]] if key in _FITS else list(dict.fromkeys([*choices, *fallbacks]))
@@ -351,11 +381,12 @@ def stream_scores_triton(grouped: GroupedQueries, kr_bar: torch.Tensor, inv_norm
                 _stream_scores_kernel[(min(jobs, num_sms(kr_bar.device) * grid_per_sm),)](
                     pieces, pieces.stride(0), b * tp * hkv * d, grouped.token_scale, grouped.mask,
                     kr_bar, kr_bar.stride(0), kr_bar.stride(1), kr_bar.stride(2),
-                    inv_norms if has_inv else kr_bar, c * hkv, out, out.stride(0), out.stride(1), b, c, n_layers,
+                    kr_bar if col_scale is None else col_scale, c * hkv, out, out.stride(0), out.stride(1),
+                    b, c, n_layers,
                     HKV=hkv, D=d, BLOCK_D=block_d, BP=next_power_of_2(b), TP=tp, BLOCK_C=bc, N_PARTS=n_parts,
-                    NORMALIZE_K=normalize_k, HAS_INV=has_inv, REDUCE_SUM=reduce_sum,
+                    NORMALIZE_K=normalize_k, COL_SCALE=col_scale is not None, REDUCE_SUM=reduce_sum,
                     DOT_PRECISION="tf32x3" if kr_bar.dtype == torch.float32 and exact else "tf32",
-                    UPCAST=interpreting() and kr_bar.dtype == torch.bfloat16,
+                    UPCAST=_upcast(kr_bar), K_INT8=kr_bar.dtype == torch.int8,
                     NUM_STAGES=stages, HEAD_STAGES=head_stages, num_warps=num_warps or 4,
                 )
             except triton.runtime.errors.OutOfResources:  # raised before the launch: nothing ran

@@ -137,6 +137,35 @@ def prepared_keys(kr_bar: Tensor, normalization: Normalization, dtype: torch.dty
     return k.to(dtype)
 
 
+KEY_LEVELS = 127  # int8 routing keys: symmetric steps, the largest entry of each key at +-127
+QUANTIZE_ROWS = 1 << 18  # keys quantised per block (bounds the float32 working copy to 256K keys)
+
+
+def quantized_keys(kr_bar: Tensor, normalization: Normalization,
+                   device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """`prepared_keys` as int8 with one float32 scale per key (per chunk and kv head): values [..., D] int8 and
+    scales [...] with values * scales[..., None] within half a step (scale / 2) of each prepared entry, the step
+    being the key's largest |entry| / 127. Half the bytes of bfloat16 keys for a scorer that streams them (the
+    GPU kernel; routing.score_keys='int8'), with a finer grid than bfloat16's for a key's large entries. A zero
+    key stays zero (scale 0). Made in blocks of QUANTIZE_ROWS keys on `device` (default: kr_bar's), so a large
+    bank never needs a float32 copy, and a bank in host memory is quantised by the GPU that will score it."""
+    device = kr_bar.device if device is None else torch.device(device)
+    flat = kr_bar.reshape(-1, kr_bar.shape[-1])
+    values = torch.empty(flat.shape, dtype=torch.int8, device=device)
+    scales = torch.empty(flat.shape[0], dtype=torch.float32, device=device)
+    for start in range(0, flat.shape[0], QUANTIZE_ROWS):
+        k = prepared_keys(flat[start : start + QUANTIZE_ROWS].to(device), normalization)
+        step = k.abs().amax(dim=-1) / KEY_LEVELS
+        values[start : start + QUANTIZE_ROWS] = torch.round(k / torch.where(step > 0, step, 1.0)[:, None])
+        scales[start : start + QUANTIZE_ROWS] = step
+    return values.view(kr_bar.shape), scales.view(kr_bar.shape[:-1])
+
+
+def dequantized_keys(values: Tensor, scales: Tensor) -> Tensor:
+    """float32 prepared keys from `quantized_keys`: what the scores of int8 keys equal (keys_prepared=True)."""
+    return values.float() * scales[..., None]
+
+
 def _prepared(q: Tensor, token_mask: Tensor, kr_bar: Tensor, head_reduce: str, normalization: str,
               chunk_block: int, *, last_only: bool, keys_prepared: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Checked float32 inputs of the token-chunk scores: q [B, T', Hkv, G, D] normalised and scaled as

@@ -280,3 +280,32 @@ def test_cpu_scoring_holds_bf16_keys_for_a_bf16_model_unless_exact_scores(tiny_m
         got = document_scores(q, mask, memory_router.scoring_keys(bank, rc.normalization, torch.bfloat16)[0],
                               bank.chunk_doc, bank.num_parts, keys_prepared=True, **kw)
         assert got.dtype == torch.float32 and torch.allclose(got, want, atol=3e-3) and not torch.equal(got, want)
+
+
+def test_int8_score_keys_rank_as_the_bank_keys(tiny_model_dir):
+    """routing.score_keys='int8': the scorer reads the bank's keys quantised once per bank state (the GPU kernel's
+    numbers; here the PyTorch path scores their dequantised values): the same documents, each layer's score
+    within 3e-3 of the bank keys' scores; the kernels' inputs are the int8 keys and their scales, with no copy of
+    the bank's own keys; exact scores and int8 keys do not go together."""
+    from msa_core.inference import memory_router
+
+    with pytest.raises(ValueError, match="choose one"):
+        MSAConfig(routing={"score_keys": "int8", "exact_scores": True})
+    model = _model(tiny_model_dir("qwen3"), layers=[1, 2, 3], top_k=2)
+    docs = DOCS + ["Paris is the capital of France.", "Cheese from the island is aged in caves."]
+    bank = model.index(docs, ids=["a", "b", "c", "d"])
+    rc = model.config.routing
+    want = {h.id: h for h in model.retrieve(QUESTION, bank, k=4, layer_scores=True)}
+    memory_router.PER_STATE.clear()
+    rc.score_keys = "int8"
+    got = model.retrieve(QUESTION, bank, k=4, layer_scores=True)
+    assert {what for _, what in memory_router.PER_STATE if "keys" in what} == {f"int8_keys_{rc.normalization}"}
+    assert [h.id for h in got] == list(want)
+    for h in got:
+        assert all(abs(h.layer_scores[layer] - want[h.id].layer_scores[layer]) <= 3e-3 for layer in h.layer_scores)
+    assert any(h.layer_scores != want[h.id].layer_scores for h in got)  # int8 keys, not the bank's
+    hook = MemoryRouter(bank, model.router, rc, torch.ones(1, 3, dtype=torch.bool))
+    keys, chunk_doc, columns = hook._kernel_inputs(torch.device("cpu"))
+    assert keys.dtype == torch.int8 and keys.shape == bank.kr_bar.shape and torch.equal(chunk_doc, bank.chunk_doc)
+    assert list(columns) == ["key_scales"] and columns["key_scales"].shape == bank.kr_bar.shape[:-1]
+    assert not any(what == "cpu" for _, what in memory_router.PER_STATE)  # the bank's keys were not copied

@@ -232,6 +232,114 @@ def test_streaming_kernel_with_a_pipelined_head_loop_equals_the_unrolled_one(hea
     torch.testing.assert_close(pipelined, want, atol=2e-6 * max(want.abs().max().item(), 1.0), rtol=1e-5)
 
 
+INT8_CASES = [  # (b, t, hkv, g, d, normalization, query_reduce, stream)
+    (1, 9, 4, 2, 128, "cosine", "max", True),  # one question, a wide layout: the streaming kernel
+    (3, 37, 3, 3, 64, "cosine", "max", False),  # the tiled kernel
+    (2, 13, 2, 1, 64, "scaled_dot", "mean", True),  # raw keys: no norm, only the scale
+    (4, 20, 3, 3, 64, "scaled_cosine", "last", True),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("b,t,hkv,g,d,normalization,query_reduce,stream", INT8_CASES)
+@pytest.mark.parametrize("exact", [True, False])
+def test_int8_keys_score_as_their_dequantised_keys(b, t, hkv, g, d, normalization, query_reduce, stream, exact):
+    """int8 routing keys (`quantized_keys`): the kernel reads half a bfloat16 bank's bytes and scores what the
+    reference scores from the dequantised keys (exact: to fp32 rounding; exact=False: the queries rounded once to
+    bfloat16), and both stay near the scores of the keys before quantisation."""
+    from msa_core.routing.scores import quantized_keys
+
+    q, mask, kr, chunk_doc, n = _routing_inputs(b=b, t=t, hkv=hkv, g=g, d=d, c=150, k_dtype=torch.bfloat16,
+                                                q_dtype=torch.bfloat16)
+    kw = {"normalization": normalization, "query_reduce": query_reduce}
+    values, scales = quantized_keys(kr, normalization)
+    assert values.dtype == torch.int8 and values.shape == kr.shape and scales.shape == kr.shape[:-1]
+    got = chunk_scores(q, mask, values, backend="triton", key_scales=scales, stream=stream, block_c=32,
+                       exact=exact, **kw)
+    want = chunk_scores_reference(q, mask, values, key_scales=scales, **kw)
+    scale = max(want.abs().max().item(), 1.0)
+    tol = 2e-6 if exact else 4e-3
+    torch.testing.assert_close(got, want, atol=tol * scale, rtol=tol)
+    unquantized = chunk_scores_reference(q, mask, kr, **kw)
+    torch.testing.assert_close(want, unquantized, atol=5e-3 * scale, rtol=5e-3)
+    docs = routing_scores(q, mask, values, chunk_doc, n, backend="triton", key_scales=scales, exact=exact, **kw)
+    torch.testing.assert_close(docs, routing_scores_reference(q, mask, values, chunk_doc, n, key_scales=scales, **kw),
+                               atol=tol * scale, rtol=tol)
+
+
+@needs_triton
+def test_int8_keys_in_one_launch_over_layers_equal_each_layer():
+    from msa_core.kernels import layer_routing_scores
+    from msa_core.routing.scores import quantized_keys
+
+    q, mask, kr, chunk_doc, n = _routing_inputs(b=1, t=9, hkv=2, g=2, d=64, c=90, k_dtype=torch.bfloat16,
+                                                q_dtype=torch.bfloat16)
+    kr_all = torch.stack([kr, kr.flip(0)])
+    q_all = torch.stack([q[:1], q[:1].flip(1)])
+    values, scales = quantized_keys(kr_all, "cosine")
+    got = layer_routing_scores(q_all, mask[:1], values, chunk_doc, n, backend="triton", key_scales=scales)
+    for i in range(2):
+        want = routing_scores_reference(q_all[i], mask[:1], values[i], chunk_doc, n, key_scales=scales[i])
+        torch.testing.assert_close(got[i], want, atol=2e-6, rtol=1e-5)
+
+
+def test_quantized_keys_round_each_entry_to_half_a_step():
+    from msa_core.routing import scores
+
+    gen = torch.Generator().manual_seed(3)
+    kr = torch.randn(2, 50, 3, 64, generator=gen)
+    kr[0, 7, 1] = 0.0  # a zero key stays zero
+    kr[1, 3, 2, 5] = 40.0  # one large entry sets its key's step
+    old = scores.QUANTIZE_ROWS
+    try:
+        scores.QUANTIZE_ROWS = 64  # several blocks, the last one partial
+        values, scales = scores.quantized_keys(kr, "cosine")
+    finally:
+        scores.QUANTIZE_ROWS = old
+    prepared = scores.prepared_keys(kr, "cosine")
+    error = (scores.dequantized_keys(values, scales) - prepared).abs()
+    assert (error <= scales[..., None] / 2 + 1e-7).all()
+    assert values.abs().amax(dim=-1).min() == 127 or scales.min() == 0  # every nonzero key spans the grid
+    assert (values[0, 7, 1] == 0).all() and scales[0, 7, 1] == 0
+    assert torch.equal(values.abs().amax(dim=-1)[scales > 0], torch.full_like(scales[scales > 0], 127, dtype=torch.int8))
+    raw_values, raw_scales = scores.quantized_keys(kr, "scaled_dot")
+    assert (scores.dequantized_keys(raw_values, raw_scales) - kr).abs().max() <= raw_scales.max() / 2 + 1e-6
+
+
+def test_int8_keys_are_checked():
+    from msa_core.routing.scores import quantized_keys
+
+    q, mask, kr, _, _ = _routing_inputs(c=40)
+    values, scales = quantized_keys(kr, "cosine")
+    with pytest.raises(InvalidInputError, match="come with their key_scales"):
+        chunk_scores(q, mask, values)
+    with pytest.raises(InvalidInputError, match="come with their key_scales"):
+        chunk_scores(q, mask, kr, key_scales=scales)
+    with pytest.raises(InvalidInputError, match="key_scales must be float32"):
+        chunk_scores(q, mask, values, key_scales=scales.double())
+
+
+@needs_triton
+def test_int8_score_keys_through_the_kernel_equal_the_pytorch_path(tiny_model_dir):
+    """A model routing with score_keys='int8' and kernel='triton' (Triton's interpreter on a CPU) ranks as the
+    PyTorch path scoring the same int8 keys, every layer's scores within the kernel's bf16 query rounding."""
+    from msa_core.config import MSAConfig
+    from msa_core.model import MSAModel
+
+    cfg = MSAConfig(routing={"layers": [1, 2, 3], "top_k": 2, "score_keys": "int8"},
+                    encode={"chunk_size": 4, "storage_dtype": "float32"})
+    model = MSAModel.from_pretrained(tiny_model_dir("llama"), router="random", config=cfg, device="cpu")
+    docs = ["The lighthouse of Velmora was built in 1887.", "Ferries leave the harbour at seven.",
+            "Paris is the capital of France.", "Cheese from the island is aged in caves."]
+    bank = model.index(docs, ids=["a", "b", "c", "d"])
+    want = {h.id: h for h in model.retrieve("Who built the lighthouse?", bank, k=4, layer_scores=True)}
+    model.config.routing.kernel = "triton"
+    got = model.retrieve("Who built the lighthouse?", bank, k=4, layer_scores=True)
+    assert {h.id for h in got} == set(want)
+    for h in got:
+        assert all(abs(h.layer_scores[layer] - want[h.id].layer_scores[layer]) <= 4e-3 for layer in h.layer_scores)
+
+
 def test_inverse_key_norms_are_checked():
     from msa_core.kernels import inverse_key_norms
 
