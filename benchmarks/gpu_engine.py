@@ -13,9 +13,12 @@ tied embeddings), random bf16 weights, the tests' tiny tokenizer. In one run:
 - time to first token: latent (routing + prefill + first token) with a bank of 8 x 512-token documents
   and with banks of 1M and 10M tokens (the 8 documents' encoded tensors repeated under new ids), against
   text RAG (transformers prefill of the same 8 documents as text plus the question, first token);
-- retrieve latency (question forward to the last routing layer, scores, top-k) at each bank size;
+- retrieve latency (question forward to the last routing layer, scores, top-k) at each bank size; the rows
+  `*_int8` repeat TTFT, retrieve and the bank-sized scoring step with routing.score_keys='int8';
 - encode tokens/s against transformers' own forward over the same 8 documents (both warmed up, medians of 5;
-  msa's includes tokenizing and pooling), and msa's first call on 64 documents (shapes never seen before).
+  msa's includes tokenizing and pooling), and msa's first call on 64 documents (shapes never seen before); with
+  --compile also with EncodeConfig.compile (the encoding forward torch.compile'd; `encode_tok_s` is then that one,
+  `encode_tok_s_eager` the other).
 Ratios: decode_ratio = msa batch-1 decode / transformers eager; ttft_ratio = latent TTFT with the 1M bank
 / text RAG; encode_ratio = msa encode / transformers forward.
 """
@@ -319,7 +322,16 @@ def main() -> None:
     tokens = model.index(texts, show_progress_bar=False).info()["tokens"]
     encode_ms = median_ms(lambda: model.add(model.new_bank(), texts, ids=[f"e{i}" for i in range(8)],
                                             show_progress_bar=False), dev, 5)
-    out["encode_tok_s"] = tokens / encode_ms * 1e3
+    out["encode_tok_s"] = out["encode_tok_s_eager"] = tokens / encode_ms * 1e3
+    if args.compile and dev.type == "cuda":  # EncodeConfig.compile: warmed on two shapes (static, then dynamic)
+        model.config.encode.compile = True
+        t = time.perf_counter()
+        for n in (8, 5):
+            model.add(model.new_bank(), texts[:n], ids=[f"c{i}" for i in range(n)], show_progress_bar=False)
+        out["encode_compile_s"] = time.perf_counter() - t
+        encode_ms = median_ms(lambda: model.add(model.new_bank(), texts, ids=[f"e{i}" for i in range(8)],
+                                                show_progress_bar=False), dev, 5)
+        out["encode_tok_s"] = out["encode_tok_s_compiled"] = tokens / encode_ms * 1e3
     bank = model.new_bank()
     model.add(bank, texts, ids=[f"d{i}" for i in range(8)], show_progress_bar=False)
     if dev.type == "cuda":  # every bank tensor on the GPU, the tier whose routed prefill replays from a graph

@@ -137,6 +137,11 @@ class EncodeConfig(_Strict):
                     "stay in cache; ~15% faster than 8192 on a 2-core machine), 8192 on a GPU.",
     )
     storage_dtype: StorageDtype = "float16"
+    compile: bool = Field(
+        default=False,
+        description="On a GPU, torch.compile the encoding forward (one graph, dynamic batch and length: fused norms, "
+                    "RoPE, activations and pooling). The first batch compiles for a while; CPUs ignore it.",
+    )
 
 
 class MSAConfig(_Strict):

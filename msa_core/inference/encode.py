@@ -9,8 +9,9 @@ routing keys follow by linearity (mean(W x) = W mean(x)).
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,6 +147,7 @@ def encode_parts(backbone: Backbone, router: RouterProjectors, layers: list[int]
     if not parts:
         raise InvalidInputError("nothing to encode: the list of documents is empty")
     p, dev, started = config.chunk_size, backbone.device, time.perf_counter()
+    forward = compiled_pooled_batch() if config.compile and dev.type == "cuda" else pooled_batch
     lengths = [len(part.token_ids) for part in parts]
     n_chunks = [-(-n // p) for n in lengths]
     batches = plan_batches(lengths, config.batch_size, batch_tokens(config, dev))
@@ -161,16 +163,12 @@ def encode_parts(backbone: Backbone, router: RouterProjectors, layers: list[int]
         for row, i in enumerate(batch):
             ids[row, : lengths[i]] = torch.tensor(parts[i].token_ids)
         lens = torch.tensor([lengths[i] for i in batch], device=dev)
-        pooler = _Pooler(layers, lens, p)
-        ids = ids.to(dev)
-        backbone(ids, torch.arange(t, device=dev).expand_as(ids), capture=pooler, last_layer=max(layers),
-                 hooks_only_in_last=True)
-        kr = {l: _routing_keys(router, l, pooler) for l in layers}  # W_KR·mean(x), whole batch
+        batch_pooled = forward(backbone, router, layers, ids.to(dev), lens, p)  # 3 x [L, B * width, kv, D]
         # each part's real chunks, rows in batch order, every layer at once (chunks past a part's end dropped)
         width = -(-t // p)
         real = torch.tensor([row * width + j for row, i in enumerate(batch) for j in range(n_chunks[i])], device=dev)
-        for out, per_layer in zip(pooled, (pooler.k, pooler.v, kr)):
-            out.append(torch.stack([per_layer[l].flatten(0, 1).index_select(0, real) for l in layers]).to(dtype))
+        for out, per_layer in zip(pooled, batch_pooled):
+            out.append(per_layer.index_select(1, real).to(dtype))
         bar.update(sum(lengths[i] for i in batch))  # (host numbers: no wait on the device)
     bar.close()
     order = [i for batch in batches for i in batch]  # parts in the order their chunks were pooled
@@ -197,6 +195,26 @@ def encode_parts(backbone: Backbone, router: RouterProjectors, layers: list[int]
         k_bar=k_bar, v_bar=v_bar, kr_bar=kr_bar, part_index=[x.part_index for x in parts],
         encode_seconds=time.perf_counter() - started, compute_dtype=dtype_name(backbone.dtype),
     )
+
+
+def pooled_batch(backbone: Backbone, router: RouterProjectors, layers: list[int], ids: torch.Tensor,
+                 lengths: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward over a right-padded batch ids [B, T] (positions from 0; lengths [B] real tokens): K̄, V̄ and
+    K̄_R of every chunk slot of every row, [L, B * ceil(T / P), kv, D] fp32 (slots past a row's end are zeros)."""
+    pooler = _Pooler(layers, lengths, chunk_size)
+    backbone(ids, torch.arange(ids.shape[1], device=ids.device).expand_as(ids), capture=pooler,
+             last_layer=max(layers), hooks_only_in_last=True)
+    kr = {l: _routing_keys(router, l, pooler) for l in layers}  # W_KR·mean(x), whole batch
+    return tuple(torch.stack([per_layer[l].flatten(0, 1) for l in layers]) for per_layer in (pooler.k, pooler.v, kr))
+
+
+@functools.cache
+def compiled_pooled_batch() -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """`pooled_batch` under torch.compile (EncodeConfig.compile, on a GPU): one graph (no breaks: tested), so the
+    norms, RoPE, activations and pooling fuse into fewer kernels. The first batch compiles for its shape, the
+    second recompiles with dynamic batch and length (torch.compile's automatic dynamic shapes; `dynamic=True`
+    would also make the routing layer numbers symbolic), later shapes reuse that graph."""
+    return torch.compile(pooled_batch)
 
 
 def _routing_keys(router: RouterProjectors, layer: int, pooler: _Pooler) -> torch.Tensor:

@@ -187,3 +187,37 @@ def test_encoding_batch_tokens_default_by_device():
     assert EncodeConfig.model_validate({"max_tokens_per_batch": 8192}).max_tokens_per_batch == 8192
     with pytest.raises(ValueError):
         EncodeConfig(max_tokens_per_batch=0)
+
+
+def test_the_encoding_forward_traces_as_one_graph(tiny_model_dir):
+    """EncodeConfig.compile runs `pooled_batch` under torch.compile on a GPU: it must trace without a graph
+    break (fullgraph) and give the eager numbers, for a first shape and for a second (the dynamic recompile)."""
+    from msa_core.inference.encode import pooled_batch
+
+    torch._dynamo.reset()
+    _, backbone, tok, router, layers = _setup(tiny_model_dir)
+    traced = torch.compile(pooled_batch, fullgraph=True, backend="eager")
+    parts = _parts(tok, TEXTS)
+    for batch in ([parts[0]], parts[:3]):
+        t = max(len(p.token_ids) for p in batch)
+        ids = torch.tensor([p.token_ids + [0] * (t - len(p.token_ids)) for p in batch])
+        lengths = torch.tensor([len(p.token_ids) for p in batch])
+        want = pooled_batch(backbone, router, layers, ids, lengths, 4)
+        got = traced(backbone, router, layers, ids, lengths, 4)
+        assert want[0].shape == (len(layers), len(batch) * -(-t // 4), backbone.args.kv_heads, backbone.args.head_dim)
+        for w, g in zip(want, got):
+            torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
+    torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (EncodeConfig.compile is GPU-only)")
+def test_compiled_encoding_on_a_gpu_equals_eager(tiny_model_dir):
+    _, backbone, tok, router, layers = _setup(tiny_model_dir)
+    backbone, router = backbone.cuda(), router.cuda()
+    parts = _parts(tok, TEXTS)
+    eager = encode_parts(backbone, router, layers, parts, EncodeConfig(chunk_size=4, storage_dtype="float32",
+                                                                       batch_size=2))
+    compiled = encode_parts(backbone, router, layers, parts, EncodeConfig(chunk_size=4, storage_dtype="float32",
+                                                                          batch_size=2, compile=True))
+    for name in ("k_bar", "v_bar", "kr_bar"):
+        torch.testing.assert_close(getattr(compiled, name), getattr(eager, name), atol=1e-4, rtol=1e-4)
