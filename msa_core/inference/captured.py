@@ -153,7 +153,8 @@ def captured_prefill(engine: Engine, hook: MemoryRouter, ids: torch.Tensor, posi
         del graphs[old]  # the bank changed since: free the graph and the old tensors it holds
     # (the graph holds the bank's kr_bar and the router, so their ids are not reused while it lives)
     key = (b, t + pad, local_bucket(t + pad + extra_tokens), static.top_k, static.width, id(bank.kr_bar),
-           id(hook.router), cfg.normalization, cfg.query_reduce, cfg.chunk_reduce, cfg.kernel, cfg.exact_scores)
+           id(hook.router), cfg.normalization, cfg.query_reduce, cfg.chunk_reduce, cfg.kernel, cfg.exact_scores,
+           cfg.score_keys)  # (the int8 keys a graph reads live as long as the bank's kr_bar it holds)
     graph = graphs.get(key)
     if graph is None:
         static.routing_mask = routing

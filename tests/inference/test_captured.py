@@ -131,6 +131,28 @@ def test_the_captured_prefill_equals_the_eager_one(tiny_model_dir):
 
 
 @cuda
+def test_int8_keys_captured_equal_eager_and_take_their_own_graph(tiny_model_dir):
+    """routing.score_keys='int8' in a captured prefill: the int8 keys are made in the warm-up (outside capture),
+    replays equal the eager int8 prefill, and a graph captured with the bank's keys is not reused for int8."""
+    model = _model(tiny_model_dir("qwen3"), device="cuda")
+    bank = model.index(DOCS, ids=["a", "b", "c", "d"]).to("cuda")
+    engine = engine_for(model.backbone)
+    _answer(model, bank, QUESTIONS[0])  # a graph with the bank's keys
+    graphs = len(engine.prefill_graphs)
+    model.config.routing.score_keys = "int8"
+    for _ in range(2):  # capture, then replay
+        engine.capture_prefill = False
+        eager, eager_tokens = _answer(model, bank, QUESTIONS[0])
+        engine.capture_prefill = True
+        graphed, graphed_tokens = _answer(model, bank, QUESTIONS[0])
+        assert graphed_tokens == eager_tokens
+        assert (graphed.logits - eager.logits).abs().max().item() <= 1e-4
+        for layer in model.layers:
+            assert torch.equal(graphed.hook.routings[layer].selected, eager.hook.routings[layer].selected)
+    assert len(engine.prefill_graphs) == graphs + 1
+
+
+@cuda
 def test_a_replay_never_syncs_with_the_host(tiny_model_dir):
     model = _model(tiny_model_dir("qwen3"), device="cuda")
     bank = model.index(DOCS, ids=["a", "b", "c", "d"]).to("cuda")
