@@ -41,7 +41,8 @@ def token_doc_scores(model: MSAModel, bank, question: str, keys: torch.Tensor) -
     cfg, tok = model.config.routing, model.tokenizer
     prompt = build_prompt(tok, question)
     hook = KeepQueries(bank, model.router, cfg, None)
-    route_questions(model.backbone, [prompt], hook, offset=model.position_offset(cfg.top_k), pad_id=tok.pad_token_id or 0)
+    route_questions(model.backbone, [prompt], hook, offset=model.position_offset(cfg.top_k),
+                    pad_id=tok.pad_token_id or 0)
     mask, chunk_doc, kv = hook.routing_mask[0], bank.chunk_doc.long(), keys.shape[2]
     per_layer = []
     for li, layer in enumerate(model.layers):
@@ -57,7 +58,8 @@ def reductions() -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tenso
     """name -> f(scores [L, T, N], idf [T]) -> [N] (layers averaged, as retrieve does)."""
     out = {"max (Eq. 2, the default)": lambda s, w: s.amax(1).mean(0)}
     for g in (0.25, 0.5, 1.0):
-        out[f"max of scores x (idf / max idf)^{g}"] = lambda s, w, g=g: (s * (w / w.max()).pow(g)[:, None]).amax(1).mean(0)
+        out[f"max of scores x (idf / max idf)^{g}"] = (
+            lambda s, w, g=g: (s * (w / w.max()).pow(g)[:, None]).amax(1).mean(0))
     for b in (0.02, 0.05, 0.1):
         out[f"max of scores + {b} idf / max idf"] = lambda s, w, b=b: (s + b * (w / w.max())[:, None]).amax(1).mean(0)
     for g in (0.0, 1.0, 2.0):

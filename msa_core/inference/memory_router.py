@@ -27,8 +27,8 @@ from ..routing.scores import (
     select_top_k,
 )
 
-# Tensors derived from a bank state (inverse key norms; K̄_R and the chunk index copied to a GPU for a bank
-# held in CPU memory), keyed by (id of the state's kr_bar, what) and dropped when that kr_bar dies: every
+# Tensors derived from a bank state (inverse key norms; prepared or int8 keys; K̄_R and the chunk index copied to a
+# GPU for a bank held in CPU memory), keyed by (id of the state's kr_bar, what) and dropped when that kr_bar dies: every
 # mutation makes a new one. Not a WeakKeyDictionary: it would compare tensors with ==.
 PER_STATE: dict[tuple[int, str], Any] = {}
 PREPARED_KEYS_BYTES = 1 << 30  # float32 routing keys kept per bank state up to this size (scoring_keys)

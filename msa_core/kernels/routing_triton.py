@@ -347,8 +347,8 @@ def stream_scores_triton(grouped: GroupedQueries, kr_bar: torch.Tensor, col_scal
 
     col_scale ([L,] C, Hkv fp32) multiplies each key's dot: the inverse key norms (`inverse_key_norms`) let the
     kernel skip recomputing them for cosine scoring (None: computed from the tile); int8 keys (`quantized_keys`)
-    need their scales (normalize_k=False: they are prepared keys). Defaults (measured on an H100, benchmarks/kernels_bench.py --only stream):
-    2 programs per SM, 4 warps, 128-chunk blocks; 64-wide heads: 3 pipeline stages; wider layouts (Hkv*D > 256):
+    need their scales (normalize_k=False: they are prepared keys). Defaults (measured on an H100,
+    benchmarks/kernels_bench.py --only stream): 2 programs per SM, 4 warps, 128-chunk blocks; 64-wide heads: 3 pipeline stages; wider layouts (Hkv*D > 256):
     no pipelining of whole blocks (3 stages would need more shared memory than an SM has) but of their kv-head
     loop (head_stages, WIDE_HEAD_STAGES by default; measured on an H200).
     """
