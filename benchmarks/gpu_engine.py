@@ -17,8 +17,8 @@ tied embeddings), random bf16 weights, the tests' tiny tokenizer. In one run:
   `*_int8` repeat TTFT, retrieve and the bank-sized scoring step with routing.score_keys='int8';
 - encode tokens/s against transformers' own forward over the same 8 documents (both warmed up, medians of 5;
   msa's includes tokenizing and pooling), and msa's first call on 64 documents (shapes never seen before); with
-  --compile also with EncodeConfig.compile (the encoding forward torch.compile'd; `encode_tok_s` is then that one,
-  `encode_tok_s_eager` the other).
+  --compile-encode also with EncodeConfig.compile (the encoding forward torch.compile'd; `encode_tok_s` is then
+  that one, `encode_tok_s_eager` the other). --only-encode stops after these rows and transformers' forward.
 Ratios: decode_ratio = msa batch-1 decode / transformers eager; ttft_ratio = latent TTFT with the 1M bank
 / text RAG; encode_ratio = msa encode / transformers forward.
 """
@@ -197,6 +197,13 @@ def hf_model(shape: dict, vocab: int, dtype: torch.dtype, dev: torch.device):
     return model
 
 
+def hf_forward_tok_s(hf, tokenizer, texts: list[str], doc_tokens: int, dev: torch.device) -> float:
+    """transformers' forward over the documents (padded to one batch, at most doc_tokens each): tokens/s, median of 5."""
+    ids = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=doc_tokens)["input_ids"]
+    ids = ids.to(dev)
+    return ids.numel() / median_ms(lambda: hf.model(input_ids=ids), dev, 5) * 1e3
+
+
 def hf_eager_decode(hf, ids: torch.Tensor, dev: torch.device, steps: int) -> float:
     out = hf(input_ids=ids, use_cache=True)
     past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
@@ -280,6 +287,10 @@ def main() -> None:
     ap.add_argument("--variants", default=None, help="decode variants to run (default: graph_unpacked,graph and, "
                     "with --compile, compiled)")
     ap.add_argument("--only-decode", action="store_true", help="stop after the decode rows (a probe)")
+    ap.add_argument("--compile-encode", action="store_true",
+                    help="also encode with EncodeConfig.compile (encode_tok_s_compiled; compiling takes minutes)")
+    ap.add_argument("--only-encode", action="store_true",
+                    help="stop after the encode rows and transformers' forward beside them (encode_ratio)")
     ap.add_argument("--skip-hf-static", action="store_true", help="skip transformers' static-cache generate")
     ap.add_argument("--hbm-tb-s", type=float, default=4.8, help="HBM bandwidth for the roofline (H200: 4.8)")
     ap.add_argument("--profile", action="store_true", help="only profile: the top CUDA kernels of a decode step and "
@@ -323,7 +334,7 @@ def main() -> None:
     encode_ms = median_ms(lambda: model.add(model.new_bank(), texts, ids=[f"e{i}" for i in range(8)],
                                             show_progress_bar=False), dev, 5)
     out["encode_tok_s"] = out["encode_tok_s_eager"] = tokens / encode_ms * 1e3
-    if args.compile and dev.type == "cuda":  # EncodeConfig.compile: warmed on two shapes (static, then dynamic)
+    if args.compile_encode and dev.type == "cuda":  # EncodeConfig.compile: warmed on two shapes (static, dynamic)
         model.config.encode.compile = True
         t = time.perf_counter()
         for n in (8, 5):
@@ -332,6 +343,13 @@ def main() -> None:
         encode_ms = median_ms(lambda: model.add(model.new_bank(), texts, ids=[f"e{i}" for i in range(8)],
                                                 show_progress_bar=False), dev, 5)
         out["encode_tok_s"] = out["encode_tok_s_compiled"] = tokens / encode_ms * 1e3
+    if args.only_encode:  # beside transformers' forward over the same documents, then stop
+        hf = hf_model(shape, shape["vocab_size"] or len(tokenizer), dtype, dev)
+        out["hf_forward_tok_s"] = hf_forward_tok_s(hf, tokenizer, texts, doc_tokens, dev)
+        out["encode_ratio"] = out["encode_tok_s"] / out["hf_forward_tok_s"]
+        save()
+        print(json.dumps(out, indent=1), flush=True)
+        return
     bank = model.new_bank()
     model.add(bank, texts, ids=[f"d{i}" for i in range(8)], show_progress_bar=False)
     if dev.type == "cuda":  # every bank tensor on the GPU, the tier whose routed prefill replays from a graph
@@ -442,8 +460,7 @@ def main() -> None:
     rag_ids = tokenizer(rag, return_tensors="pt")["input_ids"].to(dev)
     out["text_rag_prompt_tokens"] = rag_ids.shape[1]
     out["text_rag_ttft_ms"] = median_ms(lambda: hf(input_ids=rag_ids, use_cache=True).logits[:, -1].argmax(-1), dev, 5)
-    doc_ids = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=doc_tokens)["input_ids"].to(dev)
-    out["hf_forward_tok_s"] = doc_ids.numel() / median_ms(lambda: hf.model(input_ids=doc_ids), dev, 5) * 1e3
+    out["hf_forward_tok_s"] = hf_forward_tok_s(hf, tokenizer, texts, doc_tokens, dev)
     save()
     if not args.skip_hf_static and dev.type == "cuda":
         try:
