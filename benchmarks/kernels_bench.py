@@ -20,6 +20,7 @@ the validation sync included).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -219,35 +220,37 @@ def int8_sweep(tokens: int, h: int, hkv: int, d: int, t: int, reps: int, flush: 
     want_bf16 = chunk_scores_reference(q, mask, kr)
     want = chunk_scores_reference(q, mask, values, key_scales=scales)
     grouped = group_queries(qp, mp, kr.dtype, hkv, "cosine", False)
+    int8_grouped = {q8: group_queries(qp, mp, values.dtype, hkv, "cosine", False, q8) for q8 in (False, True)}
     bf16_bytes = kr.numel() * 2 + inv.numel() * 4
     int8_bytes = values.numel() + scales.numel() * 4
     bf16_ms = med_ms(time_graph(lambda: stream_scores_triton(grouped, kr, inv, normalize_k=True, reduce_sum=False,
                                                              exact=False), reps, flush))
     rows = []
-    # int8 tiles take half the shared memory of bf16 ones: whole 64-chunk blocks may pipeline again (num_stages)
-    for block_c in (64, 128, 256):
-        for stages, head_stages in ((1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (3, 1)):
-            for warps in (4, 8):
-                for per_sm in (2, 4):
-                    v = {"block_c": block_c, "num_stages": stages, "head_stages": head_stages, "num_warps": warps,
-                         "programs_per_sm": per_sm}
+    # int8 tiles take half the shared memory of bf16 ones: whole 64-chunk blocks may pipeline again (num_stages);
+    # int8_queries: int8 tensor-core dots instead of widening the keys to bf16 (routing_triton.INT8_QUERY_DOTS)
+    for q8, block_c, (stages, head_stages), warps, per_sm in itertools.product(
+            (False, True), (64, 128, 256), ((1, 1), (1, 3), (2, 1), (3, 1)), (4, 8), (2,)):  # 48 variants
+        v = {"int8_queries": q8, "block_c": block_c, "num_stages": stages, "head_stages": head_stages,
+             "num_warps": warps, "programs_per_sm": per_sm}
 
-                    def fn(v=v):
-                        return stream_scores_triton(grouped, values, scales, normalize_k=False, reduce_sum=False,
-                                                    exact=False, block_c=v["block_c"], num_stages=v["num_stages"],
-                                                    programs_per_sm=v["programs_per_sm"], num_warps=v["num_warps"],
-                                                    head_stages=v["head_stages"])
-                    try:
-                        got = fn()
-                        ms = med_ms(time_graph(fn, reps, flush))
-                    except (triton.runtime.errors.OutOfResources, RuntimeError) as e:
-                        rows.append({**v, "error": str(e)[:120]})
-                        continue
-                    rows.append({**v, "gpu_ms": ms, "bandwidth_tb_s": int8_bytes / (ms / 1e3) / 1e12,
-                                 "max_abs_err_vs_dequantised_reference": (got - want).abs().max().item(),
-                                 "max_abs_err_vs_bf16_reference": (got - want_bf16).abs().max().item()})
-    default = next((r for r in rows if "gpu_ms" in r and r["block_c"] == 128 and r["num_stages"] == 1
-                    and r["head_stages"] == 3 and r["num_warps"] == 4 and r["programs_per_sm"] == 2), None)
+        def fn(v=v):
+            return stream_scores_triton(int8_grouped[v["int8_queries"]], values, scales,
+                                        normalize_k=False, reduce_sum=False,
+                                        exact=False, block_c=v["block_c"], num_stages=v["num_stages"],
+                                        programs_per_sm=v["programs_per_sm"], num_warps=v["num_warps"],
+                                        head_stages=v["head_stages"])
+        try:
+            got = fn()
+            ms = med_ms(time_graph(fn, reps, flush))
+        except (triton.runtime.errors.OutOfResources, RuntimeError) as e:
+            rows.append({**v, "error": str(e)[:120]})
+            continue
+        rows.append({**v, "gpu_ms": ms, "bandwidth_tb_s": int8_bytes / (ms / 1e3) / 1e12,
+                     "max_abs_err_vs_dequantised_reference": (got - want).abs().max().item(),
+                     "max_abs_err_vs_bf16_reference": (got - want_bf16).abs().max().item()})
+    default = next((r for r in rows if "gpu_ms" in r and not r["int8_queries"] and r["block_c"] == 128
+                    and r["num_stages"] == 1 and r["head_stages"] == 3 and r["num_warps"] == 4
+                    and r["programs_per_sm"] == 2), None)
     best = min((r for r in rows if "gpu_ms" in r), key=lambda r: r["gpu_ms"], default=None)
     return {"tokens": tokens, "chunks": c, "num_heads": h, "kv_heads": hkv, "head_dim": d, "routing_tokens": t,
             "bf16_default_gpu_ms": bf16_ms, "bf16_bytes": bf16_bytes,

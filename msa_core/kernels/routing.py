@@ -132,7 +132,7 @@ def _chunk_scores_triton(q: Tensor, token_mask: Tensor, kr_bar: Tensor, normaliz
     """[B, C] for q [B, T, H, D] and kr_bar [C, Hkv, D], or [L, B, C] for q [L, B, T, H, D] and kr_bar
     [L, C, Hkv, D] (several layers: streaming kernel only, callers check `stream_shape` first)."""
     # first use only: see _common.interpreting
-    from .routing_triton import chunk_scores_triton, group_queries, stream_scores_triton, stream_shape
+    from .routing_triton import INT8_QUERY_DOTS, chunk_scores_triton, group_queries, stream_scores_triton, stream_shape
 
     quantized = kr_bar.dtype == torch.int8  # prepared keys: never normalised again, scaled per column
     normalize_k = normalization != "scaled_dot" and not quantized
@@ -145,11 +145,11 @@ def _chunk_scores_triton(q: Tensor, token_mask: Tensor, kr_bar: Tensor, normaliz
         layers = q.shape[0] if q.dim() == 5 else 1
         q_rows = F.pad(q, (0, 0, 0, 0, 0, pad)).reshape(-1, shape[1], *q.shape[-2:])  # [L*B, TP, H, D]
         mask = F.pad(token_mask, (0, pad)).repeat(layers, 1)
-        grouped = group_queries(q_rows, mask, kr_bar.dtype, kr_bar.shape[-2], normalization, exact)
+        grouped = group_queries(q_rows, mask, kr_bar.dtype, kr_bar.shape[-2], normalization, exact, INT8_QUERY_DOTS)
         out = stream_scores_triton(grouped, kr_bar, col_scale, normalize_k=normalize_k,
                                    reduce_sum=query_reduce == "mean", exact=exact, block_c=block_c)
     else:
-        grouped = group_queries(q, token_mask, kr_bar.dtype, kr_bar.shape[1], normalization, exact)
+        grouped = group_queries(q, token_mask, kr_bar.dtype, kr_bar.shape[1], normalization, exact, INT8_QUERY_DOTS)
         out = chunk_scores_triton(grouped, kr_bar, normalize_k=normalize_k, reduce_sum=query_reduce == "mean",
                                   exact=exact, block_c=block_c, block_m=block_m, col_scale=col_scale)
     if query_reduce == "mean":

@@ -22,7 +22,8 @@ HBM traffic: K̄_R once, plus the queries (B*T*Hkv*D*N_PARTS elements) and the [
    kernel reaches 30% (benchmarks/results/kernels_bench.json, stream_sweep).
 int8 keys (`routing.scores.quantized_keys`: prepared keys, a float32 scale per chunk and kv head) take both
 kernels: each tile is widened to bf16 in registers (exact: |v| <= 127) and each column multiplied by its
-scale where a 16-bit bank's takes its inverse norm; the queries come in bf16 pieces. Half the bytes to stream.
+scale where a 16-bit bank's takes its inverse norm; the queries come in bf16 pieces, or (INT8_QUERY_DOTS) as
+int8 group sums with a step each, for int8 tensor-core dots. Half the bytes to stream.
 """
 
 from __future__ import annotations
@@ -53,9 +54,11 @@ def _group_queries_kernel(
     q_ptr, stride_qb, stride_qt, stride_qh,  # q [B, T, H, D], last dim contiguous
     out_ptr, stride_op, stride_ob, stride_ot,  # pieces [P, B, T, HKV*D] in the bank's dtype
     scale_ptr,  # [B, T] fp32: what the main kernel multiplies a token's scores by (1 / (2^e * H))
+    gscale_ptr,  # [B, T, HKV] fp32 (Q_INT8): the step of each int8 group sum, else unused
     T, inv_heads,
     HKV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     N_PARTS: tl.constexpr, NORMALIZE_Q: tl.constexpr, Q_SCALE: tl.constexpr, FP16_RANGE: tl.constexpr,
+    Q_INT8: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // T
@@ -78,6 +81,10 @@ def _group_queries_kernel(
     out_row = out_ptr + b * stride_ob + t * stride_ot
     for g in range(HKV):
         rest = _group_sum(q_row, stride_qh, g, offs_j, offs_d, d_ok, G, D, NORMALIZE_Q, Q_SCALE) * mult
+        if Q_INT8:  # one int8 piece: the group sum in steps of its largest |entry| / 127 (as quantized_keys)
+            step = tl.max(tl.abs(rest), axis=0) / 127.0
+            tl.store(gscale_ptr + pid * HKV + g, step)
+            rest = tl.floor(rest / tl.where(step > 0, step, 1.0) + 0.5)
         for p in tl.static_range(N_PARTS):
             piece = rest.to(out_ptr.dtype.element_ty)
             tl.store(out_row + p * stride_op + g * D + offs_d, piece, mask=d_ok)
@@ -85,25 +92,33 @@ def _group_queries_kernel(
 
 
 @triton.jit
-def _head_part(g, q_tile_ptr, q_tile_mask, stride_qp, k_tile_ptr, k_tile_mask, stride_kh, col_tile_ptr, c_ok,
+def _head_part(g, q_tile_ptr, q_tile_mask, stride_qp, qs_tile_ptr, row_ok, k_tile_ptr, k_tile_mask, stride_kh,
+               col_tile_ptr, c_ok,
                D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, N_PARTS: tl.constexpr,
                NORMALIZE_K: tl.constexpr, COL_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-               K_INT8: tl.constexpr):
+               K_INT8: tl.constexpr, Q_INT8: tl.constexpr):
     """<q_g pieces, K̄_R[:, g]> of kv head g, each column multiplied by its key's scale (COL_SCALE: read
     from col_tile_ptr + g) or divided by its key's norm (cosine without precomputed norms): [BLOCK_M, BLOCK_C]
-    fp32. K_INT8: the keys are int8 (`quantized_keys`), exact in the queries' bfloat16."""
+    fp32. K_INT8: the keys are int8 (`quantized_keys`), widened to the queries' bfloat16 (exact); Q_INT8: the
+    queries are int8 too (one piece, each row's step of group g at qs_tile_ptr + g): an int8 tensor-core dot,
+    exact in int32."""
     k = tl.load(k_tile_ptr + g * stride_kh, mask=k_tile_mask, other=0)
     kd = k
-    if UPCAST:  # Triton's CPU interpreter multiplies bf16 bit patterns in tl.dot (triton#11584)
-        kd = k.to(tl.float32)
-    elif K_INT8:
-        kd = k.to(tl.bfloat16)
-    part = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    for p in tl.static_range(N_PARTS):
-        qp = tl.load(q_tile_ptr + p * stride_qp + g * D, mask=q_tile_mask, other=0.0)
-        if UPCAST:
-            qp = qp.to(tl.float32)
-        part = tl.dot(qp, kd, part, input_precision=DOT_PRECISION)
+    if Q_INT8:
+        qp = tl.load(q_tile_ptr + g * D, mask=q_tile_mask, other=0)
+        part = tl.dot(qp, k, out_dtype=tl.int32).to(tl.float32)
+        part = part * tl.load(qs_tile_ptr + g, mask=row_ok, other=0.0)[:, None]
+    else:
+        if UPCAST:  # Triton's CPU interpreter multiplies bf16 bit patterns in tl.dot (triton#11584)
+            kd = k.to(tl.float32)
+        elif K_INT8:
+            kd = k.to(tl.bfloat16)
+        part = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+        for p in tl.static_range(N_PARTS):
+            qp = tl.load(q_tile_ptr + p * stride_qp + g * D, mask=q_tile_mask, other=0.0)
+            if UPCAST:
+                qp = qp.to(tl.float32)
+            part = tl.dot(qp, kd, part, input_precision=DOT_PRECISION)
     if COL_SCALE:
         part = part * tl.load(col_tile_ptr + g, mask=c_ok, other=0.0)[None, :]
     elif NORMALIZE_K:  # cosine: divide column c by max(||k_c,g||, eps), F.normalize's formula
@@ -113,10 +128,12 @@ def _head_part(g, q_tile_ptr, q_tile_mask, stride_qp, k_tile_ptr, k_tile_mask, s
 
 
 @triton.jit
-def _score_tile(q_tile_ptr, q_tile_mask, stride_qp, k_tile_ptr, k_tile_mask, stride_kh, col_tile_ptr, c_ok,
+def _score_tile(q_tile_ptr, q_tile_mask, stride_qp, qs_tile_ptr, row_ok, k_tile_ptr, k_tile_mask, stride_kh,
+                col_tile_ptr, c_ok,
                 HKV: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                 N_PARTS: tl.constexpr, NORMALIZE_K: tl.constexpr, COL_SCALE: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, K_INT8: tl.constexpr, HEAD_STAGES: tl.constexpr = 1):
+                DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, K_INT8: tl.constexpr, Q_INT8: tl.constexpr,
+                HEAD_STAGES: tl.constexpr = 1):
     """sum_g <q_g pieces, K̄_R[:, g]> (each g's column scaled, see _head_part): [BLOCK_M, BLOCK_C] fp32.
 
     COL_SCALE: the multipliers come precomputed (col_tile_ptr + g -> [BLOCK_C]: 1 / max(||k_c,g||, eps) for
@@ -127,18 +144,21 @@ def _score_tile(q_tile_ptr, q_tile_mask, stride_qp, k_tile_ptr, k_tile_mask, str
     s = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     if HEAD_STAGES > 1:
         for g in tl.range(0, HKV, num_stages=HEAD_STAGES):
-            s += _head_part(g, q_tile_ptr, q_tile_mask, stride_qp, k_tile_ptr, k_tile_mask, stride_kh, col_tile_ptr,
-                            c_ok, D, BLOCK_M, BLOCK_C, N_PARTS, NORMALIZE_K, COL_SCALE, DOT_PRECISION, UPCAST, K_INT8)
+            s += _head_part(g, q_tile_ptr, q_tile_mask, stride_qp, qs_tile_ptr, row_ok, k_tile_ptr, k_tile_mask,
+                            stride_kh, col_tile_ptr, c_ok, D, BLOCK_M, BLOCK_C, N_PARTS, NORMALIZE_K, COL_SCALE,
+                            DOT_PRECISION, UPCAST, K_INT8, Q_INT8)
     else:
         for g in tl.static_range(HKV):
-            s += _head_part(g, q_tile_ptr, q_tile_mask, stride_qp, k_tile_ptr, k_tile_mask, stride_kh, col_tile_ptr,
-                            c_ok, D, BLOCK_M, BLOCK_C, N_PARTS, NORMALIZE_K, COL_SCALE, DOT_PRECISION, UPCAST, K_INT8)
+            s += _head_part(g, q_tile_ptr, q_tile_mask, stride_qp, qs_tile_ptr, row_ok, k_tile_ptr, k_tile_mask,
+                            stride_kh, col_tile_ptr, c_ok, D, BLOCK_M, BLOCK_C, N_PARTS, NORMALIZE_K, COL_SCALE,
+                            DOT_PRECISION, UPCAST, K_INT8, Q_INT8)
     return s
 
 
 @triton.jit
 def _chunk_scores_kernel(
     q_ptr, stride_qp,  # pieces [P, B*T, HKV*D] (rows = flattened tokens), contiguous
+    qs_ptr,  # [B*T, HKV] fp32 steps of int8 queries (Q_INT8), else unused
     tscale_ptr, mask_ptr,  # [B*T] fp32 per-token score multiplier, [B*T] uint8 routing-token mask
     k_ptr, stride_kc, stride_kh,  # K̄_R [C, HKV, D], last dim contiguous
     col_ptr,  # [C, HKV] fp32 column multipliers (COL_SCALE), else unused
@@ -146,7 +166,7 @@ def _chunk_scores_kernel(
     B, T, C,
     HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
     N_PARTS: tl.constexpr, NORMALIZE_K: tl.constexpr, COL_SCALE: tl.constexpr, REDUCE_SUM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, K_INT8: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, K_INT8: tl.constexpr, Q_INT8: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -160,8 +180,10 @@ def _chunk_scores_kernel(
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < n_tokens
         s = _score_tile(q_ptr + rows[:, None] * (HKV * D) + offs_d[None, :], row_ok[:, None] & d_ok[None, :],
-                        stride_qp, k_tile_ptr, k_tile_mask, stride_kh, col_ptr + offs_c.to(tl.int64) * HKV, c_ok,
-                        HKV, D, BLOCK_M, BLOCK_C, N_PARTS, NORMALIZE_K, COL_SCALE, DOT_PRECISION, UPCAST, K_INT8)
+                        stride_qp, qs_ptr + rows * HKV, row_ok, k_tile_ptr, k_tile_mask, stride_kh,
+                        col_ptr + offs_c.to(tl.int64) * HKV, c_ok,
+                        HKV, D, BLOCK_M, BLOCK_C, N_PARTS, NORMALIZE_K, COL_SCALE, DOT_PRECISION, UPCAST, K_INT8,
+                        Q_INT8)
         routing = tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0
         s = s * tl.load(tscale_ptr + rows, mask=row_ok, other=0.0)[:, None]
         s = tl.where(routing[:, None], s, 0.0 if REDUCE_SUM else float("-inf"))
@@ -186,6 +208,7 @@ def _chunk_scores_kernel(
 @triton.jit
 def _stream_scores_kernel(
     q_ptr, stride_qp, stride_ql,  # pieces [P, L*B*TP, HKV*D], contiguous; layer l, row b*TP + t
+    qs_ptr,  # [L*B*TP, HKV] fp32 steps of int8 queries (Q_INT8), else unused
     tscale_ptr, mask_ptr,  # [L, B*TP] fp32 multiplier, [B*TP] uint8 routing-token mask (False on padding)
     k_ptr, stride_kl, stride_kc, stride_kh,  # K̄_R [L, C, HKV, D], last dim contiguous
     col_ptr, stride_il,  # [L, C, HKV] fp32 column multipliers (COL_SCALE), else unused
@@ -194,7 +217,7 @@ def _stream_scores_kernel(
     HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BP: tl.constexpr, TP: tl.constexpr,
     BLOCK_C: tl.constexpr, N_PARTS: tl.constexpr, NORMALIZE_K: tl.constexpr, COL_SCALE: tl.constexpr,
     REDUCE_SUM: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, K_INT8: tl.constexpr,
-    NUM_STAGES: tl.constexpr, HEAD_STAGES: tl.constexpr,
+    Q_INT8: tl.constexpr, NUM_STAGES: tl.constexpr, HEAD_STAGES: tl.constexpr,
 ):
     """Small batches (BP*TP token rows fit one tile), one or several routing layers in one launch: a
     persistent program walks the (layer, chunk block) pairs pid, pid + nprog, ... with software-pipelined
@@ -217,11 +240,12 @@ def _stream_scores_kernel(
         offs_c = (job % n_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = offs_c < C
         k_tile_ptr = k_ptr + layer.to(tl.int64) * stride_kl + offs_c.to(tl.int64)[None, :] * stride_kc + offs_d[:, None]
-        s = _score_tile(q_rows_ptr + layer * stride_ql, q_tile_mask, stride_qp, k_tile_ptr,
+        s = _score_tile(q_rows_ptr + layer * stride_ql, q_tile_mask, stride_qp,
+                        qs_ptr + (layer * (B * TP) + rows) * HKV, row_ok, k_tile_ptr,
                         d_ok[:, None] & c_ok[None, :], stride_kh,
                         col_ptr + layer.to(tl.int64) * stride_il + offs_c.to(tl.int64) * HKV, c_ok,
                         HKV, D, BLOCK_M, BLOCK_C, N_PARTS, NORMALIZE_K, COL_SCALE, DOT_PRECISION, UPCAST, K_INT8,
-                        HEAD_STAGES)
+                        Q_INT8, HEAD_STAGES)
         s = s * tl.load(tscale_ptr + layer * (B * TP) + rows, mask=row_ok, other=0.0)[:, None]
         out_layer = out_ptr + layer.to(tl.int64) * stride_ol + offs_c
         for b in tl.static_range(BP):  # a static loop over the tile's rows: no reshape of the register tile
@@ -234,34 +258,46 @@ def _stream_scores_kernel(
 
 
 class GroupedQueries:
-    """Output of `group_queries`: the pieces [P, B, T, Hkv*D] and the per-token multiplier [B, T]."""
+    """Output of `group_queries`: the pieces [P, B, T, Hkv*D], the per-token multiplier [B, T], and for int8
+    queries each group sum's step [B, T, Hkv] (else None)."""
 
-    def __init__(self, pieces: torch.Tensor, token_scale: torch.Tensor, mask: torch.Tensor) -> None:
-        self.pieces, self.token_scale, self.mask = pieces, token_scale, mask
+    def __init__(self, pieces: torch.Tensor, token_scale: torch.Tensor, mask: torch.Tensor,
+                 group_scale: torch.Tensor | None = None) -> None:
+        self.pieces, self.token_scale, self.mask, self.group_scale = pieces, token_scale, mask, group_scale
+
+
+# int8 keys meet the queries in bf16 (False: the int8 tile is widened in registers) or as int8 group sums with a
+# step each (True: int8 tensor-core dots, exact in int32). Both within ~2e-3 of fp32 scores; on wiki-dev the
+# int8 queries changed 10 of 730 top-5 sets against fp32 keys and queries, bf16 queries 8. Which streams faster
+# on an H200 is for `benchmarks/kernels_bench.py --only stream-int8` to say.
+INT8_QUERY_DOTS = False
 
 
 def group_queries(q: torch.Tensor, token_mask: torch.Tensor, kr_dtype: torch.dtype, kv_heads: int,
-                  normalization: str, exact: bool = True) -> GroupedQueries:
+                  normalization: str, exact: bool = True, int8_queries: bool = False) -> GroupedQueries:
     """Launch the query-preparation kernel (inputs already checked). exact=False: one piece. The pieces take
-    the bank's dtype; bfloat16 for int8 keys (`quantized_keys`), whose values bfloat16 holds exactly."""
+    the bank's dtype; for int8 keys (`quantized_keys`) bfloat16, which holds their values exactly, or with
+    int8_queries one int8 piece per group sum, in steps of its largest |entry| / 127 (`group_scale`)."""
     b, t, h, d = q.shape
     if q.stride(3) != 1:
         q = q.contiguous()
-    kr_dtype = torch.bfloat16 if kr_dtype == torch.int8 else kr_dtype
-    n_parts = _PIECES[kr_dtype] if exact else 1
-    pieces = torch.empty(n_parts, b, t, kv_heads * d, dtype=kr_dtype, device=q.device)
+    int8_queries = int8_queries and kr_dtype == torch.int8
+    piece_dtype = torch.int8 if int8_queries else torch.bfloat16 if kr_dtype == torch.int8 else kr_dtype
+    n_parts = _PIECES[piece_dtype] if exact and not int8_queries else 1
+    pieces = torch.empty(n_parts, b, t, kv_heads * d, dtype=piece_dtype, device=q.device)
     token_scale = torch.empty(b, t, dtype=torch.float32, device=q.device)
+    group_scale = torch.empty(b, t, kv_heads, dtype=torch.float32, device=q.device) if int8_queries else None
     g = h // kv_heads
     _group_queries_kernel[(b * t,)](
         q, q.stride(0), q.stride(1), q.stride(2),
         pieces, pieces.stride(0), pieces.stride(1), pieces.stride(2),
-        token_scale, t, 1.0 / h,
+        token_scale, token_scale if group_scale is None else group_scale, t, 1.0 / h,
         HKV=kv_heads, G=g, G_P2=next_power_of_2(g), D=d, BLOCK_D=max(16, next_power_of_2(d)),
         N_PARTS=n_parts, NORMALIZE_Q=normalization in ("cosine", "scaled_cosine"),
         Q_SCALE=d ** -0.5 if normalization in ("scaled_dot", "scaled_cosine") else 1.0,
-        FP16_RANGE=kr_dtype == torch.float16,
+        FP16_RANGE=piece_dtype == torch.float16, Q_INT8=int8_queries,
     )
-    return GroupedQueries(pieces, token_scale, token_mask.contiguous().view(torch.uint8))
+    return GroupedQueries(pieces, token_scale, token_mask.contiguous().view(torch.uint8), group_scale)
 
 
 def default_blocks(tokens: int, head_dim: int) -> tuple[int, int]:
@@ -292,14 +328,15 @@ def chunk_scores_triton(grouped: GroupedQueries, kr_bar: torch.Tensor, *, normal
     block_c, block_m = block_c or auto_c, block_m or auto_m
     block_d = max(16, next_power_of_2(d))
     col_scale = _col_scale(col_scale, kr_bar, normalize_k)
+    qs = grouped.group_scale
     _chunk_scores_kernel[(triton.cdiv(c, block_c),)](
-        pieces, pieces.stride(0), grouped.token_scale, grouped.mask,
+        pieces, pieces.stride(0), grouped.token_scale if qs is None else qs, grouped.token_scale, grouped.mask,
         kr_bar, kr_bar.stride(0), kr_bar.stride(1), kr_bar if col_scale is None else col_scale,
         out, out.stride(0), b, t, c,
         HKV=hkv, D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_C=block_c, N_PARTS=n_parts,
         NORMALIZE_K=normalize_k, COL_SCALE=col_scale is not None, REDUCE_SUM=reduce_sum,
         DOT_PRECISION="tf32x3" if kr_bar.dtype == torch.float32 and exact else "tf32",  # unused for 16-bit
-        UPCAST=_upcast(kr_bar), K_INT8=kr_bar.dtype == torch.int8,
+        UPCAST=_upcast(kr_bar), K_INT8=kr_bar.dtype == torch.int8, Q_INT8=qs is not None,
         num_warps=num_warps or (8 if block_m * block_c > 64 * 64 or block_d > 64 else 4),
         num_stages=1,  # the loads sit in unrolled kv-head loops: pipelining them only costs shared memory
     )
@@ -371,7 +408,8 @@ def stream_scores_triton(grouped: GroupedQueries, kr_bar: torch.Tensor, col_scal
         head_stages = head_stages or (WIDE_HEAD_STAGES if wide else 1)
         bc0 = block_c or 128
         choices = [(bc0, (1 if wide else 3) if num_stages is None else num_stages)]
-        key = (hkv, d, next_power_of_2(b), tp, n_parts, kr_bar.dtype, col_scale is not None, block_c, head_stages)
+        key = (hkv, d, next_power_of_2(b), tp, n_parts, pieces.dtype, kr_bar.dtype, col_scale is not None, block_c,
+               head_stages)
         if num_stages is None:  # default pipelining: fall back to fewer stages / smaller tiles where they do not fit
             fallbacks = [(bc0, 2), (bc0, 1)] + ([(64, 1), (32, 1)] if block_c is None else [])
             choices = [_FITS[key]] if key in _FITS else list(dict.fromkeys([*choices, *fallbacks]))
@@ -379,7 +417,9 @@ def stream_scores_triton(grouped: GroupedQueries, kr_bar: torch.Tensor, col_scal
             jobs = n_layers * triton.cdiv(c, bc)
             try:
                 _stream_scores_kernel[(min(jobs, num_sms(kr_bar.device) * grid_per_sm),)](
-                    pieces, pieces.stride(0), b * tp * hkv * d, grouped.token_scale, grouped.mask,
+                    pieces, pieces.stride(0), b * tp * hkv * d,
+                    grouped.token_scale if grouped.group_scale is None else grouped.group_scale,
+                    grouped.token_scale, grouped.mask,
                     kr_bar, kr_bar.stride(0), kr_bar.stride(1), kr_bar.stride(2),
                     kr_bar if col_scale is None else col_scale, c * hkv, out, out.stride(0), out.stride(1),
                     b, c, n_layers,
@@ -387,7 +427,7 @@ def stream_scores_triton(grouped: GroupedQueries, kr_bar: torch.Tensor, col_scal
                     NORMALIZE_K=normalize_k, COL_SCALE=col_scale is not None, REDUCE_SUM=reduce_sum,
                     DOT_PRECISION="tf32x3" if kr_bar.dtype == torch.float32 and exact else "tf32",
                     UPCAST=_upcast(kr_bar), K_INT8=kr_bar.dtype == torch.int8,
-                    NUM_STAGES=stages, HEAD_STAGES=head_stages, num_warps=num_warps or 4,
+                    Q_INT8=grouped.group_scale is not None, NUM_STAGES=stages, HEAD_STAGES=head_stages, num_warps=num_warps or 4,
                 )
             except triton.runtime.errors.OutOfResources:  # raised before the launch: nothing ran
                 if i == len(choices) - 1:

@@ -242,12 +242,17 @@ INT8_CASES = [  # (b, t, hkv, g, d, normalization, query_reduce, stream)
 
 @needs_triton
 @pytest.mark.parametrize("b,t,hkv,g,d,normalization,query_reduce,stream", INT8_CASES)
-@pytest.mark.parametrize("exact", [True, False])
-def test_int8_keys_score_as_their_dequantised_keys(b, t, hkv, g, d, normalization, query_reduce, stream, exact):
+@pytest.mark.parametrize("exact,int8_queries", [(True, False), (False, False), (False, True)])
+def test_int8_keys_score_as_their_dequantised_keys(b, t, hkv, g, d, normalization, query_reduce, stream, exact,
+                                                   int8_queries, monkeypatch):
     """int8 routing keys (`quantized_keys`): the kernel reads half a bfloat16 bank's bytes and scores what the
     reference scores from the dequantised keys (exact: to fp32 rounding; exact=False: the queries rounded once to
-    bfloat16), and both stay near the scores of the keys before quantisation."""
+    bfloat16; int8_queries: the group sums as int8 with a step each, int8 dots), and both stay near the scores of
+    the keys before quantisation."""
+    from msa_core.kernels import routing_triton
     from msa_core.routing.scores import quantized_keys
+
+    monkeypatch.setattr(routing_triton, "INT8_QUERY_DOTS", int8_queries)
 
     q, mask, kr, chunk_doc, n = _routing_inputs(b=b, t=t, hkv=hkv, g=g, d=d, c=150, k_dtype=torch.bfloat16,
                                                 q_dtype=torch.bfloat16)
