@@ -23,14 +23,46 @@ from pathlib import Path
 
 import torch
 from cpu_scoring_dev import dev_bank, dev_set
+from token_weights_probe import KeepQueries
 
 from msa_core import MSAModel, __version__
+from msa_core.inference.generate import build_prompt, route_questions
+from msa_core.inference.memory_router import scoring_keys
 
 ARMS = {  # name -> (exact_scores, score_keys)
     "fp32_keys": (True, "bank"),
     "bf16_keys": (False, "bank"),
     "int8_keys": (False, "int8"),
 }
+
+
+def int8_group_sums(g: torch.Tensor) -> torch.Tensor:
+    """Each query group sum [..., D] rounded to steps of its largest |entry| / 127 (group_queries' int8 pieces)."""
+    step = g.abs().amax(-1, keepdim=True) / 127
+    return torch.round(g / torch.where(step > 0, step, 1.0)) * step
+
+
+def kernel_top(model: MSAModel, bank, question: str, k: int) -> dict[str, list[str]]:
+    """The top k ids as the GPU kernel scores int8 keys, per query format: the normalised queries summed per kv
+    group (`group_queries`), then rounded to bfloat16 (the default) or to int8 steps (INT8_QUERY_DOTS), times the
+    dequantised keys; each passage's best chunk, layers averaged."""
+    cfg, tok = model.config.routing, model.tokenizer
+    keys = scoring_keys(bank, cfg.normalization, int8=True)  # dequantised, made once per bank state
+    prompt = build_prompt(tok, question)
+    hook = KeepQueries(bank, model.router, cfg, None)
+    route_questions(model.backbone, [prompt], hook, offset=model.position_offset(cfg.top_k),
+                    pad_id=tok.pad_token_id or 0)
+    mask, kv, chunk_doc = hook.routing_mask[0], keys.shape[2], bank.chunk_doc.long()
+    totals = {"bf16_queries": 0.0, "int8_queries": 0.0}
+    for li, layer in enumerate(model.layers):
+        q = torch.nn.functional.normalize(hook.kept[layer][0][mask].float(), dim=-1)  # [T, H, D] (cosine)
+        t, h, d = q.shape
+        groups = q.view(t, kv, h // kv, d).sum(2)
+        for name, g in (("bf16_queries", groups.bfloat16().float()), ("int8_queries", int8_group_sums(groups))):
+            chunks = (g.flatten(1) @ keys[li].flatten(1).T / h).amax(0)
+            docs = torch.full((bank.num_parts,), float("-inf")).scatter_reduce(0, chunk_doc, chunks, "amax")
+            totals[name] = totals[name] + docs / len(model.layers)
+    return {name: [bank.docstore[i].id for i in torch.topk(v, k).indices.tolist()] for name, v in totals.items()}
 
 
 def main() -> None:
@@ -54,6 +86,8 @@ def main() -> None:
             hits = model.retrieve(q["question"], bank, k=args.k, layer_scores=True)
             top[arm].append([h.id for h in hits])
             layer_scores[arm].append({h.id: h.layer_scores for h in hits})
+        for name, ids in kernel_top(model, bank, q["question"], args.k).items():
+            top.setdefault(f"int8_keys_{name}_as_the_kernel", []).append(ids)
 
     def recall(arm: str) -> float:
         return statistics.mean(len(set(q["gold_ids"]) & set(got)) / len(q["gold_ids"])
@@ -75,11 +109,13 @@ def main() -> None:
         "arms": {"fp32_keys": "float32 unit keys (routing.exact_scores=True)",
                  "bf16_keys": "bfloat16 unit keys (the CPU default for the bf16 model)",
                  "int8_keys": "int8 keys with a float32 scale per chunk and kv head (routing.score_keys='int8')"},
-        "recall@5": {arm: recall(arm) for arm in ARMS},
+        "recall@5": {arm: recall(arm) for arm in top},
+        "kernel_arms": "the two *_as_the_kernel arms score as the GPU kernel does with int8 keys (the query group "
+                       "sums rounded to bf16, the default, or to int8 steps: routing_triton.INT8_QUERY_DOTS)",
         "top5_set_changed_vs_fp32_keys": {arm: sum(set(x) != set(y) for x, y in zip(top[arm], top["fp32_keys"]))
-                                          for arm in ARMS if arm != "fp32_keys"},
+                                          for arm in top if arm != "fp32_keys"},
         "top5_order_changed_vs_fp32_keys": {arm: sum(x != y for x, y in zip(top[arm], top["fp32_keys"]))
-                                            for arm in ARMS if arm != "fp32_keys"},
+                                            for arm in top if arm != "fp32_keys"},
         "largest_layer_score_difference_vs_fp32_keys": {arm: largest_difference(arm)
                                                         for arm in ARMS if arm != "fp32_keys"},
         "routing_key_bytes_per_chunk_and_layer": per_token,
