@@ -211,9 +211,10 @@ def pooled_batch(backbone: Backbone, router: RouterProjectors, layers: list[int]
 @functools.cache
 def compiled_pooled_batch() -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """`pooled_batch` under torch.compile (EncodeConfig.compile, on a GPU): one graph (no breaks: tested), so the
-    norms, RoPE, activations and pooling fuse into fewer kernels. The first batch compiles for its shape, the
-    second recompiles with dynamic batch and length (torch.compile's automatic dynamic shapes; `dynamic=True`
-    would also make the routing layer numbers symbolic), later shapes reuse that graph."""
+    norms, RoPE, activations and pooling fuse into fewer kernels. The first batch compiles for its shape; later
+    shapes take a graph with dynamic batch and length (torch.compile's automatic dynamic shapes; `dynamic=True`
+    would also make the routing layer numbers symbolic), one for lengths that are multiples of P and one for
+    the others (pooling pads those): three compiles at most."""
     return torch.compile(pooled_batch)
 
 

@@ -191,22 +191,26 @@ def test_encoding_batch_tokens_default_by_device():
 
 def test_the_encoding_forward_traces_as_one_graph(tiny_model_dir):
     """EncodeConfig.compile runs `pooled_batch` under torch.compile on a GPU: it must trace without a graph
-    break (fullgraph) and give the eager numbers, for a first shape and for a second (the dynamic recompile)."""
+    break (fullgraph) and give the eager numbers. Graphs: the first shape's, then one with dynamic batch and
+    length per class of lengths (a multiple of P or not: pooling pads the others); further shapes reuse them."""
     from msa_core.inference.encode import pooled_batch
 
     torch._dynamo.reset()
     _, backbone, tok, router, layers = _setup(tiny_model_dir)
     traced = torch.compile(pooled_batch, fullgraph=True, backend="eager")
-    parts = _parts(tok, TEXTS)
-    for batch in ([parts[0]], parts[:3]):
-        t = max(len(p.token_ids) for p in batch)
-        ids = torch.tensor([p.token_ids + [0] * (t - len(p.token_ids)) for p in batch])
-        lengths = torch.tensor([len(p.token_ids) for p in batch])
+    tokens = _parts(tok, TEXTS)[1].token_ids
+    assert len(tokens) >= 16
+    torch._dynamo.utils.counters.clear()
+    # (batch, length) with P = 4: first shape; lengths not a multiple of 4; multiples of 4; each class again
+    for b, t in ((1, 7), (3, 10), (2, 12), (2, 9), (3, 16)):
+        ids = torch.tensor([tokens[:t]] * b)
+        lengths = torch.tensor([t - row for row in range(b)])  # right padding in all rows but the first
         want = pooled_batch(backbone, router, layers, ids, lengths, 4)
         got = traced(backbone, router, layers, ids, lengths, 4)
-        assert want[0].shape == (len(layers), len(batch) * -(-t // 4), backbone.args.kv_heads, backbone.args.head_dim)
+        assert want[0].shape == (len(layers), b * -(-t // 4), backbone.args.kv_heads, backbone.args.head_dim)
         for w, g in zip(want, got):
             torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
     torch._dynamo.reset()
 
 
