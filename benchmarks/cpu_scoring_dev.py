@@ -29,6 +29,15 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.open(encoding="utf-8")]
 
 
+def dev_parser(doc: str, out: Path) -> argparse.ArgumentParser:
+    """The arguments every wiki-dev script takes: --dev-set, --bank-cache, --out (default `out`)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dev-set", type=Path, required=True, help="a folder with corpus.jsonl and queries.jsonl")
+    ap.add_argument("--bank-cache", type=Path, help="save the default model's bank here, or load it if saved")
+    ap.add_argument("--out", type=Path, default=out)
+    return ap
+
+
 def dev_set(folder: Path) -> tuple[list[dict], list[dict]]:
     """(corpus, queries) of a dev retrieval set; refuses the evaluation sets."""
     if "eval" in folder.resolve().parts:
@@ -48,11 +57,8 @@ def dev_bank(model: MSAModel, corpus: list[dict], cache: Path | None):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dev-set", type=Path, required=True, help="a folder with corpus.jsonl and queries.jsonl")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu_scoring_dev.json")
+    ap = dev_parser(__doc__, Path(__file__).parent / "results" / "cpu_scoring_dev.json")
     ap.add_argument("--k", type=int, default=5)
-    ap.add_argument("--bank-cache", type=Path, help="save the default model's bank here, or load it if saved")
     args = ap.parse_args()
     corpus, queries = dev_set(args.dev_set)
     default = MSAModel.from_pretrained("default", device="cpu")

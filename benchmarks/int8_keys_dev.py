@@ -14,7 +14,6 @@ top-5 sets changed against the float32 keys, and the largest per-layer score dif
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
@@ -22,11 +21,10 @@ import time
 from pathlib import Path
 
 import torch
-from cpu_scoring_dev import dev_bank, dev_set
-from token_weights_probe import KeepQueries
+from cpu_scoring_dev import dev_bank, dev_parser, dev_set
+from token_weights_probe import best_chunk, question_groups
 
 from msa_core import MSAModel, __version__
-from msa_core.inference.generate import build_prompt, route_questions
 from msa_core.inference.memory_router import scoring_keys
 
 ARMS = {  # name -> (exact_scores, score_keys)
@@ -46,31 +44,19 @@ def kernel_top(model: MSAModel, bank, question: str, k: int) -> dict[str, list[s
     """The top k ids as the GPU kernel scores int8 keys, per query format: the normalised queries summed per kv
     group (`group_queries`), then rounded to bfloat16 (the default) or to int8 steps (INT8_QUERY_DOTS), times the
     dequantised keys; each passage's best chunk, layers averaged."""
-    cfg, tok = model.config.routing, model.tokenizer
-    keys = scoring_keys(bank, cfg.normalization, int8=True)  # dequantised, made once per bank state
-    prompt = build_prompt(tok, question)
-    hook = KeepQueries(bank, model.router, cfg, None)
-    route_questions(model.backbone, [prompt], hook, offset=model.position_offset(cfg.top_k),
-                    pad_id=tok.pad_token_id or 0)
-    mask, kv, chunk_doc = hook.routing_mask[0], keys.shape[2], bank.chunk_doc.long()
+    keys = scoring_keys(bank, model.config.routing.normalization, int8=True)  # dequantised, once per bank state
+    groups, h, _ = question_groups(model, bank, question)
     totals = {"bf16_queries": 0.0, "int8_queries": 0.0}
-    for li, layer in enumerate(model.layers):
-        q = torch.nn.functional.normalize(hook.kept[layer][0][mask].float(), dim=-1)  # [T, H, D] (cosine)
-        t, h, d = q.shape
-        groups = q.view(t, kv, h // kv, d).sum(2)
-        for name, g in (("bf16_queries", groups.bfloat16().float()), ("int8_queries", int8_group_sums(groups))):
-            chunks = (g.flatten(1) @ keys[li].flatten(1).T / h).amax(0)
-            docs = torch.full((bank.num_parts,), float("-inf")).scatter_reduce(0, chunk_doc, chunks, "amax")
-            totals[name] = totals[name] + docs / len(model.layers)
+    for li, group in enumerate(groups):
+        for name, g in (("bf16_queries", group.bfloat16().float()), ("int8_queries", int8_group_sums(group))):
+            docs = best_chunk(bank, (g.flatten(1) @ keys[li].flatten(1).T / h).amax(0))
+            totals[name] = totals[name] + docs / len(groups)
     return {name: [bank.docstore[i].id for i in torch.topk(v, k).indices.tolist()] for name, v in totals.items()}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dev-set", type=Path, required=True, help="a folder with corpus.jsonl and queries.jsonl")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "int8_keys_dev.json")
+    ap = dev_parser(__doc__, Path(__file__).parent / "results" / "int8_keys_dev.json")
     ap.add_argument("--k", type=int, default=5)
-    ap.add_argument("--bank-cache", type=Path, help="save the default model's bank here, or load it if saved")
     args = ap.parse_args()
     corpus, queries = dev_set(args.dev_set)
     model = MSAModel.from_pretrained("default", device="cpu")

@@ -12,14 +12,13 @@ was chosen on. Writes recall@5 of each to JSON.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import random
 from pathlib import Path
 
 import torch
-from cpu_scoring_dev import dev_bank, dev_set
+from cpu_scoring_dev import dev_bank, dev_parser, dev_set
 
 from msa_core import MSAModel, __version__
 
@@ -32,22 +31,23 @@ def recall_at(total: torch.Tensor, gold: list[list[int]], rows: list[int], k: in
     return sum(len(set(t) & set(gold[q])) / len(gold[q]) for t, q in zip(top, rows)) / len(rows)
 
 
+def layer_scores(model: MSAModel, bank, questions: list[str]) -> torch.Tensor:
+    """[L, Q, N] every routing layer's score of every bank row (bank row order), as retrieve computes them."""
+    allowed = bank.row_mask(None)
+    with torch.no_grad():
+        return torch.cat([model._route_scores(questions[i:i + 16], bank, allowed).float()
+                          for i in range(0, len(questions), 16)], dim=1)
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dev-set", type=Path, required=True, help="a folder with corpus.jsonl and queries.jsonl")
-    ap.add_argument("--bank-cache", type=Path, help="save the default model's bank here, or load it if saved")
-    ap.add_argument("--out", type=Path,
-                    default=Path(__file__).parent / "results" / "router_training" / "layer_weights_probe_cpu.json")
-    args = ap.parse_args()
+    out = Path(__file__).parent / "results" / "router_training" / "layer_weights_probe_cpu.json"
+    args = dev_parser(__doc__, out).parse_args()
     corpus, queries = dev_set(args.dev_set)
     model = MSAModel.from_pretrained("default", device="cpu")
     bank = dev_bank(model, corpus, args.bank_cache)
     row = {rec.id: i for i, rec in enumerate(bank.docstore)}
     gold = [[row[g] for g in q["gold_ids"]] for q in queries]
-    allowed = bank.row_mask(None)
-    with torch.no_grad():  # [L, Q, N]: every layer's score of every passage, as retrieve computes them
-        scores = torch.cat([model._route_scores([q["question"] for q in queries[i:i + 16]], bank, allowed).float()
-                            for i in range(0, len(queries), 16)], dim=1)
+    scores = layer_scores(model, bank, [q["question"] for q in queries])  # [L, Q, N]
     layers, everyone = model.layers, list(range(len(queries)))
     result: dict = {"benchmark": "layer_weights_probe", "msa_version": __version__, "dev_set": str(args.dev_set),
                     "passages": len(corpus), "questions": len(queries), "layers": layers, "recall@5": {}}

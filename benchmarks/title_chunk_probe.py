@@ -12,32 +12,19 @@ the max of both per layer (the title chunk added), and mixes of the two sides' s
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
-from cpu_scoring_dev import dev_bank, dev_set
-from layer_weights_probe import recall_at
+from cpu_scoring_dev import dev_bank, dev_parser, dev_set
+from layer_weights_probe import layer_scores, recall_at
 
 from msa_core import MSAModel, __version__
 
 
-def layer_scores(model: MSAModel, bank, questions: list[str]) -> torch.Tensor:
-    """[L, Q, N] every routing layer's score of every bank row, in the bank's row order."""
-    allowed = bank.row_mask(None)
-    with torch.no_grad():
-        return torch.cat([model._route_scores(questions[i:i + 16], bank, allowed).float()
-                          for i in range(0, len(questions), 16)], dim=1)
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dev-set", type=Path, required=True, help="a folder with corpus.jsonl and queries.jsonl")
-    ap.add_argument("--bank-cache", type=Path, help="save the default model's bank here, or load it if saved")
-    ap.add_argument("--out", type=Path,
-                    default=Path(__file__).parent / "results" / "router_training" / "title_chunk_probe_cpu.json")
-    args = ap.parse_args()
+    out = Path(__file__).parent / "results" / "router_training" / "title_chunk_probe_cpu.json"
+    args = dev_parser(__doc__, out).parse_args()
     corpus, queries = dev_set(args.dev_set)
     model = MSAModel.from_pretrained("default", device="cpu")
     passages = dev_bank(model, corpus, args.bank_cache)

@@ -13,7 +13,6 @@ and the mean of the top tokens; a choice made on one random half is measured on 
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import math
@@ -22,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from cpu_scoring_dev import dev_bank, dev_set
+from cpu_scoring_dev import dev_bank, dev_parser, dev_set
 
 from msa_core import MSAModel, __version__
 from msa_core.inference.generate import build_prompt, route_questions
@@ -36,22 +35,36 @@ class KeepQueries(MemoryRouter):
         self.kept = queries
 
 
-def token_doc_scores(model: MSAModel, bank, question: str, keys: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """([L, T, N] each routing token's score of each passage (its best chunk), the T routing token ids)."""
+def question_groups(model: MSAModel, bank, question: str) -> tuple[list[torch.Tensor], int, list[int]]:
+    """(per routing layer the question's cosine-normalised routing queries summed per kv group [T, Hkv, D], as
+    the kernels' `group_queries` does; the number of query heads H; the T routing token ids), from the engine's
+    own query forward."""
     cfg, tok = model.config.routing, model.tokenizer
     prompt = build_prompt(tok, question)
     hook = KeepQueries(bank, model.router, cfg, None)
     route_questions(model.backbone, [prompt], hook, offset=model.position_offset(cfg.top_k),
                     pad_id=tok.pad_token_id or 0)
-    mask, chunk_doc, kv = hook.routing_mask[0], bank.chunk_doc.long(), keys.shape[2]
-    per_layer = []
-    for li, layer in enumerate(model.layers):
+    mask, kv = hook.routing_mask[0], bank.kr_bar.shape[2]
+    groups = []
+    for layer in model.layers:
         q = torch.nn.functional.normalize(hook.kept[layer][0][mask].float(), dim=-1)  # [T, H, D]
         t, h, d = q.shape
-        s = q.view(t, kv, h // kv, d).sum(2).flatten(1) @ keys[li].flatten(1).T / h  # [T, C]
-        per_layer.append(torch.full((t, bank.num_parts), float("-inf")).scatter_reduce(
-            1, chunk_doc.expand(t, -1), s, "amax"))
-    return torch.stack(per_layer), [i for i, r in zip(prompt.ids, prompt.routing) if r]
+        groups.append(q.view(t, kv, h // kv, d).sum(2))
+    return groups, h, [i for i, r in zip(prompt.ids, prompt.routing) if r]
+
+
+def best_chunk(bank, chunk_scores: torch.Tensor) -> torch.Tensor:
+    """[..., C] chunk scores -> [..., N] each passage's best chunk."""
+    index = bank.chunk_doc.long().expand(*chunk_scores.shape[:-1], -1)
+    return torch.full((*chunk_scores.shape[:-1], bank.num_parts), float("-inf")).scatter_reduce(
+        -1, index, chunk_scores, "amax")
+
+
+def token_doc_scores(model: MSAModel, bank, question: str, keys: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """([L, T, N] each routing token's score of each passage (its best chunk), the T routing token ids)."""
+    groups, h, tokens = question_groups(model, bank, question)
+    return torch.stack([best_chunk(bank, g.flatten(1) @ keys[li].flatten(1).T / h)
+                        for li, g in enumerate(groups)]), tokens
 
 
 def reductions() -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
@@ -74,12 +87,8 @@ def reductions() -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tenso
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dev-set", type=Path, required=True, help="a folder with corpus.jsonl and queries.jsonl")
-    ap.add_argument("--bank-cache", type=Path, help="save the default model's bank here, or load it if saved")
-    ap.add_argument("--out", type=Path,
-                    default=Path(__file__).parent / "results" / "router_training" / "token_weights_probe_cpu.json")
-    args = ap.parse_args()
+    out = Path(__file__).parent / "results" / "router_training" / "token_weights_probe_cpu.json"
+    args = dev_parser(__doc__, out).parse_args()
     corpus, queries = dev_set(args.dev_set)
     model = MSAModel.from_pretrained("default", device="cpu")
     bank = dev_bank(model, corpus, args.bank_cache)

@@ -92,9 +92,8 @@ def routing_on(bank: MemoryBank, device: torch.device) -> tuple[torch.Tensor, to
     once per bank state (a GPU model routing a bank in CPU memory gets the layout bank.to(device, kv="host")
     would give), not once per question and layer."""
     kr = bank.kr_bar
-    if kr.device == device:
-        return kr, bank.chunk_doc
-    return per_state(kr, str(device), lambda: (kr.to(device), bank.chunk_doc.to(device)))
+    keys = kr if kr.device == device else per_state(kr, str(device), lambda: kr.to(device))
+    return keys, chunk_index_on(bank, device)
 
 
 def chunk_index_on(bank: MemoryBank, device: torch.device) -> torch.Tensor:

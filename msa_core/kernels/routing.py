@@ -42,11 +42,10 @@ def chunk_scores_reference(
 ) -> Tensor:
     """Chunk scores [B, C] fp32 by router.score_chunks with head_reduce='mean'. int8 kr_bar (`quantized_keys`,
     with key_scales): scored as their float32 dequantised, prepared keys."""
-    if kr_bar.dtype == torch.int8:
-        return score_chunks(q, token_mask, dequantized_keys(kr_bar, key_scales), head_reduce="mean",
-                            query_reduce=query_reduce, normalization=normalization, keys_prepared=True)
-    return score_chunks(q, token_mask, kr_bar, head_reduce="mean", query_reduce=query_reduce,
-                        normalization=normalization)
+    quantized = kr_bar.dtype == torch.int8
+    keys = dequantized_keys(kr_bar, key_scales) if quantized else kr_bar
+    return score_chunks(q, token_mask, keys, head_reduce="mean", query_reduce=query_reduce,
+                        normalization=normalization, keys_prepared=quantized)
 
 
 def routing_scores_reference(
@@ -111,11 +110,10 @@ def routing_scores(
     whose inputs come from the bank, or CUDA graphs. exact, key_inv_norms, stream, key_scales: see chunk_scores.
     """
     _check_choices(normalization, query_reduce, chunk_reduce)
+    _check_inputs(q, token_mask, kr_bar, key_scales)
     if resolve_backend(backend, q, kr_bar) == "reference":
-        _check_inputs(q, token_mask, kr_bar, key_scales)
         return routing_scores_reference(q, token_mask, kr_bar, chunk_doc, num_docs, normalization=normalization,
                                         query_reduce=query_reduce, chunk_reduce=chunk_reduce, key_scales=key_scales)
-    _check_inputs(q, token_mask, kr_bar, key_scales)
     _check_inv_norms(key_inv_norms, kr_bar)
     _check_doc_map(chunk_doc, num_docs, kr_bar.shape[0])
     chunk_doc = chunk_doc.to(q.device)
@@ -170,8 +168,8 @@ def layer_routing_scores(
     key_scales: Tensor | None = None,
 ) -> Tensor:
     """Document scores [L, B, N] of several routing layers: q [L, B, T, H, D] holds layer l's routing
-    queries, kr_bar [L, C, Hkv, D] its pooled keys (key_inv_norms, or int8 keys' key_scales, [L, C, Hkv]); row l equals
-    routing_scores(q[l], token_mask, kr_bar[l], ...). On the Triton path one launch streams every layer's
+    queries, kr_bar [L, C, Hkv, D] its pooled keys (key_inv_norms, or int8 keys' key_scales, [L, C, Hkv]);
+    row l equals routing_scores(q[l], token_mask, kr_bar[l], ...). On the Triton path one launch streams every layer's
     K̄_R, so a bank is read as one long stream instead of L short ones (when the batch fits the
     streaming kernel; otherwise layer by layer)."""
     if q.dim() != 5 or kr_bar.dim() != 4 or q.shape[0] != kr_bar.shape[0]:
