@@ -35,6 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cpu_scoring_dev import read_jsonl  # noqa: E402
+
 from msa_core import MSAModel  # noqa: E402
 from msa_core.training.cache import RaggedStates, cache_documents, cache_queries  # noqa: E402
 from msa_core.training.precondition import condition  # noqa: E402
@@ -43,10 +45,6 @@ from msa_core.training.trainer import RouterTrainer, TrainConfig, TrainReport, e
 
 DATA = ROOT.parent / "shared" / "data" / "train"
 BLOCK = 500  # texts cached per saved block: an interrupted prepare resumes at the first missing block
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.open(encoding="utf-8") if line.strip()]
 
 
 def titled(title: str, text: str) -> str:
